@@ -1,0 +1,85 @@
+"""Process-group plumbing shared by the backends: ring point-to-point exchange and cross-rank checks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+ProcessGroup = dist.ProcessGroup
+
+
+def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """(rank within group, group size); (0, 1) when torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_rank(group: ProcessGroup | None, group_rank: int) -> int:
+    """Global rank of ``group_rank`` in ``group`` (None = WORLD)."""
+    if group is None or group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+class Exchange:
+    """Tensors in flight: ``wait()`` returns the received ones once the transfer completes."""
+
+    def __init__(self, reqs: list, received: list[Tensor]):
+        self._reqs, self._received = reqs, received
+
+    def wait(self) -> list[Tensor]:
+        for r in self._reqs:
+            r.wait()
+        self._reqs = []
+        return self._received
+
+
+class RingComm:
+    """Rotates tensors around a group: each rank sends to rank+1 and receives from rank-1."""
+
+    def __init__(self, group: ProcessGroup | None = None, offset: int = 1):
+        self.group = group
+        self.rank, self.world = rank_and_size(group)
+        self.send_peer = global_rank(group, (self.rank + offset) % self.world)
+        self.recv_peer = global_rank(group, (self.rank - offset) % self.world)
+
+    def start(self, tensors: list[Tensor], tag: int = 0) -> Exchange:
+        """Begin sending ``tensors`` (made contiguous) forward and receiving same-shaped ones from behind."""
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        return p2p(
+            sends=[(t, self.send_peer) for t in tensors],
+            recvs=[(r, self.recv_peer) for r in received],
+            group=self.group, tag=tag)
+
+
+def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group: ProcessGroup | None,
+        tag: int = 0) -> Exchange:
+    """Issue isend/irecv pairs (global peer ranks) as one batch; returns the pending exchange."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group, tag) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, peer in recvs]
+    if not ops:
+        return Exchange([], [])
+    reqs = dist.batch_isend_irecv(ops)
+    return Exchange(reqs, [t for t, _ in recvs])
+
+
+def check_same_across_ranks(values: list[int], names: list[str], group: ProcessGroup | None,
+                            device: torch.device, what: str) -> None:
+    """Collective: raise the same ValueError on every rank unless all ranks passed equal ``values``.
+
+    Costs one tiny all-gather; it turns a mismatch that would hang or corrupt a ring into an error.
+    """
+    rank, world = rank_and_size(group)
+    if world == 1:
+        return
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    allv = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(allv, mine, group=group)
+    rows = torch.stack(allv).tolist()
+    if any(r != rows[0] for r in rows):
+        table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={x}" for n, x in zip(names, r))
+                          for i, r in enumerate(rows))
+        raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same "
+                         f"shapes and options, got {table}")

@@ -1,0 +1,348 @@
+"""Local (single-device) attention block kernels with a log-sum-exp, the unit every backend is built from.
+
+Contract shared by all kernels, layout ``[batch, heads, seq, head_dim]``:
+
+* ``forward(q, k, v, causal, scale) -> (out, lse)``: ``out`` has q's shape and dtype, ``lse`` is
+  float32 (float64 for float64 inputs) ``[B, H, Sq]`` in natural log.
+* ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``: ``out`` and ``lse`` are the
+  *final* merged values over all key blocks, so each block's gradients are exact and simply add up.
+
+``k``/``v`` may have fewer heads than ``q`` (GQA/MQA); ``dk``/``dv`` come back with k/v's head count.
+``causal`` means top-left aligned and is only used for square diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+ENV_VAR = "EASY_CONTEXT_KERNEL"
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv * n_rep, S, D], each kv head repeated for its group of q heads."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def sum_kv_groups(dx: Tensor, n_kv_heads: int) -> Tensor:
+    """Inverse of ``repeat_kv`` for gradients: [B, Hkv * n_rep, S, D] -> [B, Hkv, S, D] (summed)."""
+    b, h, s, d = dx.shape
+    if h == n_kv_heads:
+        return dx
+    return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2)
+
+
+class AttentionKernel:
+    """Base class: handles GQA by repeating k/v heads; subclasses implement equal-head blocks."""
+
+    name = "base"
+    native_gqa = False
+
+    def supports(self, q: Tensor, k: Tensor) -> str | None:
+        """None when this kernel can run these inputs, else a reason."""
+        return None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        n_rep = q.shape[1] // k.shape[1]
+        if not self.native_gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        return self._forward(q, k, v, causal, scale)
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        h_kv = k.shape[1]
+        n_rep = q.shape[1] // h_kv
+        if not self.native_gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
+        if not self.native_gqa:
+            dk, dv = sum_kv_groups(dk, h_kv), sum_kv_groups(dv, h_kv)
+        return dq, dk, dv
+
+    def _forward(self, q, k, v, causal, scale):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name}>"
+
+
+def _causal_mask(sq: int, sk: int, device) -> Tensor:
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
+
+
+class ReferenceKernel(AttentionKernel):
+    """Materializes the score matrix in float32 (float64 for float64 inputs); any device, for tests."""
+
+    name = "reference"
+
+    def _scores(self, q, k, causal, scale):
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        return s, ct
+
+    def _forward(self, q, k, v, causal, scale):
+        s, ct = self._scores(q, k, causal, scale)
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.matmul(torch.exp(s - lse[..., None]), v.to(ct))
+        return out.to(q.dtype), lse
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        s, ct = self._scores(q, k, causal, scale)
+        p = torch.exp(s - lse.to(ct)[..., None])
+        do = dout.to(ct)
+        dv = torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, v.to(ct).transpose(-1, -2))
+        delta = (do * out.to(ct)).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dq = torch.matmul(ds, k.to(ct))
+        dk = torch.matmul(ds.transpose(-1, -2), q.to(ct))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class CPUFlashKernel(AttentionKernel):
+    """PyTorch's fused CPU flash-attention op (float32/float64/bf16 on CPU)."""
+
+    name = "cpu_flash"
+    native_gqa = False
+
+    def supports(self, q, k):
+        if q.device.type != "cpu":
+            return "needs CPU tensors"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float() if lse.dtype not in (torch.float32, torch.float64) else lse
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+
+
+class _CudaAuxCache:
+    """Dropout-free aten backward ops still take rng/cum_seq tensors; we take them from one tiny forward."""
+
+    def __init__(self, fwd: Callable[[Tensor], tuple]):
+        self._fwd = fwd
+        self._cache: dict = {}
+
+    def get(self, q: Tensor) -> tuple:
+        key = (q.device, q.dtype, q.shape[-1])
+        if key not in self._cache:
+            t = torch.randn(1, 1, 16, q.shape[-1], device=q.device, dtype=q.dtype)
+            self._cache[key] = self._fwd(t)
+        return self._cache[key]
+
+
+class CudnnKernel(AttentionKernel):
+    """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper)."""
+
+    name = "cudnn"
+
+    def __init__(self):
+        self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_cudnn_attention(
+            t, t, t, None, True, 0.0, False, False))
+
+    def supports(self, q, k):
+        if q.device.type != "cuda":
+            return "needs CUDA"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return "needs bf16/fp16"
+        if not torch.backends.cudnn.is_available() or torch.backends.cudnn.version() < 90000:
+            return "needs cuDNN >= 9"
+        if torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "needs compute capability >= 8.0"
+        if q.shape[-1] > 128 or q.shape[-1] % 8:
+            return "needs head_dim <= 128 and a multiple of 8"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+        return res[0], res[1].view(res[1].shape[:3])  # lse is [B, H, S, 1]
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        aux = self._aux.get(q)
+        cum_q, cum_k, seed, offset = aux[2], aux[3], aux[6], aux[7]
+        # cuDNN wants dO strided like O.
+        dout = dout.contiguous()
+        out = out.contiguous()
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
+            q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+
+
+class FlashKernel(AttentionKernel):
+    """PyTorch's built-in FlashAttention-2 kernel (``aten._scaled_dot_product_flash_attention``)."""
+
+    name = "flash"
+
+    def __init__(self):
+        self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False))
+
+    def supports(self, q, k):
+        if q.device.type != "cuda":
+            return "needs CUDA"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return "needs bf16/fp16"
+        if torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "needs compute capability >= 8.0"
+        if q.shape[-1] > 256 or q.shape[-1] % 8:
+            return "needs head_dim <= 256 and a multiple of 8"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return res[0], res[1]
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        aux = self._aux.get(q)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), aux[2], aux[3],
+            q.shape[2], k.shape[2], 0.0, causal, aux[6], aux[7], scale=scale)
+
+
+class EfficientKernel(AttentionKernel):
+    """PyTorch's memory-efficient attention (``aten._scaled_dot_product_efficient_attention``), also fp32."""
+
+    name = "efficient"
+
+    def __init__(self):
+        self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_efficient_attention(
+            t, t, t, None, True, 0.0, False))
+
+    def supports(self, q, k):
+        if q.device.type != "cuda":
+            return "needs CUDA"
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return "needs bf16/fp16/fp32"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)
+        return out, lse[..., : q.shape[2]]  # the kernel pads lse rows to a multiple of 32
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        aux = self._aux.get(q)
+        pad = -q.shape[2] % 32  # give the kernel back the row padding it produced in forward
+        lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, None, out.contiguous(), lse, aux[2], aux[3],
+            0.0, [True, True, True, False], causal, scale=scale)
+        return dq, dk, dv
+
+
+class FlashAttnPackageKernel(AttentionKernel):
+    """The optional ``flash_attn`` package (Dao-AILab); used only when it imports."""
+
+    name = "flash_attn"
+    native_gqa = True
+
+    def __init__(self):
+        import flash_attn.flash_attn_interface as fai  # noqa: F401  (raises ImportError when absent)
+        self._fai = fai
+
+    def supports(self, q, k):
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            return "needs CUDA bf16/fp16"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        res = self._fai._flash_attn_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, softmax_scale=scale,
+            causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+            return_softmax=False)
+        return res[0].transpose(1, 2), res[1]
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
+        tq, tk, tv = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        dq, dk, dv = torch.empty_like(tq), torch.empty_like(tk), torch.empty_like(tv)
+        self._fai._flash_attn_backward(
+            dout.transpose(1, 2), tq, tk, tv, out.transpose(1, 2), lse.contiguous(), dq, dk, dv,
+            dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
+            softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+KERNELS: dict[str, type[AttentionKernel]] = {
+    k.name: k for k in (ReferenceKernel, CPUFlashKernel, CudnnKernel, FlashKernel, EfficientKernel,
+                        FlashAttnPackageKernel)
+}
+_instances: dict[str, AttentionKernel] = {}
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_AUTO_ORDER = ("cudnn", "flash", "efficient")
+
+
+def get_kernel(name: str) -> AttentionKernel:
+    """The (cached) kernel instance called ``name``; ImportError for flash_attn when it is absent."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of {sorted(KERNELS)} or 'auto'")
+    if name not in _instances:
+        _instances[name] = KERNELS[name]()
+    return _instances[name]
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Shape/dtype checks shared by every backend; raises ValueError saying what to change."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type == "cpu" and q.dtype not in CPU_DTYPES:
+        raise ValueError(f"{q.dtype} is not supported on CPU: cast the model/inputs to float32 "
+                         "(bf16/fp16 are for CUDA)")
+
+
+def select_kernel(q: Tensor, k: Tensor, kernel: str | AttentionKernel | None = None) -> AttentionKernel:
+    """Resolve ``kernel`` (instance, name, 'auto' or None -> $EASY_CONTEXT_KERNEL or auto) for q/k."""
+    if isinstance(kernel, AttentionKernel):
+        return kernel
+    name = kernel or os.environ.get(ENV_VAR, "auto")
+    if name != "auto":
+        k_obj = get_kernel(name)
+        reason = k_obj.supports(q, k)
+        if reason:
+            raise ValueError(f"attention kernel {name!r} cannot run {q.dtype} head_dim={q.shape[-1]} "
+                             f"on {q.device.type}: {reason}")
+        return k_obj
+    if q.device.type == "cpu":
+        return get_kernel("cpu_flash" if q.dtype in CPU_DTYPES else "reference")
+    if q.device.type == "cuda":
+        for name in CUDA_AUTO_ORDER:
+            k_obj = get_kernel(name)
+            if k_obj.supports(q, k) is None:
+                return k_obj
+    return get_kernel("reference")
+
+
+def available_kernels(q: Tensor, k: Tensor) -> list[str]:
+    """Names of the kernels that can run these inputs here (flash_attn only when installed)."""
+    names = []
+    for name in KERNELS:
+        try:
+            if get_kernel(name).supports(q, k) is None:
+                names.append(name)
+        except ImportError:
+            pass
+    return names

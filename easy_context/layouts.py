@@ -1,0 +1,91 @@
+"""How a full sequence is split across sequence-parallel ranks, and how to put it back together.
+
+A layout names which token ranges a rank holds:
+
+* ``contiguous``: the sequence is cut into P equal chunks; rank r holds chunk r (ring, Ulysses).
+* ``zigzag``: the sequence is cut into 2P equal chunks; rank r holds chunks r and 2P-1-r, so the
+  causal work is the same on every rank (zigzag ring).
+
+The same split applies to input ids, labels, position ids and activations alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import rank_and_size
+
+Tensor = torch.Tensor
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def num_chunks(layout: str, world: int) -> int:
+    """How many equal chunks the full sequence is cut into."""
+    if layout == "contiguous":
+        return world
+    if layout == "zigzag":
+        return 2 * world
+    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def chunk_ids(layout: str, rank: int, world: int) -> list[int]:
+    """Indices of the chunks (of ``num_chunks``) that ``rank`` holds, in local order."""
+    if layout == "contiguous":
+        return [rank]
+    if layout == "zigzag":
+        return [rank, 2 * world - 1 - rank]
+    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+
+
+def check_length(seq_len: int, layout: str, world: int) -> int:
+    """Return the chunk length, or raise a ValueError naming the multiple the length must be."""
+    n = num_chunks(layout, world)
+    if seq_len % n:
+        lo, hi = seq_len - seq_len % n, seq_len + n - seq_len % n
+        why = f"2 x {world} ranks" if layout == "zigzag" else f"{world} ranks"
+        raise ValueError(f"the {layout} layout over {world} ranks needs the sequence length to be a "
+                         f"multiple of {n} ({why}); got {seq_len}: pad or truncate to {lo or n} or {hi}")
+    return seq_len // n
+
+
+def local_ranges(seq_len: int, layout: str, rank: int, world: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges of the full sequence that ``rank`` holds, in local order."""
+    c = check_length(seq_len, layout, world)
+    return [(i * c, (i + 1) * c) for i in chunk_ids(layout, rank, world)]
+
+
+def shard(x: Tensor, layout: str, rank: int, world: int, dim: int = 1) -> Tensor:
+    """This rank's local piece of the full tensor ``x`` along ``dim`` (the sequence dimension)."""
+    ranges = local_ranges(x.shape[dim], layout, rank, world)
+    pieces = [x.narrow(dim, a, b - a) for a, b in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def unshard(pieces: list[Tensor], layout: str, dim: int = 1) -> Tensor:
+    """Inverse of ``shard``: the full tensor from every rank's local piece (in rank order)."""
+    world = len(pieces)
+    n = num_chunks(layout, world)
+    per_rank = n // world
+    chunks: list[Tensor | None] = [None] * n
+    for rank, piece in enumerate(pieces):
+        for i, c in zip(chunk_ids(layout, rank, world), piece.chunk(per_rank, dim=dim)):
+            chunks[i] = c
+    return torch.cat(chunks, dim=dim)
+
+
+def gather(x: Tensor, layout: str, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
+    """Collective: all-gather every rank's local piece and return the full tensor on every rank."""
+    _, world = rank_and_size(group)
+    if world == 1:
+        return x
+    pieces = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(pieces, x.contiguous(), group=group)
+    return unshard(pieces, layout, dim)
+
+
+def position_ids(seq_len: int, layout: str, rank: int, world: int, device=None,
+                 batch: int = 1) -> Tensor:
+    """Global positions [batch, seq_len / world] of the tokens this rank holds (not contiguous for zigzag)."""
+    full = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    return shard(full, layout, rank, world, dim=1)

@@ -1,0 +1,164 @@
+"""Ring attention: K/V travel around the sequence-parallel group while each rank keeps its Q.
+
+The ring engine here is shared by the plain ring (contiguous shards, this file) and the zigzag ring
+(``zigzag.py``): an algorithm is only a *schedule*, which says for each step which rows of the local
+Q meet which rows of the K/V block that arrived, and whether that block is causal.
+
+Forward: at step s rank r holds the K/V of rank (r - s) mod P; the next K/V transfer is issued before
+the current block is computed, and block results are merged in float32 (``merge.merge_``).
+Backward: each block's dq/dk/dv is computed against the final (out, lse); dq stays local, and a float32
+dk/dv accumulator travels with its K/V around the ring and arrives home after P hops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .comm import RingComm, check_same_across_ranks, rank_and_size
+from .kernels import AttentionKernel, check_inputs, select_kernel
+from .merge import merge_
+
+Tensor = torch.Tensor
+ALL = slice(None)
+_KV_TAG, _DKV_TAG = 11, 12
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: local q rows ``q`` against rows ``k`` of the current K/V, causal or not."""
+
+    q: slice
+    k: slice
+    causal: bool
+
+
+Schedule = Callable[[int, int, int, int, bool], list[Block]]
+
+
+def ring_schedule(step: int, rank: int, world: int, seq: int, causal: bool) -> list[Block]:
+    """Plain ring over contiguous shards: causal ranks skip K/V from later ranks (unbalanced)."""
+    if not causal:
+        return [Block(ALL, ALL, False)]
+    if step == 0:
+        return [Block(ALL, ALL, True)]
+    src = (rank - step) % world
+    return [Block(ALL, ALL, False)] if src < rank else []
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group, kernel: AttentionKernel,
+                 schedule: Schedule) -> tuple[Tensor, Tensor]:
+    """Local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] of attention over the whole ring."""
+    rank, world = rank_and_size(group)
+    comm = RingComm(group) if world > 1 else None
+    acc = _acc_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+    seq = q.shape[2]
+    for step in range(world):
+        pending = comm.start([k, v], tag=_KV_TAG) if step + 1 < world else None
+        for blk in schedule(step, rank, world, seq, causal):
+            b_out, b_lse = kernel.forward(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], blk.causal, scale)
+            if step == 0:  # every schedule's step 0 is the full local diagonal block
+                out.copy_(b_out)
+                lse.copy_(b_lse)
+            else:
+                merge_(out[:, :, blk.q], lse[:, :, blk.q], b_out, b_lse)
+        if pending is not None:
+            k, v = pending.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                  scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of the local shards, given the final local out and lse."""
+    rank, world = rank_and_size(group)
+    comm = RingComm(group) if world > 1 else None
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    seq = q.shape[2]
+    dkv_pending = None
+    dk_acc = dv_acc = None
+    for step in range(world):
+        kv_pending = comm.start([k, v], tag=_KV_TAG) if step + 1 < world else None
+        grads = []
+        for blk in schedule(step, rank, world, seq, causal):
+            b_dq, b_dk, b_dv = kernel.backward(dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
+                                               out[:, :, blk.q], lse[:, :, blk.q], blk.causal, scale)
+            dq[:, :, blk.q] += b_dq
+            grads.append((blk.k, b_dk, b_dv))
+        if step == 0:
+            dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+        else:  # the accumulator that belongs to the K/V we hold now, from the previous rank
+            dk_acc, dv_acc = dkv_pending.wait()
+        for rows, b_dk, b_dv in grads:
+            dk_acc[:, :, rows] += b_dk
+            dv_acc[:, :, rows] += b_dv
+        if world > 1:
+            dkv_pending = comm.start([dk_acc, dv_acc], tag=_DKV_TAG)
+        if kv_pending is not None:
+            k, v = kv_pending.wait()
+    if dkv_pending is not None:
+        dk_acc, dv_acc = dkv_pending.wait()
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, kernel, schedule):
+        out, lse = ring_forward(q, k, v, causal, scale, group, kernel, schedule)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, group, kernel, schedule)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def prepare_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, group,
+                 kernel: str | AttentionKernel | None, check: bool, name: str) -> tuple[float, AttentionKernel]:
+    """Validate inputs (locally, then across ranks when ``check``) and resolve scale and kernel."""
+    check_inputs(q, k, v)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"{name}: causal attention needs equal local q and k lengths, got "
+                         f"{q.shape[2]} and {k.shape[2]}")
+    kern = select_kernel(q, k, kernel)
+    if check:
+        meta = list(q.shape) + list(k.shape) + [int(causal), q.element_size()]
+        names = ["B", "H", "S", "D", "B_kv", "H_kv", "S_kv", "D_kv", "causal", "dtype_bytes"]
+        check_same_across_ranks(meta, names, group, q.device, name)
+    return (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])), kern
+
+
+def run_ring(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, group,
+             kernel: str | AttentionKernel | None, schedule: Schedule, return_lse: bool, check: bool,
+             name: str):
+    """Shared entry of the ring-family backends (validation, then the autograd function)."""
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
+    out, lse = _RingAttention.apply(q, k, v, causal, scale, group, kern, schedule)
+    return (out, lse) if return_lse else out
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
+                   group: dist.ProcessGroup | None = None, kernel: str | AttentionKernel | None = None,
+                   return_lse: bool = False, check: bool = True):
+    """Exact attention over a sequence split in the ``contiguous`` layout across ``group``.
+
+    q [B, H, S_local, D], k/v [B, H_kv, S_local, D] (H % H_kv == 0), each rank's contiguous shard.
+    Returns out [B, H, S_local, D] in q's dtype, plus the float32 lse [B, H, S_local] if ``return_lse``.
+    ``check`` runs a tiny collective that turns mismatched shapes across ranks into a ValueError.
+    """
+    return run_ring(q, k, v, causal, scale, group, kernel, ring_schedule, return_lse, check, "ring_attention")
