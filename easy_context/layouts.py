@@ -5,11 +5,18 @@ A layout names which token ranges a rank holds:
 * ``contiguous``: the sequence is cut into P equal chunks; rank r holds chunk r (ring, Ulysses).
 * ``zigzag``: the sequence is cut into 2P equal chunks; rank r holds chunks r and 2P-1-r, so the
   causal work is the same on every rank (zigzag ring).
+* ``usp{U}x{R}`` (e.g. ``usp2x2``, P = U * R): USP, Ulysses of degree U inside a zigzag ring of degree R.
+  Rank ``ring_rank * U + ulysses_rank`` holds the ``ulysses_rank``-th contiguous 1/U of ring rank's
+  zigzag piece (chunks r and 2R-1-r of 2R), so the Ulysses all-to-all, which concatenates the U pieces
+  in ulysses-rank order, rebuilds exactly that zigzag piece. ``usp{P}x1`` equals ``contiguous`` and
+  ``usp1x{P}`` equals ``zigzag``.
 
 The same split applies to input ids, labels, position ids and activations alike.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -17,7 +24,27 @@ import torch.distributed as dist
 from .comm import rank_and_size
 
 Tensor = torch.Tensor
-LAYOUTS = ("contiguous", "zigzag")
+LAYOUTS = ("contiguous", "zigzag", "usp{U}x{R}")
+_USP = re.compile(r"usp([1-9][0-9]*)x([1-9][0-9]*)")
+
+
+def usp_degrees(layout: str) -> tuple[int, int] | None:
+    """(ulysses_degree, ring_degree) of a ``usp{U}x{R}`` layout name, None for any other name."""
+    m = _USP.fullmatch(layout)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def usp_layout(ulysses_degree: int, ring_degree: int) -> str:
+    """The layout name for USP with these degrees, e.g. ``usp2x4``."""
+    return f"usp{ulysses_degree}x{ring_degree}"
+
+
+def _usp_degrees_for(layout: str, world: int) -> tuple[int, int] | None:
+    deg = usp_degrees(layout)
+    if deg is not None and deg[0] * deg[1] != world:
+        raise ValueError(f"the {layout} layout is for {deg[0]} x {deg[1]} = {deg[0] * deg[1]} ranks, got {world}: "
+                         f"use usp{{U}}x{{R}} with U * R = {world}")
+    return deg
 
 
 def num_chunks(layout: str, world: int) -> int:
@@ -25,6 +52,8 @@ def num_chunks(layout: str, world: int) -> int:
     if layout == "contiguous":
         return world
     if layout == "zigzag":
+        return 2 * world
+    if _usp_degrees_for(layout, world):
         return 2 * world
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
@@ -35,6 +64,15 @@ def chunk_ids(layout: str, rank: int, world: int) -> list[int]:
         return [rank]
     if layout == "zigzag":
         return [rank, 2 * world - 1 - rank]
+    deg = _usp_degrees_for(layout, world)
+    if deg:
+        # Fine chunks of 1/(2RU): ring rank r's zigzag piece is fine chunks [rU, (r+1)U) then
+        # [(2R-1-r)U, (2R-r)U); its 2U fine chunks are dealt out in pairs to the U ulysses ranks.
+        u_deg, r_deg = deg
+        ring_rank, u_rank = divmod(rank, u_deg)
+        piece = [*range(ring_rank * u_deg, (ring_rank + 1) * u_deg),
+                 *range((2 * r_deg - 1 - ring_rank) * u_deg, (2 * r_deg - ring_rank) * u_deg)]
+        return piece[2 * u_rank: 2 * u_rank + 2]
     raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
 
@@ -43,7 +81,11 @@ def check_length(seq_len: int, layout: str, world: int) -> int:
     n = num_chunks(layout, world)
     if seq_len % n:
         lo, hi = seq_len - seq_len % n, seq_len + n - seq_len % n
-        why = f"2 x {world} ranks" if layout == "zigzag" else f"{world} ranks"
+        deg = usp_degrees(layout)
+        if deg:
+            why = f"2 x {deg[1]} ring x {deg[0]} ulysses ranks"
+        else:
+            why = f"2 x {world} ranks" if layout == "zigzag" else f"{world} ranks"
         raise ValueError(f"the {layout} layout over {world} ranks needs the sequence length to be a "
                          f"multiple of {n} ({why}); got {seq_len}: pad or truncate to {lo or n} or {hi}")
     return seq_len // n
