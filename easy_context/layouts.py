@@ -34,7 +34,7 @@ def usp_degrees(layout: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def usp_layout(ulysses_degree: int, ring_degree: int) -> str:
+def usp_layout(*, ulysses_degree: int, ring_degree: int) -> str:
     """The layout name for USP with these degrees, e.g. ``usp2x4``."""
     return f"usp{ulysses_degree}x{ring_degree}"
 

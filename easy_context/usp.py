@@ -42,7 +42,7 @@ class USPGroup:
     @property
     def layout(self) -> str:
         """The input layout for these degrees, ``usp{U}x{R}``."""
-        return usp_layout(self.ulysses_degree, self.ring_degree)
+        return usp_layout(ulysses_degree=self.ulysses_degree, ring_degree=self.ring_degree)
 
 
 def _check_degrees(ulysses_degree: int, ring_degree: int, sp_size: int) -> None:
@@ -55,35 +55,41 @@ def _check_degrees(ulysses_degree: int, ring_degree: int, sp_size: int) -> None:
                          f"choose degrees whose product is {sp_size}")
 
 
-def _all_sp_groups(sp_ranks: list[int] | None, world: int) -> list[list[int]]:
-    """Every SP group of the world, in one order on all ranks (collective when ``sp_ranks`` is given)."""
-    if sp_ranks is None:
-        return [list(range(world))]
+def _all_sp_groups(ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | None,
+                   world: int) -> list[list[int]]:
+    """Collective: every SP group of the world in one order on all ranks, or the same ValueError on all
+    ranks when they passed inconsistent arguments (mismatched new_group calls would hang instead)."""
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, list(sp_ranks))
+    dist.all_gather_object(everyone, (ulysses_degree, ring_degree, None if sp_ranks is None else list(sp_ranks)))
+    if len({(u, r) for u, r, _ in everyone}) > 1 or len({s is None for _, _, s in everyone}) > 1:
+        table = "; ".join(f"rank {i}: {u}x{r} sp_ranks={s}" for i, (u, r, s) in enumerate(everyone))
+        raise ValueError("new_usp_group: every rank must pass the same ulysses_degree and ring_degree, and "
+                         f"either all ranks or none pass sp_ranks; got {table}")
+    if everyone[0][2] is None:
+        return [list(range(world))]
     groups: list[list[int]] = []
-    for rank, ranks in enumerate(everyone):
+    for rank, (_, _, ranks) in enumerate(everyone):
         if rank not in ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < world for r in ranks):
             raise ValueError(f"new_usp_group: rank {rank} passed sp_ranks={ranks}; each rank must pass the "
                              f"distinct global ranks (0..{world - 1}) of its own SP group, itself included")
         if ranks not in groups:
-            if any(set(ranks) & set(g) for g in groups):
-                raise ValueError(f"new_usp_group: SP groups {ranks} and "
-                                 f"{next(g for g in groups if set(ranks) & set(g))} overlap; the ranks of one "
-                                 "SP group must all pass the same list, in the same order")
+            clash = next((g for g in groups if set(ranks) & set(g)), None)
+            if clash is not None:
+                raise ValueError(f"new_usp_group: SP groups {clash} and {ranks} overlap; the ranks of one SP "
+                                 "group must all pass the same list, in the same order")
             groups.append(ranks)
-    if sum(map(len, groups)) != world:
-        raise ValueError(f"new_usp_group: the SP groups {groups} do not cover all {world} ranks")
-    return groups
+    return groups  # disjoint, each rank in its own, equal sizes: a partition of the world
 
 
-def new_usp_group(ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | None = None) -> USPGroup:
+def new_usp_group(*, ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | None = None) -> USPGroup:
     """Collective over the world: build the Ulysses and ring subgroups of this rank's SP group.
 
     ``sp_ranks``: the global ranks of this rank's SP group in SP-rank order (None: the whole world is
     one SP group). With data parallelism every rank passes its own SP group (e.g. [0..3] on ranks 0-3
     and [4..7] on ranks 4-7); the lists are all-gathered so that all subgroups are created everywhere.
-    ``ulysses_degree * ring_degree`` must equal the SP group size.
+    ``ulysses_degree * ring_degree`` must equal the SP group size (ValueError before any communication);
+    both are keyword-only so they cannot be swapped by position. Ranks that disagree on the arguments all
+    get the same ValueError.
     """
     if not (dist.is_available() and dist.is_initialized()):
         _check_degrees(ulysses_degree, ring_degree, len(sp_ranks) if sp_ranks is not None else 1)
@@ -91,7 +97,7 @@ def new_usp_group(ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | N
     rank, world = dist.get_rank(), dist.get_world_size()
     _check_degrees(ulysses_degree, ring_degree, len(sp_ranks) if sp_ranks is not None else world)
     mine = {}
-    for sp in _all_sp_groups(sp_ranks, world):
+    for sp in _all_sp_groups(ulysses_degree, ring_degree, sp_ranks, world):
         # Same new_group calls in the same order on every rank; keep the ones this rank belongs to.
         created = {"sp": [sp] if sp_ranks is not None else [],
                    "ulysses": [sp[r * ulysses_degree:(r + 1) * ulysses_degree] for r in range(ring_degree)],
