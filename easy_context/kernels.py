@@ -147,6 +147,11 @@ class _CudaAuxCache:
         return self._cache[key]
 
 
+def _bshd(x: Tensor) -> Tensor:
+    """Same values as ``x`` [B, H, S, D], stored as [B, S, H, D] in memory."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 class CudnnKernel(AttentionKernel):
     """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper)."""
 
@@ -240,8 +245,10 @@ class EfficientKernel(AttentionKernel):
         aux = self._aux.get(q)
         pad = -q.shape[2] % 32  # give the kernel back the row padding it produced in forward
         lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+        # The kernel reads out/dout as [B, S, H, D] memory (the layout its forward writes); a
+        # BHSD-contiguous out silently gives wrong dq/dk (seen on H200, torch 2.11).
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.contiguous(), q, k, v, None, out.contiguous(), lse, aux[2], aux[3],
+            _bshd(dout), q, k, v, None, _bshd(out), lse, aux[2], aux[3],
             0.0, [True, True, True, False], causal, scale=scale)
         return dq, dk, dv
 

@@ -77,39 +77,66 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, gr
     return out.to(q.dtype), lse
 
 
+def split_local_blocks(blocks: list[Block], seq: int) -> tuple[list[Block], list[Block]]:
+    """Split the local (step 0) work into a part run before the first K/V arrives and a part run last.
+
+    A full causal diagonal block becomes its lower-left quadrant (no mask) first and the two causal
+    diagonal quadrants last; a non-causal block splits by query rows. Gradients of blocks simply add.
+    """
+    if len(blocks) != 1 or blocks[0].q != ALL or blocks[0].k != ALL or seq % 2:
+        return [], blocks
+    h = seq // 2
+    lo, hi = slice(0, h), slice(h, seq)
+    if blocks[0].causal:
+        return [Block(hi, lo, False)], [Block(lo, lo, True), Block(hi, hi, True)]
+    return [Block(lo, ALL, False)], [Block(hi, ALL, False)]
+
+
+def _backward_blocks(blocks, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv) -> None:
+    """Add each block's gradients into dq (local rows) and dk/dv (rows of the K/V held)."""
+    for blk in blocks:
+        b_dq, b_dk, b_dv = kernel.backward(dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
+                                           out[:, :, blk.q], lse[:, :, blk.q], blk.causal, scale)
+        dq[:, :, blk.q] += b_dq
+        dk[:, :, blk.k] += b_dk
+        dv[:, :, blk.k] += b_dv
+
+
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                   scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of the local shards, given the final local out and lse."""
+    """dq, dk, dv of the local shards, given the final local out and lse.
+
+    The local block is split around the ring (``split_local_blocks``) so that both the first K/V hop
+    and the last dk/dv hop overlap compute. The float32 dk/dv accumulator of rank j's K/V starts at
+    rank j+1 and reaches j after P-1 hops, where j adds its own local part.
+    """
     rank, world = rank_and_size(group)
-    comm = RingComm(group) if world > 1 else None
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     seq = q.shape[2]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    early, late = split_local_blocks(schedule(0, rank, world, seq, causal), seq)
+    comm = RingComm(group) if world > 1 else None
+    kv_pending = comm.start([k, v], tag=_KV_TAG) if world > 1 else None
+    _backward_blocks(early, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
     dkv_pending = None
-    dk_acc = dv_acc = None
-    for step in range(world):
-        kv_pending = comm.start([k, v], tag=_KV_TAG) if step + 1 < world else None
-        grads = []
-        for blk in schedule(step, rank, world, seq, causal):
-            b_dq, b_dk, b_dv = kernel.backward(dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
-                                               out[:, :, blk.q], lse[:, :, blk.q], blk.causal, scale)
-            dq[:, :, blk.q] += b_dq
-            grads.append((blk.k, b_dk, b_dv))
-        if step == 0:
-            dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for step in range(1, world):
+        k_cur, v_cur = kv_pending.wait()
+        kv_pending = comm.start([k_cur, v_cur], tag=_KV_TAG) if step + 1 < world else None
+        if step == 1:
+            dk_acc, dv_acc = torch.zeros_like(dk), torch.zeros_like(dv)
         else:  # the accumulator that belongs to the K/V we hold now, from the previous rank
             dk_acc, dv_acc = dkv_pending.wait()
-        for rows, b_dk, b_dv in grads:
-            dk_acc[:, :, rows] += b_dk
-            dv_acc[:, :, rows] += b_dv
-        if world > 1:
-            dkv_pending = comm.start([dk_acc, dv_acc], tag=_DKV_TAG)
-        if kv_pending is not None:
-            k, v = kv_pending.wait()
+        _backward_blocks(schedule(step, rank, world, seq, causal), dout, q, k_cur, v_cur, out, lse, scale,
+                         kernel, dq, dk_acc, dv_acc)
+        dkv_pending = comm.start([dk_acc, dv_acc], tag=_DKV_TAG)
+    _backward_blocks(late, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
     if dkv_pending is not None:
-        dk_acc, dv_acc = dkv_pending.wait()
-    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+        dk_in, dv_in = dkv_pending.wait()
+        dk += dk_in
+        dv += dv_in
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
