@@ -1,0 +1,298 @@
+"""Hugging Face integration: run any easy_context backend inside a transformers decoder, by name.
+
+``register_attention("zigzag_ring", group)`` registers the backend with transformers' AttentionInterface
+as "easy_context_zigzag_ring", so every model that dispatches attention through the interface (Llama,
+Mistral, Qwen2, Qwen3, ...) runs sequence-parallel with no change to its code. It also registers a mask
+function for that name that returns None: no [S, S] mask is ever built, and transformers' packed-sequence
+detection (which reads the non-contiguous zigzag position ids as packed documents) has no effect.
+Each rank feeds its shard with its global position ids (``inputs.prepare_seq_parallel_inputs``).
+
+What the backends cannot honour raises a ValueError instead of silently computing something else:
+padding or custom attention masks, packed-document (varlen) kwargs, attention dropout, soft-capping,
+attention sinks, a sliding window shorter than the sequence, and KV caches (generation).
+
+``self_check(model)`` compares the patched model against full-sequence sdpa at startup; EasyContext's
+patches once went silently local-only after a transformers upgrade.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .backends import BACKENDS, Backend, get_backend
+from .groups import group_layout, group_rank_size, sp_process_group
+from .layouts import check_length, shard
+from .loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
+
+Tensor = torch.Tensor
+PREFIX = "easy_context_"
+DATA_PARALLEL = "data_parallel"
+# EasyContext's method names.
+ALIASES = {"zigzag_ring_attn": "zigzag_ring", "ulysses_attn": "ulysses", "usp_attn": "usp",
+           "dist_flash_attn": "dist_flash"}
+_REFERENCE = PREFIX + "selfcheck_sdpa"
+# Config attributes that rescale logits in a model's head; the chunked loss does not apply them.
+_LOGIT_SCALES = ("logit_scale", "logits_scaling")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a registered attention name runs: the backend, its SP group and kernel choice."""
+
+    backend: Backend
+    group: Any
+    kernel: Any
+    check: bool
+
+
+_REGISTRY: dict[str, Registration] = {}
+_recording: list[Tensor] | None = None  # self_check collects every attention output here
+
+
+def implementation_name(backend: str) -> str:
+    """The attn_implementation name of a backend; "flash" is spelled "fa" because transformers treats
+    any name containing "flash" as a request for a flash-attention kernel."""
+    return PREFIX + backend.replace("flash", "fa")
+
+
+def registered_backend(model) -> Registration | None:
+    """The registration behind ``model``'s current attention implementation, None if not ours."""
+    return _REGISTRY.get(model.config._attn_implementation)
+
+
+def _reject_unsupported(name: str, query: Tensor, key: Tensor, attention_mask, dropout: float, world: int,
+                        kwargs: dict) -> None:
+    where = f"{name} (sequence-parallel attention)"
+    if attention_mask is not None:
+        raise ValueError(f"{where} got a {tuple(attention_mask.shape)} attention mask; it computes plain "
+                         "causal attention over the whole sequence only: no padding or custom masks. Drop "
+                         "the attention_mask and use full-length rows")
+    if dropout:
+        raise ValueError(f"{where}: attention dropout {dropout} is not supported; set config.attention_dropout = 0")
+    for arg in ("softcap", "s_aux", "sinks", "position_bias"):
+        if kwargs.get(arg) is not None:
+            raise ValueError(f"{where}: the model passes {arg}, which these backends do not implement")
+    if any(kwargs.get(a) is not None for a in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")):
+        raise ValueError(f"{where}: packed-document (varlen) batches are not supported; give one document per row")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{where}: query length {query.shape[2]} != key length {key.shape[2]}: KV caches "
+                         "(generation) are not supported; call the model with use_cache=False")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < query.shape[2] * world:
+        raise ValueError(f"{where}: sliding window {window} is shorter than the sequence "
+                         f"({query.shape[2]} x {world} ranks) and windows are not implemented; set "
+                         "config.sliding_window = None (full attention) or train shorter sequences")
+
+
+def _make_attention(name: str, reg: Registration):
+    def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+                  dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                  **kwargs) -> tuple[Tensor, None]:
+        _, world = group_rank_size(reg.group)
+        _reject_unsupported(name, query, key, attention_mask, dropout, world, kwargs)
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
+                                    kernel=reg.kernel, check=reg.check).transpose(1, 2)
+        if _recording is not None:
+            _recording.append(out.detach())
+        return out, None
+
+    attention.__name__ = name
+    return attention
+
+
+def _make_mask(name: str, reg: Registration):
+    def no_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None, local_size=None,
+                **kwargs) -> None:
+        # Called by transformers' create_*_mask: reject what we cannot honour, never build a mask.
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(f"{name}: the attention_mask marks padding, which sequence-parallel attention "
+                             "does not support; give full-length rows (pack or truncate) and drop the mask")
+        _, world = group_rank_size(reg.group)
+        if local_size is not None and local_size < q_length * world:
+            raise ValueError(f"{name}: the model asks for a sliding/chunked window of {local_size} tokens, shorter "
+                             f"than the sequence ({q_length} x {world} ranks); only full causal attention is "
+                             "implemented: set config.sliding_window = None or train shorter sequences")
+        return None
+
+    return no_mask
+
+
+def register_attention(backend: str | Backend, group=None, kernel=None, *, check: bool = True) -> str:
+    """Register ``backend`` (a name in ``backends.BACKENDS`` or a Backend) for transformers; returns its name.
+
+    ``group`` is the SP group (None: the world), ``kernel`` the local kernel (None: automatic); ``check``
+    runs the backend's tiny cross-rank shape check on every call. Re-registering a name replaces it.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    be = backend if isinstance(backend, Backend) else get_backend(ALIASES.get(backend, backend))
+    name = implementation_name(be.name)
+    reg = Registration(be, group, kernel, check)
+    _REGISTRY[name] = reg
+    AttentionInterface.register(name, _make_attention(name, reg))
+    AttentionMaskInterface.register(name, _make_mask(name, reg))
+    return name
+
+
+def register_all(group=None, kernel=None, *, check: bool = True) -> list[str]:
+    """Register every backend in ``backends.BACKENDS`` with ``group``; returns their names."""
+    return [register_attention(n, group, kernel, check=check) for n in BACKENDS]
+
+
+def apply_seq_parallel_monkey_patch(method: str | Backend, model, group=None, kernel=None, *, check: bool = True):
+    """Make ``model`` use sequence-parallel attention ``method`` (a backend name or Backend; EasyContext's
+    "zigzag_ring_attn"-style names work too; "data_parallel": the model is left unchanged). Returns it.
+
+    EasyContext's entry point, without patching any model code: it registers the backend with ``group``
+    and ``kernel`` (see ``register_attention``) and sets the model's attention implementation.
+    """
+    if method == DATA_PARALLEL:
+        return model
+    name = register_attention(method, group, kernel, check=check)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                         f"AttentionInterface, so {method!r} cannot be put into it (its attention is still "
+                         f"{model.config._attn_implementation!r})")
+    return model
+
+
+@contextmanager
+def _record():
+    global _recording
+    _recording = []
+    try:
+        yield _recording
+    finally:
+        _recording = None
+
+
+def _register_reference() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_recorded(*args, **kwargs):
+        out, weights = sdpa_attention_forward(*args, **kwargs)
+        if _recording is not None:
+            _recording.append(out.detach())
+        return out, weights
+
+    AttentionInterface.register(_REFERENCE, sdpa_recorded)
+    AttentionMaskInterface.register(_REFERENCE, sdpa_mask)
+
+
+def _rel_err(x: Tensor, ref: Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    err = ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return err if err == err else float("inf")  # NaN -> inf, so max() across ranks sees it
+
+
+def _forward(model, ids: Tensor, pos: Tensor) -> tuple[list[Tensor], Tensor]:
+    with _record() as outs:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    return outs, logits
+
+
+def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float | None = None,
+               seed: int = 0) -> dict[str, float]:
+    """Collective over the world: raise RuntimeError unless the patched model matches full-sequence sdpa.
+
+    One no-grad forward of the same random batch: the patched model on this rank's shard, and the
+    model switched to sdpa on the whole sequence. Every attention layer's output and the logits must
+    agree within ``tol`` (relative; default 1e-4 in float32/64, 2e-2 in half precision) on every rank,
+    and the patched attention must run in every layer. Returns the worst errors over all ranks.
+    """
+    reg = registered_backend(model)
+    if reg is None:
+        raise ValueError(f"self_check: the model's attention is {model.config._attn_implementation!r}, not an "
+                         "easy_context backend; call apply_seq_parallel_monkey_patch first")
+    name = model.config._attn_implementation
+    rank, world = group_rank_size(reg.group)
+    layout = group_layout(reg.backend.layout, reg.group)
+    seq_len = seq_len or 32 * world
+    check_length(seq_len, layout, world)
+    param = next(model.parameters())
+    if tol is None:
+        tol = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
+    gen = torch.Generator().manual_seed(seed)  # the same batch on every rank, no communication
+    ids = torch.randint(model.config.vocab_size, (batch, seq_len), generator=gen).to(param.device)
+    pos = torch.arange(seq_len, device=param.device).expand(batch, seq_len)
+    _register_reference()
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours, logits = _forward(model, shard(ids, layout, rank, world), shard(pos, layout, rank, world))
+            model.set_attn_implementation(_REFERENCE)
+            try:
+                ref, ref_logits = _forward(model, ids, pos)
+            finally:
+                model.set_attn_implementation(name)
+    finally:
+        model.train(training)
+    missing = float(len(ours) != len(ref) or not ours)
+    attn = max((_rel_err(o, shard(r, layout, rank, world)) for o, r in zip(ours, ref)), default=float("inf"))
+    errs = torch.tensor([attn, _rel_err(logits, shard(ref_logits, layout, rank, world)), missing],
+                        dtype=torch.float64, device=param.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    attn, logit_err, missing = errs.tolist()
+    if missing:
+        raise RuntimeError(f"self_check: {name} ran in {len(ours)} attention calls where sdpa ran in {len(ref)} "
+                           f"(rank {rank}): transformers did not route every attention layer through it, so "
+                           "training would not be sequence-parallel. Check the transformers version / model class")
+    if attn > tol or logit_err > tol:
+        raise RuntimeError(f"self_check: {name} differs from full-sequence sdpa on the same input (worst over "
+                           f"ranks: attention output {attn:.2e}, logits {logit_err:.2e} relative; tolerance "
+                           f"{tol:.0e}). Do not train: the patched attention is not exact (wrong group, layout or "
+                           "position ids, or a transformers change in how attention is called)")
+    return {"attention": attn, "logits": logit_err}
+
+
+def _head_softcap(config) -> float | None:
+    for attr in _LOGIT_SCALES:
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"causal_lm_loss: config.{attr} = {getattr(config, attr)} rescales this model's "
+                             "logits and the chunked loss does not apply it; compute the loss from the model's "
+                             "logits instead")
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None, *,
+                   group: dist.ProcessGroup | None = None, grad_reduction: str = "mean",
+                   chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, **model_kwargs) -> SPLoss:
+    """This rank's loss for a causal LM: decoder body on the shard, then the chunked exact SP cross entropy.
+
+    The full-vocabulary logits are never built: the loss comes from the last hidden state and the
+    output embedding (tied or not; ``final_logit_softcapping`` applied). ``target_ids`` are the shifted
+    targets from ``prepare_seq_parallel_inputs``. ``group``: the ProcessGroup over which the loss is a
+    token mean; default the group the model's attention was registered with. For an unpatched
+    (data-parallel) model the loss is this rank's own token mean. See ``loss.py`` for ``grad_reduction``.
+    """
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model or not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"causal_lm_loss needs a causal-LM model with a linear output head (e.g. "
+                         f"LlamaForCausalLM); got {type(model).__name__}")
+    if head.weight.numel() == 0:
+        raise ValueError("causal_lm_loss: the output head's weight is empty here (partitioned by DeepSpeed ZeRO-3?); "
+                         "gather it (deepspeed.zero.GatheredParameters) or use ZeRO stage <= 2")
+    softcap = _head_softcap(model.config)
+    reg = registered_backend(model)
+    if reg is not None and group is None:
+        group = sp_process_group(reg.group)
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              **model_kwargs).last_hidden_state
+    args = dict(bias=head.bias, chunk_size=chunk_size, ignore_index=ignore_index, softcap=softcap)
+    if reg is None:
+        loss = chunked_cross_entropy(hidden, head.weight, target_ids, reduction="mean", **args)
+        return SPLoss(loss, loss.detach(), int((target_ids != ignore_index).sum()))
+    return sequence_parallel_cross_entropy(hidden, head.weight, target_ids, group=group,
+                                           grad_reduction=grad_reduction, **args)
