@@ -2,7 +2,8 @@
 
 ``chunked_cross_entropy`` computes logits = hidden @ weight.T (+ bias) ``chunk_size`` rows at a time and
 recomputes each chunk in backward, so at most ~3 x chunk_size x V floats of logits exist at once, never
-the whole [S, V] (at 512K tokens and a 128K vocabulary that would be 256 GB in float32).
+the whole [S, V] (at 512K tokens and a 128K vocabulary that would be 256 GB in float32; one default
+chunk of 1024 rows is 0.5 GB). The weight gradient is accumulated in float32 (V x H floats).
 
 Gradient convention of ``sequence_parallel_cross_entropy`` (read before wiring it into a trainer):
 each rank returns ``local_sum / N`` where N is the number of non-ignored targets in the whole SP group
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from .comm import rank_and_size
 
 Tensor = torch.Tensor
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = 1024
 REDUCTIONS = ("sum", "mean", "none")
 
 
