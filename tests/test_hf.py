@@ -149,9 +149,9 @@ def test_zigzag_position_ids_are_not_read_as_packed():
 
 
 def _call_attention(**kwargs):
-    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    fn = AttentionInterface._global_mapping[register_attention("ring")]
+    fn = ALL_ATTENTION_FUNCTIONS[register_attention("ring")]
     q = torch.randn(1, 4, 8, 16)
     module = torch.nn.Module()
     args = dict(module=module, query=q, key=q[:, :2], value=q[:, :2], attention_mask=None)
