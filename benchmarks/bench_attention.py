@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from easy_context import get_backend, get_kernel, shard  # noqa: E402
+from easy_context.backends import backend_layout  # noqa: E402
+from easy_context.usp import new_usp_group  # noqa: E402
 from easy_context.zigzag import zigzag_schedule  # noqa: E402
 
 
@@ -61,13 +63,20 @@ def time_single(kernel_name, q, k, v, dout, warmup, iters):
 
 
 def time_backend(name, kernel_name, q, k, v, dout, rank, world, warmup, iters):
-    """fwd+bwd of an easy_context backend on this rank's shard."""
+    """fwd+bwd of an easy_context backend on this rank's shard; "usp:UxR" names USP with its degrees."""
+    group, layout = None, None
+    if name.startswith("usp:"):
+        u, r = map(int, name[4:].split("x"))
+        group = new_usp_group(ulysses_degree=u, ring_degree=r)
+        layout = backend_layout("usp", ulysses_degree=u, ring_degree=r)
+        name = "usp"
     be = get_backend(name)
-    lq, lk, lv, ldo = (shard(t, be.layout, rank, world, dim=2).contiguous() for t in (q, k, v, dout))
+    layout = layout or be.layout
+    lq, lk, lv, ldo = (shard(t, layout, rank, world, dim=2).contiguous() for t in (q, k, v, dout))
     lq.requires_grad_(True), lk.requires_grad_(True), lv.requires_grad_(True)
 
     def step():
-        out = be.attention(lq, lk, lv, causal=True, kernel=kernel_name)
+        out = be.attention(lq, lk, lv, causal=True, kernel=kernel_name, group=group)
         out.backward(ldo)
     return cuda_time(step, warmup, iters)
 
@@ -125,7 +134,8 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--kernels", default="cudnn,flash")
-    p.add_argument("--backends", default="zigzag_ring,ring", help="easy_context backends (comma list)")
+    p.add_argument("--backends", default="zigzag_ring,ring,ulysses,usp:2x1,usp:1x2,dist_flash",
+                   help="easy_context backends (comma list; usp:UxR for USP with its degrees)")
     p.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's context_parallel")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)

@@ -1,13 +1,18 @@
 """easy_context: exact sequence-parallel attention for long-context training on PyTorch's own kernels.
 
-Self-contained: copy this folder into another codebase; it imports only torch (transformers and
-flash-attn are optional and imported where used).
+Self-contained: copy this folder into another codebase; it imports only torch at import time
+(transformers, used by ``hf``, and flash-attn are imported inside the functions that need them).
 """
 
 from .backends import BACKENDS, Backend, backend_layout, get_backend
 from .dist_flash import dist_flash_attention
+from .groups import ParallelGroups, init_groups
+from .hf import (apply_seq_parallel_monkey_patch, causal_lm_loss, register_all, register_attention,
+                 self_check)
+from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
 from .layouts import gather, local_ranges, position_ids, shard, unshard
+from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .merge import merge_
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -20,4 +25,7 @@ __all__ = [
     "gather", "local_ranges", "position_ids", "shard", "unshard",
     "merge_", "ring_attention", "zigzag_ring_attention",
     "ulysses_attention", "usp_attention", "new_usp_group", "USPGroup", "dist_flash_attention",
+    "ParallelGroups", "init_groups", "SeqParallelInputs", "prepare_seq_parallel_inputs", "shift_labels",
+    "SPLoss", "chunked_cross_entropy", "sequence_parallel_cross_entropy",
+    "apply_seq_parallel_monkey_patch", "causal_lm_loss", "register_all", "register_attention", "self_check",
 ]
