@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .comm import global_rank, p2p, rank_and_size
 from .kernels import AttentionKernel
 from .merge import merge_
-from .ring import _acc_dtype, prepare_call, ring_schedule, run_ring
+from .ring import BlockwiseAttention, _acc_dtype, prepare_call, ring_schedule, run_ring
 
 Tensor = torch.Tensor
 _TAG = 13
@@ -173,22 +173,6 @@ def dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _DistFlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group, kernel):
-        out, lse = dist_flash_forward(q, k, v, scale, group, kernel)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, group, kernel)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = dist_flash_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None
-
-
 def dist_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                          group: dist.ProcessGroup | None = None, kernel: str | AttentionKernel | None = None,
                          return_lse: bool = False, check: bool = True):
@@ -201,5 +185,5 @@ def dist_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True
     if not causal:
         return run_ring(q, k, v, causal, scale, group, kernel, ring_schedule, return_lse, check, name)
     scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
-    out, lse = _DistFlashAttention.apply(q, k, v, scale, group, kern)
+    out, lse = BlockwiseAttention.apply(q, k, v, dist_flash_forward, dist_flash_backward, scale, group, kern)
     return (out, lse) if return_lse else out

@@ -139,20 +139,26 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
+class BlockwiseAttention(torch.autograd.Function):
+    """Autograd for any exact sequence-parallel attention given as a forward and a backward function.
+
+    ``apply(q, k, v, fwd, bwd, *args)``: ``fwd(q, k, v, *args) -> (out, lse)`` and
+    ``bwd(dout, q, k, v, out, lse, *args) -> (dq, dk, dv)``; lse is returned but not differentiable.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, kernel, schedule):
-        out, lse = ring_forward(q, k, v, causal, scale, group, kernel, schedule)
+    def forward(ctx, q, k, v, fwd, bwd, *args):
+        out, lse = fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, group, kernel, schedule)
+        ctx.bwd, ctx.args = bwd, args
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, *ctx.args)
+        return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
 
 def prepare_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, group,
@@ -175,7 +181,8 @@ def run_ring(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
              name: str):
     """Shared entry of the ring-family backends (validation, then the autograd function)."""
     scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
-    out, lse = _RingAttention.apply(q, k, v, causal, scale, group, kern, schedule)
+    out, lse = BlockwiseAttention.apply(q, k, v, ring_forward, ring_backward, causal, scale, group, kern,
+                                        schedule)
     return (out, lse) if return_lse else out
 
 
