@@ -1,0 +1,44 @@
+"""Join the process group a launcher (accelerate launch, torchrun) set up: NCCL on GPUs, gloo on CPU."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place: global rank, world size, local rank, and its device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: float = 120.0, cpu: bool | None = None) -> Launch:
+    """Init torch.distributed from the launcher's environment (no-op for a single plain process).
+
+    ``cpu``: force gloo on CPU (default: CPU only when CUDA is unavailable). The long default timeout lets
+    a slow ZeRO-offload step or a 1M-token eval pass finish without the collective timing out.
+    """
+    use_cpu = not torch.cuda.is_available() if cpu is None else cpu
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if use_cpu else torch.device("cuda", local_rank)
+    if not use_cpu:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if use_cpu else "nccl", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({} if use_cpu else {"device_id": device}))
+    return Launch(rank, world, local_rank, device)

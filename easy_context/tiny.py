@@ -1,0 +1,147 @@
+"""The embedded default world: a small Llama-style config, a byte-level BPE tokenizer trained here on
+generated text, and a generated retrieval dataset (haystack.py) of any length; no downloads, all
+deterministic by seed. ``train.py`` and the evals use it when no model/dataset is given.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import torch
+
+from .haystack import KEYS, answer, filler_sentence, filler_text, needle, question, random_number, retrieval_events
+
+VOCAB_SIZE = 1024
+SPECIAL = ("<s>", "</s>", "<pad>")
+# "tiny": seconds per step on a CPU; "small" (~26M parameters): the GPU proof of the recipe.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+}
+NEEDLE_EVERY = 256  # one needle (and its question) per this many tokens of a training document
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = [filler_text(400, seed=seed + i) for i in range(8)]
+    for _ in range(2000):
+        key, number = rng.choice(KEYS), random_number(rng, rng.randint(1, 10))
+        texts.append(needle(key, number) + question(key) + answer(number))
+    return texts
+
+
+def build_tokenizer(path: str | None = None, seed: int = 0):
+    """A byte-level BPE tokenizer (1024 tokens, every digit its own token, BOS added) trained on generated
+    text; encodes any text. Saved to ``path`` when given. Same seed, same tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=int(1e12))
+    if path is not None:
+        fast.save_pretrained(path)
+    return fast
+
+
+def tiny_config(preset: str = "tiny", *, max_position_embeddings: int = 2048, rope_theta: float = 10000.0,
+                vocab_size: int = VOCAB_SIZE):
+    """The LlamaConfig of a preset ("tiny" or "small"), tokens of ``build_tokenizer`` (ids 0/1/2 = bos/eos/pad)."""
+    from transformers import LlamaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return LlamaConfig(**PRESETS[preset], vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                       rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+                       bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False, use_cache=False)
+
+
+def retrieval_ids(tokenizer, length: int, seed: int, digits: int = 7) -> list[int]:
+    """Exactly ``length`` token ids: BOS, filler with needles, questions and answers (haystack.retrieval_events),
+    the last question and its answer ending the sequence. Same (tokenizer, length, seed), same ids."""
+    rng = random.Random(seed)
+    events = retrieval_events(rng, max(1, length // NEEDLE_EVERY), digits)
+    event_ids = tokenizer([text for _, text in events], add_special_tokens=False)["input_ids"]
+    budget = length - 1 - sum(len(e) for e in event_ids)
+    if budget < 0:
+        raise ValueError(f"length {length} is too short for a retrieval document; use at least {NEEDLE_EVERY}")
+    filler: list[list[int]] = []
+    while budget > 0:
+        batch = tokenizer([filler_sentence(rng) for _ in range(64)], add_special_tokens=False)["input_ids"]
+        for ids in batch:
+            filler.append(ids[:budget])
+            budget -= len(filler[-1])
+            if budget == 0:
+                break
+    out, e = [tokenizer.bos_token_id], 0
+    for i, ids in enumerate(filler):
+        while e < len(events) and events[e][0] * len(filler) <= i:
+            out.extend(event_ids[e])
+            e += 1
+        out.extend(ids)
+    for ids in event_ids[e:]:
+        out.extend(ids)
+    return out
+
+
+class RetrievalDataset(torch.utils.data.Dataset):
+    """``size`` rows {"input_ids": LongTensor [length]} of ``retrieval_ids``, row i from seed (seed, i):
+    generated on access, so any size costs nothing and every rank gets the same row for the same index."""
+
+    def __init__(self, tokenizer, length: int, size: int = 1_000_000, seed: int = 0):
+        self.tokenizer, self.length, self.size, self.seed = tokenizer, length, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        ids = retrieval_ids(self.tokenizer, self.length, seed=self.seed * 1_000_003 + i)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+
+
+def save_documents(path: str, tokenizer, count: int, length: int, seed: int = 12345) -> str:
+    """Write ``count`` held-out retrieval documents of ``length`` tokens as a ``datasets`` folder
+    (``save_to_disk``, column ``input_ids``) for perplexity evaluation; returns ``path``."""
+    from datasets import Dataset
+
+    rows = [retrieval_ids(tokenizer, length, seed=seed * 7919 + i) for i in range(count)]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(path)
+    return path
+
+
+def build_world(path: str, *, preset: str = "tiny", max_position_embeddings: int = 2048, seed: int = 0) -> str:
+    """Create (once) ``path`` holding the default model (random init from ``seed``) and tokenizer, loadable
+    with ``from_pretrained``; returns ``path``. An existing complete world is reused, not rebuilt."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    tokenizer = build_tokenizer(seed=seed)
+    config = tiny_config(preset, max_position_embeddings=max_position_embeddings, vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = path.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else _move_into(tmp, path)
+    return path
+
+
+def _move_into(src: str, dst: str) -> None:
+    for name in os.listdir(src):
+        os.replace(os.path.join(src, name), os.path.join(dst, name))
+    os.rmdir(src)
