@@ -36,19 +36,23 @@ def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
 
 
-def _check_positions(position_ids: Tensor) -> None:
-    # One document per row: positions must rise by exactly 1. Restarting positions mean packed
-    # documents, which these backends would attend across (they take no document mask).
-    if position_ids.shape[1] > 1 and not bool((position_ids.diff(dim=1) == 1).all()):
-        raise ValueError("position_ids must count up by 1 along each row (one document per row): packed "
+def _check_positions(position_ids: Tensor, allow_skips: bool = False) -> None:
+    # One document per row: positions must rise by exactly 1 (with allow_skips, by at least 1: PoSE).
+    # Restarting positions mean packed documents, which these backends would attend across (they take
+    # no document mask).
+    steps = position_ids.diff(dim=1)
+    if position_ids.shape[1] > 1 and not bool((steps >= 1 if allow_skips else steps == 1).all()):
+        rule = "increase" if allow_skips else "count up by 1"
+        raise ValueError(f"position_ids must {rule} along each row (one document per row): packed "
                          "documents with restarting positions are not supported, since sequence-parallel "
-                         "attention would attend across document boundaries; pass one document per row")
+                         "attention would attend across document boundaries; pass one document per row"
+                         + ("" if allow_skips else " (allow_position_skips=True accepts PoSE-style forward jumps)"))
 
 
 def prepare_seq_parallel_inputs(backend: str, input_ids: Tensor, labels: Tensor | None = None,
                                 position_ids: Tensor | None = None, *, rank: int | None = None,
                                 world: int | None = None, group=None, ignore_index: int = -100,
-                                check: bool = True) -> SeqParallelInputs:
+                                check: bool = True, allow_position_skips: bool = False) -> SeqParallelInputs:
     """This rank's shard of a full batch for ``backend``'s layout; labels are shifted once first (module doc).
 
     input_ids [B, S] (the full batch, identical on every rank of the SP group); labels [B, S] or None
@@ -56,6 +60,7 @@ def prepare_seq_parallel_inputs(backend: str, input_ids: Tensor, labels: Tensor 
     model's attention runs on (None: the world; USP: its ``new_usp_group`` object, which fixes the
     layout); ``rank``/``world`` default to this rank's place in it. With ``check``, when rank and world
     come from ``group``, a tiny collective verifies that every rank of the group passed the same batch.
+    ``allow_position_skips`` accepts positions that jump forward (PoSE, ``pose.pose_position_ids``).
     """
     layout = group_layout(get_backend(backend).layout, group)
     if input_ids.dim() != 2:
@@ -75,7 +80,7 @@ def prepare_seq_parallel_inputs(backend: str, input_ids: Tensor, labels: Tensor 
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside a sequence-parallel group of {world} ranks")
     check_length(s, layout, world)
-    _check_positions(position_ids)
+    _check_positions(position_ids, allow_position_skips)
     if check and from_group and world > 1 and dist.is_initialized():
         _check_same_batch(input_ids, sp_process_group(group))
 
