@@ -12,9 +12,12 @@ from .hf import (apply_seq_parallel_monkey_patch, causal_lm_loss, register_all, 
 from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
 from .layouts import gather, local_ranges, position_ids, shard, unshard
+from .lora import apply_lora_plus, load_lora_model, save_lora_model
 from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .merge import merge_
+from .pose import pose_position_ids
 from .ring import ring_attention
+from .s2attn import apply_s2attn, register_s2attn, s2_attention
 from .ulysses import ulysses_attention
 from .usp import USPGroup, new_usp_group, usp_attention
 from .zigzag import zigzag_ring_attention
@@ -27,5 +30,7 @@ __all__ = [
     "ulysses_attention", "usp_attention", "new_usp_group", "USPGroup", "dist_flash_attention",
     "ParallelGroups", "init_groups", "SeqParallelInputs", "prepare_seq_parallel_inputs", "shift_labels",
     "SPLoss", "chunked_cross_entropy", "sequence_parallel_cross_entropy",
+    "s2_attention", "register_s2attn", "apply_s2attn", "pose_position_ids",
+    "apply_lora_plus", "save_lora_model", "load_lora_model",
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "register_all", "register_attention", "self_check",
 ]
