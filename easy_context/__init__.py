@@ -6,9 +6,9 @@ Self-contained: copy this folder into another codebase; it imports only torch at
 
 from .backends import BACKENDS, Backend, backend_layout, get_backend
 from .dist_flash import dist_flash_attention
-from .groups import ParallelGroups, init_groups
-from .hf import (apply_seq_parallel_monkey_patch, causal_lm_loss, register_all, register_attention,
-                 self_check)
+from .groups import ParallelGroups, attention_group, init_groups
+from .hf import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
+                 register_all, register_attention, self_check, self_check_config)
 from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
 from .layouts import gather, local_ranges, position_ids, shard, unshard
@@ -32,5 +32,6 @@ __all__ = [
     "SPLoss", "chunked_cross_entropy", "sequence_parallel_cross_entropy",
     "s2_attention", "register_s2attn", "apply_s2attn", "pose_position_ids",
     "apply_lora_plus", "save_lora_model", "load_lora_model",
-    "apply_seq_parallel_monkey_patch", "causal_lm_loss", "register_all", "register_attention", "self_check",
+    "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
+    "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
 ]

@@ -31,6 +31,8 @@ class ParallelGroups:
 def init_groups(sp_size: int) -> ParallelGroups:
     """Collective over the world: build every SP and DP group and return this rank's (see module doc)."""
     if not (dist.is_available() and dist.is_initialized()):
+        if sp_size == 1:  # one plain process: nothing to split
+            return ParallelGroups(None, None, 0, 1, 0, 1)
         raise RuntimeError("init_groups needs torch.distributed: call dist.init_process_group first")
     world, rank = dist.get_world_size(), dist.get_rank()
     if not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
@@ -71,3 +73,18 @@ def group_layout(layout: str, group) -> str:
     """The concrete layout for a backend's ``layout`` in ``group``: a composite group's own (USP's
     ``usp{U}x{R}`` depends on its degrees) when it names one, else ``layout``."""
     return getattr(group, "layout", None) or layout
+
+
+def attention_group(backend: str, groups: ParallelGroups, *, ulysses_degree: int | None = None):
+    """The group object ``backend``'s attention runs on: the SP ProcessGroup, or for "usp" a USP group of
+    ``ulysses_degree`` x (sp_size / ulysses_degree) over this rank's SP group (collective)."""
+    if backend != "usp":
+        return groups.sp_group
+    from .usp import new_usp_group
+
+    ulysses = ulysses_degree or groups.sp_size
+    if groups.sp_size % ulysses:
+        raise ValueError(f"--ulysses-degree {ulysses} must divide the sequence-parallel size {groups.sp_size}")
+    first = (dist.get_rank() if dist.is_initialized() else 0) - groups.sp_rank
+    return new_usp_group(ulysses_degree=ulysses, ring_degree=groups.sp_size // ulysses,
+                         sp_ranks=list(range(first, first + groups.sp_size)))

@@ -296,3 +296,71 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
         return SPLoss(loss, loss.detach(), int((target_ids != ignore_index).sum()))
     return sequence_parallel_cross_entropy(hidden, head.weight, target_ids, group=group,
                                            grad_reduction=grad_reduction, **args)
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """A HF causal LM whose forward(input_ids, target_ids, position_ids) returns this rank's
+    (loss, group-mean loss value, group valid-token count) from ``causal_lm_loss``: the module to hand to
+    accelerate / DeepSpeed, so the chunked loss runs inside the engine's forward.
+
+    Under DeepSpeed ZeRO-3 the output weight is used outside its own module's forward, so it is registered
+    as this module's external parameter (DeepSpeed then gathers it for the loss in forward and backward).
+    """
+
+    def __init__(self, model, *, group=None, grad_reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.model = model
+        self.config = model.config  # accelerate sizes DeepSpeed's "auto" buckets from config.hidden_size
+        self.group, self.grad_reduction, self.chunk_size = group, grad_reduction, chunk_size
+        head = model.get_output_embeddings()
+        try:
+            from deepspeed.zero import register_external_parameter
+        except ImportError:
+            return
+        if isinstance(head, torch.nn.Linear):
+            register_external_parameter(self, head.weight)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None):
+        out = causal_lm_loss(self.model, input_ids, target_ids, position_ids, group=self.group,
+                             grad_reduction=self.grad_reduction, chunk_size=self.chunk_size)
+        return out.loss, out.value, torch.tensor(out.num_tokens, device=out.loss.device)
+
+
+def check_model_fits_backend(backend: str, config, *, sp_size: int, ulysses_degree: int | None = None) -> None:
+    """Raise a ValueError, before any weights load, if ``backend`` cannot split this model's heads over the
+    sequence-parallel group (Ulysses and USP's Ulysses part need the q heads divisible by their degree)."""
+    from .ulysses import head_split_error
+
+    degree = {"ulysses": sp_size, "usp": ulysses_degree or 1}.get(ALIASES.get(backend, backend), 1)
+    heads = config.num_attention_heads
+    err = head_split_error(heads, degree, "Ulysses all-to-all", backend)
+    if err is not None:
+        raise err
+
+
+def self_check_config(config, method: str, *, group=None, kernel=None, device=None, layers: int = 2,
+                      seq_len: int | None = None) -> dict[str, float]:
+    """``self_check`` on a ``layers``-layer random model of ``config`` (bf16 on CUDA, float32 on CPU): proves
+    the attention plumbing (routing, group, layout, positions) exact before the real weights are loaded."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = min(layers, cfg.num_hidden_layers)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    device = torch.device(device or "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.random.fork_rng(devices=[]):  # same probe on every rank; the caller's random stream untouched
+        torch.manual_seed(0)
+        probe = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device)
+    apply_seq_parallel_monkey_patch(method, probe, group=group, kernel=kernel)
+    result = self_check(probe, seq_len=seq_len)
+    del probe
+    return result
+
+
+def num_parameters(model) -> int:
+    """Parameter count, also when DeepSpeed ZeRO-3 has partitioned the parameters (their full ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -42,3 +42,12 @@ def init_distributed(timeout_minutes: float = 120.0, cpu: bool | None = None) ->
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({} if use_cpu else {"device_id": device}))
     return Launch(rank, world, local_rank, device)
+
+
+def host_rss_gib() -> float:
+    """This process's resident host memory in GiB (0.0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return 0.0

@@ -1,0 +1,152 @@
+"""Training data: fixed-length token rows from a pre-tokenized or raw-text dataset, split by data-parallel rank.
+
+Sources: "tiny" (the generated retrieval data of ``tiny.py``), a local ``save_to_disk`` folder, a .jsonl /
+.json / .parquet file (or a folder of them), or a hub dataset name. A dataset with an ``input_ids`` column
+is used as is (every row must hold at least ``seq_len`` tokens: EasyContext's pre-chunked format); one with
+a text column is tokenized with the model's tokenizer and packed into rows of exactly ``seq_len`` tokens
+(documents joined with EOS, the remainder dropped).
+
+Every rank of one sequence-parallel group must see the same row: rows are assigned by data-parallel rank
+(``ShardedSampler``), never by a seed the ranks happen to share. The sampler resumes mid-epoch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+IDS = "input_ids"
+_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _load_raw(source: str, split: str):
+    import datasets
+
+    if os.path.isdir(source) and any(os.path.exists(os.path.join(source, f))
+                                     for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(source)
+    elif os.path.isfile(source):
+        kind = _FILE_TYPES.get(os.path.splitext(source)[1])
+        if kind is None:
+            raise ValueError(f"dataset file {source!r}: use one of {', '.join(_FILE_TYPES)} or a save_to_disk folder")
+        ds = datasets.load_dataset(kind, data_files=source)
+    elif os.path.isdir(source):
+        files = sorted(f for f in os.listdir(source) if os.path.splitext(f)[1] in _FILE_TYPES)
+        if not files:
+            raise ValueError(f"dataset folder {source!r} is neither a save_to_disk folder nor holds "
+                             f"{'/'.join(_FILE_TYPES)} files")
+        kind = _FILE_TYPES[os.path.splitext(files[0])[1]]
+        ds = datasets.load_dataset(kind, data_files=[os.path.join(source, f) for f in files])
+    else:
+        ds = datasets.load_dataset(source)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset {source!r} has splits {list(ds)}, not {split!r}: pass --dataset-split")
+        ds = ds[split]
+    return ds
+
+
+def _pack(ds, tokenizer, seq_len: int, column: str, num_proc: int | None):
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("packing raw text needs a tokenizer with an EOS token to separate documents")
+
+    def pack(batch):
+        ids = tokenizer(batch[column], add_special_tokens=True)["input_ids"]
+        flat = [t for doc in ids for t in (*doc, eos)]
+        n = len(flat) // seq_len
+        return {IDS: [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)]}
+
+    return ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names, num_proc=num_proc,
+                  desc=f"tokenize and pack into {seq_len}-token rows")
+
+
+def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str = "text", split: str = "train",
+                       seed: int = 0, num_proc: int | None = None, check_rows: int = 1000):
+    """A dataset of rows {"input_ids": LongTensor [>= seq_len]} (see module doc); raises a ValueError that
+    names the fix for a missing column or rows shorter than ``seq_len`` (first ``check_rows`` rows checked)."""
+    if source == "tiny":
+        from .tiny import RetrievalDataset
+
+        return RetrievalDataset(tokenizer, seq_len, seed=seed)
+    ds = _load_raw(source, split)
+    if IDS not in ds.column_names:
+        if text_column not in ds.column_names:
+            raise ValueError(f"dataset {source!r} has columns {ds.column_names}: it needs a pre-tokenized "
+                             f"{IDS!r} column or a text column (--text-column, now {text_column!r})")
+        ds = _pack(ds, tokenizer, seq_len, text_column, num_proc)
+        if len(ds) == 0:
+            raise ValueError(f"dataset {source!r} holds fewer than {seq_len} tokens of text: no training row")
+    else:
+        ds = ds.select_columns([IDS])
+    lengths = [len(r) for r in ds.select(range(min(check_rows, len(ds))))[IDS]]
+    short = sum(n < seq_len for n in lengths)
+    if short:
+        raise ValueError(f"dataset {source!r}: {short} of the first {len(lengths)} rows hold fewer than --seq-length "
+                         f"{seq_len} tokens (shortest {min(lengths)}); use a shorter --seq-length or a dataset "
+                         f"chunked to at least {seq_len} tokens per row")
+    return ds.with_format("torch")
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Rows of uniform random tokens (row i from seed (seed, i)): for throughput and memory benchmarks."""
+
+    def __init__(self, vocab_size: int, length: int, size: int = 1_000_000, seed: int = 0):
+        self.vocab_size, self.length, self.size, self.seed = vocab_size, length, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return {IDS: torch.randint(self.vocab_size, (self.length,), generator=g)}
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Row indices for data-parallel rank ``dp_rank`` of ``dp_size``: a seeded permutation per epoch, split
+    into equal interleaved parts (the tail that does not divide is dropped), resumable at any position."""
+
+    def __init__(self, num_rows: int, dp_rank: int, dp_size: int, seed: int = 0):
+        if num_rows < dp_size:
+            raise ValueError(f"{num_rows} rows cannot feed {dp_size} data-parallel groups: use more data")
+        self.num_rows, self.dp_rank, self.dp_size, self.seed = num_rows, dp_rank, dp_size, seed
+        self.epoch, self.start = 0, 0
+
+    def rows_per_rank(self) -> int:
+        return self.num_rows // self.dp_size
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Continue from ``start`` rows into ``epoch`` (on this rank)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.rows_per_rank() - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.num_rows, generator=g)[: self.rows_per_rank() * self.dp_size]
+        yield from perm[self.dp_rank::self.dp_size][self.start:].tolist()
+
+
+def collate(seq_len: int):
+    """A collate function stacking rows' first ``seq_len`` tokens into [B, seq_len]."""
+    def fn(rows: list[dict]) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(r[IDS][:seq_len], dtype=torch.long) for r in rows])
+    return fn
+
+
+def batches(dataset, sampler: ShardedSampler, batch_size: int, seq_len: int, num_workers: int = 0):
+    """Endless [B, seq_len] batches from ``sampler``'s position on, epoch after epoch; yields (epoch, row, ids)
+    with ``row`` the sampler position after this batch (save it to resume)."""
+    if sampler.rows_per_rank() < batch_size:
+        raise ValueError(f"{sampler.rows_per_rank()} rows per data-parallel rank cannot fill a batch of {batch_size}: "
+                         "use more data or a smaller --batch-size")
+    while True:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                             collate_fn=collate(seq_len), num_workers=num_workers)
+        row = sampler.start
+        for ids in loader:
+            row += batch_size
+            yield sampler.epoch, row, ids
+        sampler.set_position(sampler.epoch + 1, 0)

@@ -1,0 +1,179 @@
+"""Long-context fine-tuning of a Hugging Face causal LM with exact sequence-parallel attention.
+
+  accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 8 train.py \
+      --model meta-llama/Llama-2-7b-hf --dataset <hub name or path> --seq-length 262144 \
+      --backend zigzag_ring --rope-theta 1e7 --output-dir output/stage3
+
+With no --model/--dataset it trains the built-in tiny model on generated retrieval data (no downloads).
+Processes are split into sequence-parallel groups of --sp-size ranks (default: all); the rest is data parallel.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from datetime import timedelta
+from tqdm import tqdm
+
+import easy_context as ec
+from easy_context import checkpoint as ckpt, data, launch, models, schedule, tiny
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
+p.add_argument("--tiny-preset", default="tiny", choices=list(tiny.PRESETS), help="size of the built-in model")
+p.add_argument("--dataset", default="tiny", help="hub name, save_to_disk folder, jsonl/parquet file, or tiny")
+p.add_argument("--text-column", default="text")
+p.add_argument("--dataset-split", default="train")
+p.add_argument("--seq-length", type=int, default=1024)
+p.add_argument("--backend", default="zigzag_ring", choices=[*ec.BACKENDS, "data_parallel"])
+p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: all)")
+p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses part of --sp-size (rest: ring)")
+p.add_argument("--kernel", default=None, help="attention kernel (default: fastest available)")
+p.add_argument("--rope-theta", type=float, default=None, help="new RoPE base; default: keep the model's")
+p.add_argument("--rope-scaling", default=None, help='e.g. "yarn:factor=8" or a JSON object; default: keep')
+p.add_argument("--batch-size", type=int, default=1, help="rows per data-parallel group per micro-step")
+p.add_argument("--grad-accum", type=int, default=1)
+p.add_argument("--lr", type=float, default=2e-5)
+p.add_argument("--warmup-steps", type=int, default=0)
+p.add_argument("--schedule", default="constant", choices=schedule.SCHEDULES)
+p.add_argument("--min-lr-ratio", type=float, default=0.0)
+p.add_argument("--weight-decay", type=float, default=0.1)
+p.add_argument("--max-grad-norm", type=float, default=1.0)
+p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+p.add_argument("--seed", type=int, default=42)
+p.add_argument("--output-dir", default="output/default")
+p.add_argument("--checkpoint-every", type=int, default=0, help="save full training state every N steps (0: off)")
+p.add_argument("--keep-checkpoints", type=int, default=2)
+p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+p.add_argument("--wandb", default=None, help="wandb project (optional)")
+p.add_argument("--no-gradient-checkpointing", action="store_true")
+p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
+args = p.parse_args()
+
+# --- process groups and cheap checks: all before any model weights are loaded -------------------------
+# gloo on CPU: without it accelerate + DeepSpeed on a CPU machine believe every process is rank 0 of 1.
+state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+world, sp_backend = state.num_processes, args.backend != "data_parallel"
+sp_size = (args.sp_size or world) if sp_backend else 1
+groups = ec.init_groups(sp_size)
+attn_group = ec.attention_group(args.backend, groups, ulysses_degree=args.ulysses_degree) if sp_backend else None
+if sp_backend:
+    ec.layouts.check_length(args.seq_length, ec.groups.group_layout(ec.get_backend(args.backend).layout, attn_group), sp_size)
+out_dir = args.output_dir
+resume_from = ckpt.latest_checkpoint(out_dir) if args.resume else None
+if not args.resume and (ckpt.complete_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "model"))):
+    raise SystemExit(f"{out_dir} already holds a run: pass --resume to continue it or choose another --output-dir")
+if args.model == models.TINY:  # the embedded default, built once into the output directory
+    args.model = os.path.join(out_dir, "tiny_init")
+    if state.is_main_process:
+        tiny.build_world(args.model, preset=args.tiny_preset, max_position_embeddings=args.seq_length, seed=args.seed)
+    state.wait_for_everyone()
+set_seed(args.seed)
+config = models.load_config(args.model, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
+                            max_position_embeddings=args.seq_length)
+if sp_backend:
+    ec.check_model_fits_backend(args.backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
+tokenizer = None if models.is_shape(args.model) else models.load_tokenizer(args.model)
+if args.dataset == "random" or tokenizer is None:  # benchmarks: uniform random tokens, no tokenizer needed
+    dataset = data.RandomTokens(config.vocab_size, args.seq_length, seed=args.seed)
+else:
+    dataset = data.load_training_data(args.dataset, tokenizer, args.seq_length, text_column=args.text_column,
+                                      split=args.dataset_split, seed=args.seed)
+sampler = data.ShardedSampler(len(dataset), groups.dp_rank, groups.dp_size, seed=args.seed)
+
+if sp_backend:  # a 2-layer random copy proves the attention plumbing exact before the real weights load
+    ec.self_check_config(config, args.backend, group=attn_group, kernel=args.kernel, device=state.device)
+
+# --- model: RoPE settings, sequence-parallel attention, the loss inside the module DeepSpeed wraps ----------
+accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                          mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                          kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
+# DeepSpeed (bf16 on GPU) keeps its own fp32 master weights; without it, fp32 weights under autocast.
+dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
+model = models.load_model(args.model, config=config, dtype=dtype)
+if not args.no_gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+if sp_backend:
+    ec.apply_seq_parallel_monkey_patch(args.backend, model, group=attn_group, kernel=args.kernel)
+wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=args.loss_chunk)
+offload = False
+if ds is not None:
+    ds.deepspeed_config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_clipping=args.max_grad_norm)
+    offload = ds.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+opt_cls = torch.optim.AdamW
+if offload:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam as opt_cls
+optimizer = opt_cls(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+
+step, tokens_seen, epoch, row = 0, 0, 0, 0
+if resume_from:
+    state = ckpt.load_checkpoint(accelerator, resume_from)
+    step, tokens_seen, epoch, row = state["step"], state["tokens"], state["epoch"], state["row"]
+sampler.set_position(epoch, row)
+log_path = os.path.join(out_dir, "log.jsonl")
+if accelerator.is_main_process:
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt.trim_log(log_path, step)  # drop what a killed run logged after the checkpoint we resume from
+    print(f"world {world} = {groups.dp_size} data-parallel x {sp_size} sequence-parallel ({args.backend}); "
+          f"{ec.hf.num_parameters(model) / 1e6:.1f}M parameters; resume from {resume_from}")
+if args.wandb and accelerator.is_main_process:
+    import wandb
+    wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(out_dir)), config=vars(args), resume="allow")
+
+# --- training loop -------------------------------------------------------------------------------------
+wrapped.train()
+tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
+bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+t0, micro = time.perf_counter(), 0
+for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_length):
+    if step >= args.max_steps:
+        break
+    ids = ids.to(accelerator.device)
+    if sp_backend:
+        b = ec.prepare_seq_parallel_inputs(args.backend, ids, ids, group=attn_group)
+    else:
+        b = ec.SeqParallelInputs(ids, torch.arange(ids.shape[1], device=ids.device)[None], ec.shift_labels(ids))
+    lr = schedule.learning_rate(step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                                schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
+    schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
+    with accelerator.accumulate(wrapped):
+        loss, value, _ = wrapped(b.input_ids, b.target_ids, b.position_ids)
+        accelerator.backward(loss)
+        if ds is None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    micro += 1
+    if not accelerator.sync_gradients:
+        continue
+    step += 1
+    tokens_seen += tokens_per_step
+    mean_loss = accelerator.reduce(value.detach().float(), "mean").item()  # SP ranks agree; mean over DP
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt, t0 = time.perf_counter() - t0, time.perf_counter()
+    record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen, "step_s": dt,
+              "tokens_per_s": tokens_per_step / dt, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
+              if torch.cuda.is_available() else 0.0, "host_rss_gib": launch.host_rss_gib()}
+    if accelerator.is_main_process:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.wandb:
+            wandb.log(record, step=step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+    if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.max_steps:
+        ckpt.save_checkpoint(accelerator, out_dir, step, {"tokens": tokens_seen, "epoch": epoch, "row": row},
+                             keep=args.keep_checkpoints)
+        t0 = time.perf_counter()
+bar.close()
+final = ckpt.save_model(accelerator, wrapped, tokenizer, out_dir)
+if accelerator.is_main_process:
+    print(f"done: {step} steps; model -> {final}; log -> {log_path}")
+accelerator.end_training()
