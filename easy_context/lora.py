@@ -30,9 +30,13 @@ def extra_trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The non-LoRA parameters LoRA+ trains: input and output embeddings and every norm layer's, by name."""
     wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     wanted |= {id(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
-    return {f"{mod_name}.{p_name}" if mod_name else p_name: p
-            for mod_name, mod in model.named_modules() if id(mod) in wanted
-            for p_name, p in mod.named_parameters(recurse=False)}
+    params: dict[str, torch.nn.Parameter] = {}
+    for mod_name, mod in model.named_modules():
+        if id(mod) in wanted:
+            for p_name, p in mod.named_parameters(recurse=False):
+                if all(p is not q for q in params.values()):  # tied embeddings: once, under the input's name
+                    params[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    return params
 
 
 def apply_lora_plus(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets: list[str] | None = None):
@@ -80,11 +84,28 @@ def _lora_layers(model, adapter_name: str) -> dict[str, object]:
     return layers
 
 
+def _align(sd: dict[str, Tensor], layers: dict[str, object], adapter_name: str) -> dict[str, Tensor]:
+    """``sd`` with the prefix of a wrapper it was taken from (e.g. "module.", or "model." of
+    hf.CausalLMWithLoss) removed, so that its keys match the LoRA layers' names; ValueError if they cannot."""
+    first = f"{next(iter(layers))}.lora_A.{adapter_name}.weight"
+    if first not in sd:
+        prefix = next((k[: -len(first)] for k in sd if k.endswith("." + first)), None)
+        if prefix is not None:
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    missing = [f"{n}.{p}" for n in layers for p in ("base_layer.weight", f"lora_A.{adapter_name}.weight",
+                                                     f"lora_B.{adapter_name}.weight") if f"{n}.{p}" not in sd]
+    if missing:
+        raise ValueError(f"save_lora_model: the state dict lacks {len(missing)} LoRA entries of the model, e.g. "
+                         f"{missing[:2]} (it has e.g. {list(sd)[:2]}); pass the state dict of this model "
+                         "(accelerator.get_state_dict(model)) and the model it came from")
+    return sd
+
+
 def merged_state_dict(model, state_dict: dict[str, Tensor] | None = None,
                       adapter_name: str = "default") -> dict[str, Tensor]:
     """The plain model's state dict (CPU), with W + scaling * B @ A in place of each LoRA layer's weight."""
-    sd = model.state_dict() if state_dict is None else state_dict
     layers = _lora_layers(model, adapter_name)
+    sd = _align(model.state_dict() if state_dict is None else state_dict, layers, adapter_name)
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
         owner, sep, rest = key.partition(".base_layer.")
@@ -101,9 +122,6 @@ def merged_state_dict(model, state_dict: dict[str, Tensor] | None = None,
                 raise ValueError(f"save_lora_model: {key} belongs to another adapter; only {adapter_name!r} is merged")
         else:
             out[key] = value.detach().cpu()
-    if len(out) == len(sd):
-        raise ValueError("save_lora_model: the state dict holds no LoRA layers (keys *.base_layer.weight); pass the "
-                         "state dict of the adapted model (accelerator.get_state_dict(model))")
     return out
 
 
@@ -133,7 +151,7 @@ def save_lora_model(model, output_dir: str, *, merge: bool = True, state_dict: d
             shell = transformers.AutoModelForCausalLM.from_config(config)
         shell.save_pretrained(output_dir, state_dict=plain)
         return
-    _lora_layers(model, adapter_name)
+    sd = _align(sd, _lora_layers(model, adapter_name), adapter_name)
     tag = f".{adapter_name}."
     adapter = {_PEFT_PREFIX + k[len(prefix):].replace(tag, "."): v.detach().cpu().contiguous()
                for k, v in sd.items() if ".lora_" in k and tag in k}

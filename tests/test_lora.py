@@ -78,8 +78,10 @@ def test_merged_checkpoint_loads_with_from_pretrained(family, seed, tmp_path):
     for p in model.parameters():
         p.data = torch.empty(0)  # ZeRO-3: the local parameters are empty partitions
     save_lora_model(model, str(tmp_path / "gathered"), state_dict=gathered)
+    wrapped = {"model." + k: v for k, v in gathered.items()}  # gathered from hf.CausalLMWithLoss(model)
+    save_lora_model(model, str(tmp_path / "wrapped"), state_dict=wrapped)
 
-    for sub in ("own", "gathered"):
+    for sub in ("own", "gathered", "wrapped"):
         loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / sub))
         assert not any("lora" in n or "base_layer" in n for n, _ in loaded.named_parameters())
         assert rel_err(_logits(loaded, ids), expected) < 1e-5, sub
@@ -95,19 +97,20 @@ def test_merged_checkpoint_loads_with_from_pretrained(family, seed, tmp_path):
     assert load_file(str(tmp_path / "bf16" / "model.safetensors"))[f"{name}.weight"].dtype == torch.bfloat16
 
 
-def test_unmerged_adapter_reloads(seed, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_unmerged_adapter_reloads(family, seed, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
     ids = batch(seed + 1, 2, 32)[0]
-    model = _adapted("llama", seed)
+    model = _adapted(family, seed)
     save_lora_model(model, str(tmp_path), merge=False)
-    assert rel_err(_logits(load_lora_model(tiny_model("llama", seed), str(tmp_path)), ids), _logits(model, ids)) < 1e-6
+    assert rel_err(_logits(load_lora_model(tiny_model(family, seed), str(tmp_path)), ids), _logits(model, ids)) < 1e-6
     # A standard peft adapter directory; the embeddings and norms live beside it.
-    peft_model = PeftModel.from_pretrained(tiny_model("llama", seed), str(tmp_path))
-    missing = peft_model.get_base_model().load_state_dict(load_file(str(tmp_path / "trainable_params.safetensors")),
+    peft_model = PeftModel.from_pretrained(tiny_model(family, seed), str(tmp_path))
+    unexpected = peft_model.get_base_model().load_state_dict(load_file(str(tmp_path / "trainable_params.safetensors")),
                                                           strict=False).unexpected_keys
-    assert not missing and rel_err(_logits(peft_model, ids), _logits(model, ids)) < 1e-6
+    assert not unexpected and rel_err(_logits(peft_model, ids), _logits(model, ids)) < 1e-6
 
 
 def test_rejects_misuse(tmp_path):
@@ -118,6 +121,8 @@ def test_rejects_misuse(tmp_path):
         apply_lora_plus(model)
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_lora_model(tiny_model("llama", 0), str(tmp_path))
+    with pytest.raises(ValueError, match="lacks"):  # a state dict that is not this adapted model's
+        save_lora_model(model, str(tmp_path), state_dict=tiny_model("llama", 0).state_dict())
 
 
 def test_lora_plus_s2attn_and_pose_train_together(seed, tmp_path):
