@@ -55,8 +55,9 @@ p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits c
 args = p.parse_args()
 
 # --- process groups and cheap checks: all before any model weights are loaded -------------------------
-# gloo on CPU: without it accelerate + DeepSpeed on a CPU machine believe every process is rank 0 of 1.
-state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+# gloo on CPU: without it accelerate on a CPU machine believes every process is rank 0 of 1 (and skips DDP).
+use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo", "cpu": not use_ds}))
 world, sp_backend = state.num_processes, args.backend != "data_parallel"
 sp_size = (args.sp_size or world) if sp_backend else 1
 groups = ec.init_groups(sp_size)
