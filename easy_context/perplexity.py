@@ -1,0 +1,324 @@
+"""Perplexity at a sweep of context lengths, sequence-parallel, plus the plumbing the needle eval shares:
+load a model for sequence-parallel evaluation, check lengths against its position limit, shard one sequence.
+
+Protocols (every output states which one was used):
+
+* ``truncate`` (YaRN's and EasyContext's ``--truncate``): at length L, each document's first L - 1 tokens
+  after a BOS (L tokens when the tokenizer has no BOS), one forward pass; every token is scored.
+* ``sliding`` (Press et al., as in Position Interpolation): each document is cut to the sweep's largest
+  length; windows of L tokens (BOS included) start every ``stride`` tokens and each token is scored once,
+  in the first window that reaches it, so every length scores the same tokens with at least
+  L - 1 - stride tokens of context (the first window: all it has).
+
+Perplexity is exp(total NLL / total scored tokens) over all documents (token-weighted; under ``truncate``
+every document scores the same count, so this equals EasyContext's mean of per-document means). NLL sums
+come from ``hf.causal_lm_loss``: chunked logits, exact token counts over the whole SP group.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from .comm import rank_and_size
+from .groups import group_layout, group_rank_size
+from .hf import apply_seq_parallel_monkey_patch, causal_lm_loss, registered_backend, self_check
+from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs
+from .layouts import num_chunks
+
+Tensor = torch.Tensor
+PROTOCOLS = ("truncate", "sliding")
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+# ---- shared by the evals: lengths, model loading, one sharded sequence -------------------------------------
+
+def length_sweep(lengths: Iterable[int] | None = None, min_length: int | None = None,
+                 max_length: int | None = None, step: int | None = None) -> list[int]:
+    """Sorted distinct lengths: the explicit list, else min..max every ``step`` (no step: doubling from min)."""
+    if lengths:
+        out = sorted(set(int(x) for x in lengths))
+    elif min_length is not None and max_length is not None:
+        if min_length > max_length:
+            raise ValueError(f"min length {min_length} is above max length {max_length}")
+        if step is not None and step < 1:
+            raise ValueError(f"length step must be positive; got {step}")
+        out, n = [], min_length
+        while n <= max_length:
+            out.append(n)
+            n = n + step if step else n * 2
+        if not step and out[-1] != max_length:
+            out.append(max_length)
+    else:
+        raise ValueError("give the lengths to evaluate: a list, or a min and max length (and a step)")
+    if out[0] < 2:
+        raise ValueError(f"lengths must be at least 2 tokens; got {out[0]}")
+    return out
+
+
+def check_lengths(lengths: Iterable[int], config, *, allow_extrapolation: bool = False,
+                  rope_theta: float | None = None) -> None:
+    """Raise a ValueError if a length is above the config's position limit (``models.position_limit``),
+    unless extrapolation is allowed or the RoPE base was changed by hand (``rope_theta``: limit unknown)."""
+    from .models import position_limit
+
+    limit = position_limit(config)
+    longest = max(lengths)
+    if longest <= limit or allow_extrapolation or rope_theta is not None or limit <= 0:
+        return
+    raise ValueError(f"length {longest} is above the model's position limit of {limit} tokens (max_position_"
+                     f"embeddings, times the factor of a RoPE scaling): evaluate at most {limit} tokens, extend the "
+                     "RoPE (--rope-scaling yarn:factor=N, or --rope-theta), or pass --allow-extrapolation to "
+                     "measure the model beyond its training length on purpose (e.g. a 'before extension' run)")
+
+
+def eval_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The model dtype for ``name``; "auto": bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | None = "zigzag_ring",
+                    dtype: torch.dtype = torch.float32, rope_theta: float | None = None,
+                    rope_scaling: str | dict | None = None, ulysses_degree: int | None = None):
+    """A causal LM in eval mode on ``device`` whose attention runs ``backend`` over all launched processes
+    (None: plain sdpa, for generation), checked against full attention with ``self_check`` when world > 1."""
+    from .models import load_model
+
+    with device:  # transformers loads the weights straight onto the device
+        model = load_model(name_or_path, dtype=dtype, rope_theta=rope_theta, rope_scaling=rope_scaling)
+    model.to(device).eval()
+    if backend is None:
+        return model
+    _, world = rank_and_size(None)
+    group = None
+    if backend == "usp":
+        from .usp import new_usp_group
+
+        ulysses = ulysses_degree or world
+        if world % ulysses:
+            raise ValueError(f"--ulysses-degree {ulysses} must divide the number of processes {world}")
+        group = new_usp_group(ulysses_degree=ulysses, ring_degree=world // ulysses)
+    apply_seq_parallel_monkey_patch(backend, model, group)
+    if world > 1:
+        self_check(model)
+    return model
+
+
+def sp_shard(model, input_ids: Tensor, labels: Tensor | None = None, pad_id: int = 0) -> SeqParallelInputs:
+    """This rank's shard of ONE sequence (input_ids [S], labels [S] HF-style or None) for ``model``'s
+    sequence-parallel attention (unpatched model: the whole sequence), padded at the END to the multiple
+    the layout needs. Padding is causal-safe: no real position attends to it, and its labels are ignored."""
+    device = next(model.parameters()).device
+    reg = registered_backend(model)
+    backend, group, rank, world = "ring", None, 0, 1  # unpatched: one contiguous piece
+    if reg is not None:
+        backend, group = reg.backend.name, reg.group
+        rank, world = group_rank_size(group)
+    multiple = num_chunks(group_layout(reg.backend.layout, group) if reg else "contiguous", world)
+    pad = -input_ids.numel() % multiple
+    ids = torch.cat([input_ids.long(), input_ids.new_full((pad,), pad_id).long()])
+    if labels is not None:
+        labels = torch.cat([labels.long(), labels.new_full((pad,), -100).long()])[None].to(device)
+    if reg is None:
+        return prepare_seq_parallel_inputs(backend, ids[None].to(device), labels, rank=0, world=1)
+    return prepare_seq_parallel_inputs(backend, ids[None].to(device), labels, group=group)
+
+
+# ---- perplexity ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """Document tokens [begin, end) form one forward pass (after a BOS); tokens [score_from, end) are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def windows(num_tokens: int, length: int, protocol: str = "truncate", stride: int | None = None, *,
+            bos: bool = True) -> list[Window]:
+    """The forward passes that score a document of ``num_tokens`` tokens (no BOS) at context ``length``
+    (BOS included when ``bos``). ``truncate`` needs num_tokens >= length - bos; ``sliding`` covers them all."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown perplexity protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    width = length - int(bos)
+    first = 0 if bos else 1  # without a BOS, a window's first token has nothing to be predicted from
+    if width < 2 - int(bos):
+        raise ValueError(f"length {length} leaves no token to score")
+    if protocol == "truncate":
+        if num_tokens < width:
+            raise ValueError(f"a {num_tokens}-token document is too short to truncate to {length} tokens")
+        return [Window(0, width, first)]
+    if stride is None or not 1 <= stride <= width - first:
+        raise ValueError(f"sliding windows of {length} tokens need a stride in [1, {width - first}]; got {stride}")
+    out, done, begin = [], 0, 0
+    while done < num_tokens:
+        end = min(begin + width, num_tokens)
+        out.append(Window(begin, end, max(done, begin + first)))
+        done, begin = end, begin + stride
+    return out
+
+
+def window_tensors(doc: list[int] | Tensor, window: Window, bos_id: int | None) -> tuple[Tensor, Tensor]:
+    """(input_ids [S], labels [S]) of one window: BOS (if any) + doc[begin:end], labels -100 where unscored."""
+    ids = torch.as_tensor(doc[window.begin:window.end], dtype=torch.long)
+    labels = ids.clone()
+    labels[: window.score_from - window.begin] = -100
+    if bos_id is not None:
+        ids = torch.cat([torch.tensor([bos_id]), ids])
+        labels = torch.cat([torch.tensor([-100]), labels])
+    return ids, labels
+
+
+@torch.no_grad()
+def sequence_nll(model, input_ids: Tensor, labels: Tensor) -> tuple[float, int]:
+    """Collective over the model's SP group: (summed NLL, number of scored tokens) of one sequence,
+    labels HF-style (aligned with input_ids, -100 ignored); the same numbers on every rank."""
+    inputs = sp_shard(model, input_ids, labels)
+    out = causal_lm_loss(model, inputs.input_ids, inputs.target_ids, inputs.position_ids)
+    return float(out.value) * out.num_tokens, out.num_tokens
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """One model at one length: documents, scored tokens, summed NLL and exp(NLL / tokens)."""
+
+    length: int
+    documents: int
+    tokens: int
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+def evaluate_perplexity(model, docs: list[list[int]], lengths: list[int], *, protocol: str = "truncate",
+                        stride: int | None = None, bos_id: int | None = None,
+                        progress: Callable[[int], Any] | None = None) -> list[PerplexityResult]:
+    """Collective: the perplexity of ``docs`` (token ids without BOS) at each length (module doc).
+    Sliding windows run over each document's first max(lengths) - (BOS) tokens. ``progress(n)``: n passes done."""
+    bos = bos_id is not None
+    cut = max(lengths) - int(bos)
+    out = []
+    for length in lengths:
+        nll, tokens = 0.0, 0
+        for doc in docs:
+            doc = doc[:cut]
+            for w in windows(len(doc), length, protocol, stride, bos=bos):
+                s, n = sequence_nll(model, *window_tensors(doc, w, bos_id))
+                nll, tokens = nll + s, tokens + n
+            if progress is not None:
+                progress(1)
+        out.append(PerplexityResult(length, len(docs), tokens, nll))
+    return out
+
+
+def check_protocol(lengths: list[int], protocol: str, stride: int | None, *, bos: bool = True) -> None:
+    """Raise the ValueError ``windows`` would, before any model is loaded."""
+    for length in lengths:
+        windows(max(lengths), length, protocol, stride, bos=bos)
+
+
+def describe_protocol(protocol: str, stride: int | None, *, bos: bool, source: str) -> str:
+    """One line stating how the numbers were computed, for the CSV header and the plot."""
+    if protocol == "truncate":
+        what = ("each document's first L - 1 tokens after a BOS" if bos else "each document's first L tokens "
+                "(no BOS)") + ", one forward pass, every token scored"
+    else:
+        what = (f"documents cut to the largest length, L-token windows{' (BOS + L - 1)' if bos else ''} every "
+                f"{stride} tokens, each token scored once, in the first window that reaches it")
+    return (f"protocol={protocol}{f' stride={stride}' if protocol == 'sliding' else ''}: {what}; perplexity = "
+            f"exp(token-weighted mean NLL over all documents); documents: {source}")
+
+
+def write_perplexity_csv(path: str, rows: list[dict], header: str) -> str:
+    """Write ``rows`` (model, protocol, stride, length, documents, tokens, nll, perplexity) as CSV under a
+    ``# header`` comment line (read with pandas ``read_csv(path, comment="#")``); atomic; returns path."""
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cols = ["model", "protocol", "stride", "length", "documents", "tokens", "nll", "perplexity"]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        f.write(f"# {header}\n")
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in cols})
+    os.replace(tmp, path)
+    return path
+
+
+# ---- documents ----------------------------------------------------------------------------------------------
+
+def text_dir_rows(path: str) -> Iterator[dict]:
+    """One row {"text": ...} per .txt file of ``path``, sorted by name; ValueError when there are none."""
+    if not os.path.isdir(path):
+        raise ValueError(f"text directory {path!r} does not exist")
+    files = sorted(glob.glob(os.path.join(path, "*.txt")))
+    if not files:
+        raise ValueError(f"text directory {path!r} has no .txt files")
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            yield {"text": f.read()}
+
+
+def dataset_rows(spec: str, *, subset: str | None = None, split: str = "test") -> Iterable[dict]:
+    """Rows of a dataset: a ``save_to_disk`` folder, a .jsonl/.json/.parquet file, or a hub name (streamed)."""
+    import datasets
+
+    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
+                                   for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(spec)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{spec} has splits {list(ds)}, not {split!r}: pass --split")
+            ds = ds[split]
+        return ds
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
+    if kind and os.path.isfile(spec):
+        return datasets.load_dataset(kind, data_files=spec, split="train")
+    if os.path.exists(spec):
+        return datasets.load_dataset(spec, subset, split=split)
+    return datasets.load_dataset(spec, subset, split=split, streaming=True)
+
+
+def collect_documents(rows: Iterable[dict], tokenizer, *, min_tokens: int, feature: str | None = None,
+                      samples: int | None = None) -> tuple[list[list[int]], int]:
+    """(documents, number skipped): token ids without a leading BOS of rows with at least ``min_tokens``,
+    the first ``samples`` of them. A row gives pre-tokenized ``input_ids`` or text in ``feature`` (default:
+    input_ids if present, else "text"). ValueError if no document is long enough."""
+    docs, skipped = [], 0
+    bos = tokenizer.bos_token_id
+    for row in rows:
+        column = feature or ("input_ids" if "input_ids" in row else "text")
+        if column not in row:
+            raise ValueError(f"the dataset has columns {sorted(row)}: name the text column with --feature")
+        value = row[column]
+        if isinstance(value, str):
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(x) for x in value]
+            if ids and bos is not None and ids[0] == bos:
+                ids = ids[1:]  # every window gets its own BOS
+        if len(ids) < min_tokens:
+            skipped += 1
+            continue
+        docs.append(ids)
+        if samples is not None and len(docs) >= samples:
+            break
+    if not docs:
+        raise ValueError(f"no document has the {min_tokens} tokens the largest length needs ({skipped} were "
+                         "shorter): use shorter lengths or longer documents")
+    return docs, skipped
