@@ -1,0 +1,148 @@
+"""Activation-checkpoint offload: with gradient checkpointing on, the tensors each checkpointed layer keeps for
+its recompute (its inputs: hidden [B, S_local, H] per layer) wait in pinned host memory from forward to backward.
+
+``OffloadedCheckpoint`` is a drop-in ``gradient_checkpointing_func``: ``torch.utils.checkpoint`` (non-reentrant)
+run under saved-tensor hooks, which see exactly what the checkpoint saves outside the layer, its inputs.
+Forward: each input is copied to pinned host memory on a side CUDA stream once the compute stream has made
+it, so the copy overlaps the next layers; the allocator keeps the device block until the copy is done, then
+the block is free. Backward: when a layer's recompute asks for its input, the compute stream waits for that
+input's host-to-device copy and the copy of the input saved just before it (the next layer that backward
+reaches) starts on the side stream, overlapping this layer's recompute and backward. Exact: values are
+copied, never converted.
+
+Parameters are never offloaded (DeepSpeed ZeRO-3 gathers them around module calls, inside the recompute).
+Other devices than CUDA GPUs copy synchronously; tensors on the CPU are copied on the CPU (no gain there; it
+keeps the code path testable without a GPU).
+Host memory: layers x B x S_local x H elements per GPU (at Llama-3-8B's 32 layers and H = 4096, 8 GiB per
+32K local tokens in bf16); PyTorch's pinned allocator rounds each block up to a power of two.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Tensor = torch.Tensor
+
+
+class _Offloaded:
+    """A saved tensor's host copy; ``on_device`` holds it back on its device once fetched (until unpacked)."""
+
+    __slots__ = ("host", "device", "ready", "on_device", "unpacked", "__weakref__")
+
+    def __init__(self, host: Tensor, device: torch.device, ready):
+        self.host, self.device, self.ready = host, device, ready
+        self.on_device: Tensor | None = None
+        self.unpacked = False
+
+
+class OffloadedCheckpoint:
+    """A gradient_checkpointing_func: non-reentrant ``torch.utils.checkpoint`` whose saved inputs wait in host memory.
+
+    ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (e.g. ``preserve_rng_state``);
+    ``use_reentrant`` must be False (or absent).
+    """
+
+    def __init__(self, **checkpoint_kwargs):
+        if checkpoint_kwargs.pop("use_reentrant", False):
+            raise ValueError("OffloadedCheckpoint runs non-reentrant checkpointing only (use_reentrant=False)")
+        self.checkpoint_kwargs = checkpoint_kwargs
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._order: list[weakref.ref] = []  # saved inputs in forward order (dead once backward freed them)
+
+    def __call__(self, function: Callable, *args, **kwargs) -> Any:
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("OffloadedCheckpoint runs non-reentrant checkpointing only (use_reentrant=False)")
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return checkpoint(function, *args, use_reentrant=False, **{**self.checkpoint_kwargs, **kwargs})
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _pack(self, t: Tensor):
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        ready = None
+        with torch.no_grad():
+            if t.is_cuda:
+                side = self._side_stream(t.device)
+                side.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(side):
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host.copy_(t, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
+                t.record_stream(side)  # t's block is not reused before the copy has read it
+            else:  # a plain synchronous copy (a CPU tensor is cloned)
+                host = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        saved = _Offloaded(host, t.device, ready)
+        self._order = [r for r in self._order if r() is not None]
+        self._order.append(weakref.ref(saved))
+        return saved
+
+    def _fetch(self, saved: _Offloaded) -> None:
+        """Start copying ``saved`` back to its device on the side stream (after its device-to-host copy)."""
+        if saved.on_device is not None:
+            return
+        if saved.ready is None:  # not CUDA: copy back synchronously (a CPU tensor: no copy)
+            saved.on_device = saved.host.to(saved.device)
+            return
+        side = self._side_stream(saved.device)
+        with torch.cuda.stream(side):
+            saved.on_device = saved.host.to(saved.device, non_blocking=True)
+            saved.ready = torch.cuda.Event()
+            saved.ready.record(side)
+
+    def _prefetch_before(self, saved: _Offloaded) -> None:
+        """Fetch the nearest input saved before ``saved`` that backward has not used yet."""
+        refs = [r() for r in self._order]
+        if saved not in refs:
+            return
+        for prev in reversed(refs[:refs.index(saved)]):
+            if prev is not None and not prev.unpacked:
+                self._fetch(prev)
+                return
+
+    def _unpack(self, saved) -> Tensor:
+        if not isinstance(saved, _Offloaded):
+            return saved
+        saved.unpacked = True
+        self._fetch(saved)
+        t, saved.on_device = saved.on_device, None
+        if saved.ready is not None:
+            compute = torch.cuda.current_stream(saved.device)
+            compute.wait_event(saved.ready)
+            t.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
+        self._prefetch_before(saved)
+        return t
+
+
+def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: int = 1,
+                                   **checkpoint_kwargs) -> OffloadedCheckpoint:
+    """Turn on a transformers model's gradient checkpointing with each checkpointed layer's saved inputs in
+    pinned host memory; returns the installed ``OffloadedCheckpoint``. Takes effect in ``model.train()`` mode.
+
+    Call it after anything else that enables checkpointing (a Trainer with ``gradient_checkpointing=True``
+    would install plain checkpointing again). ``every_n_layers`` > 1 needs a transformers that supports it.
+    """
+    func = OffloadedCheckpoint(**checkpoint_kwargs)
+    options = {"use_reentrant": False}
+    extra = {} if every_n_layers == 1 else {"every_n_layers": every_n_layers}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **extra)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
+    # Every transformers 5.x calls `module._gradient_checkpointing_func(...)` in each module that has the
+    # `gradient_checkpointing` flag; replace the function it just set, keeping the flags.
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    for m in layers:
+        m._gradient_checkpointing_func = func
+    if not any(m.gradient_checkpointing is True for m in layers):
+        raise ValueError(f"enable_offloaded_checkpointing: no module of {type(model).__name__} turned gradient "
+                         "checkpointing on, so nothing would be offloaded")
+    return func
