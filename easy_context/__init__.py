@@ -15,9 +15,11 @@ from .layouts import gather, local_ranges, position_ids, shard, unshard
 from .lora import apply_lora_plus, load_lora_model, save_lora_model
 from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .merge import merge_
+from .offload import OffloadedCheckpoint, enable_offloaded_checkpointing
 from .pose import pose_position_ids
 from .ring import ring_attention
 from .s2attn import apply_s2attn, register_s2attn, s2_attention
+from .tiled_mlp import apply_tiled_mlp
 from .ulysses import ulysses_attention
 from .usp import USPGroup, new_usp_group, usp_attention
 from .zigzag import zigzag_ring_attention
@@ -34,4 +36,5 @@ __all__ = [
     "apply_lora_plus", "save_lora_model", "load_lora_model",
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
+    "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing",
 ]
