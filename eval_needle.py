@@ -1,0 +1,116 @@
+"""Needle-in-a-haystack heatmap of a causal LM over context lengths x needle depths, sequence-parallel.
+
+Every launched process holds the whole model and a piece of each sequence (``--backend``, zigzag ring by
+default), so a 1M-token context fits across GPUs; one process and CPU work too.
+
+    # CPU: one process, or two gloo processes sharing each sequence
+    python eval_needle.py --model ./world --lengths 256 512 1024 --depth-step 25 --samples 2
+    torchrun --standalone --nproc_per_node 2 eval_needle.py --model ./world --lengths 256 512 1024
+    # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's 1M run on its own prompt
+    accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 eval_needle.py \\
+        --model PY007/EasyContext-1M-Llama-2-7B --min-length 50000 --max-length 1000000 \\
+        --length-step 50000 --samples 2 --haystack-dir PaulGrahamEssays --template easycontext
+
+A length counts every token of the scored sequence (BOS, prompt, needle, question and answer). Writes
+OUTPUT (JSON: settings and every scored sample; a rerun with the same OUTPUT and settings skips what is
+there, other settings are refused), OUTPUT with .csv, and the heatmap with .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from easy_context.backends import BACKENDS
+from easy_context.launch import init_distributed
+from easy_context.models import load_config, load_tokenizer
+from easy_context.needle import SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, haystack_tokens, score
+from easy_context.perplexity import check_lengths, eval_dtype, length_sweep, load_eval_model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub name or local path of a causal LM")
+    p.add_argument("--tokenizer", help="default: the model's")
+    p.add_argument("--haystack-dir", help="directory of .txt files (read in name order); default: generated "
+                                          "filler text shipped in easy_context.haystack (no download)")
+    p.add_argument("--template", choices=list(TEMPLATES), default="default",
+                   help="default: easy_context.haystack's needle/question/answer (what the embedded default model "
+                        "is trained on); easycontext: EasyContext's 'long story book' wrapper, answer = the digits")
+    p.add_argument("--key", default="Singapore", help="the needle's key: 'the special magic KEY number'")
+    p.add_argument("--digits", type=int, default=7, help="digits of the random number")
+    p.add_argument("--samples", type=int, default=5, help="random numbers per cell (the same in every cell)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the numbers")
+    p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens (or min/max/step)")
+    p.add_argument("--min-length", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--length-step", type=int, help="default: doubling from --min-length")
+    p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, 0-100")
+    p.add_argument("--depth-step", type=float, default=10.0, help="percent; depths 0, step, ..., 100")
+    p.add_argument("--scoring", choices=SCORINGS, default="forward",
+                   help="forward: one teacher-forced sequence-parallel pass, correct only if every answer token "
+                        "is the argmax (EasyContext); generate: greedy decoding of the full prompt on each "
+                        "process, no sequence parallelism, correct if the first number generated is the "
+                        "needle's (small lengths only)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
+    p.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
+    p.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
+    p.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
+    p.add_argument("--allow-extrapolation", action="store_true",
+                   help="allow lengths above the model's position limit (max_position_embeddings x RoPE scaling "
+                        "factor), e.g. for a 'before extension' heatmap beyond the training length")
+    p.add_argument("--output", help="results JSON (default results/needle/<model name>.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    launch = init_distributed()
+    name = os.path.basename(os.path.normpath(args.model))
+    output = args.output or os.path.join("results", "needle", f"{name}.json")
+    lengths = length_sweep(args.lengths, args.min_length, args.max_length, args.length_step)
+    depths = depth_sweep(args.depths, args.depth_step)
+    dtype = eval_dtype(args.dtype, launch.device)
+    check_lengths(lengths, load_config(args.model, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling),
+                  allow_extrapolation=args.allow_extrapolation, rope_theta=args.rope_theta)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    hay, haystack = haystack_tokens(tokenizer, max(lengths), args.haystack_dir)
+    task = NeedleTask(tokenizer, hay, template=args.template, key=args.key, digits=args.digits, seed=args.seed)
+    task.check(lengths, args.samples)
+    settings = dict(model=args.model, tokenizer=args.tokenizer or args.model, template=args.template, key=args.key,
+                    digits=args.digits, seed=args.seed, haystack=haystack, scoring=args.scoring,
+                    dtype=str(dtype).removeprefix("torch."), rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)
+    store = NeedleResults(output, settings)  # every rank reads it before the first collective
+    todo = [(n, d, s) for n in lengths for d in depths for s in range(args.samples) if not store.has(n, d, s)]
+    if launch.is_main:
+        print(f"{len(todo)} of {len(lengths) * len(depths) * args.samples} samples to score "
+              f"({launch.world} process(es), {args.scoring} scoring)", flush=True)
+    if todo:
+        from tqdm import tqdm
+
+        model = load_eval_model(args.model, launch.device, backend=args.backend if args.scoring == "forward" else None,
+                                dtype=dtype, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
+                                ulysses_degree=args.ulysses_degree)
+        for length, depth, sample in tqdm(todo, disable=not launch.is_main, desc="needle"):
+            record = score(model, task, length, depth, sample, args.scoring)
+            if launch.is_main:
+                store.add(record)
+    if launch.is_main:
+        from easy_context.plots import needle_heatmap
+
+        stem = os.path.splitext(output)[0]
+        csv_path = store.write_csv(stem + ".csv")
+        png = needle_heatmap(store.records, stem + ".png", f"{name}: accuracy {store.accuracy():.1%}")
+        print(f"accuracy {store.accuracy():.4f} over {len(store.records)} samples\n"
+              f"wrote {output}\n      {csv_path}\n      {png}")
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""Perplexity of one or more causal LMs at a sweep of context lengths, sequence-parallel.
+
+Every launched process holds the whole model and a piece of each sequence (``--backend``, zigzag ring by
+default); one process and CPU work too. Protocols (stated in the CSV header and the plot title):
+``truncate`` (default, YaRN's and EasyContext's): each document's first L tokens (BOS included), one pass;
+``sliding --stride S``: documents cut to the largest length, L-token windows every S tokens, each token
+scored once. Documents shorter than the largest length are skipped (the count is printed).
+
+    # CPU: one process, or two gloo processes sharing each sequence
+    python eval_ppl.py --model ./world --dataset ./docs --lengths 256 512 1024
+    torchrun --standalone --nproc_per_node 2 eval_ppl.py --model ./world --dataset ./docs --lengths 256 512 1024
+    # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's proof-pile run
+    accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 eval_ppl.py \\
+        --model PY007/EasyContext-1M-Llama-2-7B --dataset emozilla/proofpile-test-tokenized --samples 2 \\
+        --min-length 50000 --max-length 500000 --length-step 50000 --output results/ppl.csv
+
+Writes OUTPUT (CSV: a '# protocol ...' line, then model, protocol, stride, length, documents, tokens, nll,
+perplexity) and the plot with .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from easy_context.backends import BACKENDS
+from easy_context.launch import init_distributed
+from easy_context.models import load_config, load_tokenizer
+from easy_context.perplexity import (PROTOCOLS, check_lengths, check_protocol, collect_documents, dataset_rows,
+                                     describe_protocol, eval_dtype, evaluate_perplexity, length_sweep,
+                                     load_eval_model, text_dir_rows, write_perplexity_csv)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", action="append", required=True,
+                   help="hub name or local path; repeat for several models (one line each)")
+    p.add_argument("--tokenizer", help="default: each model's own")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-d", "--dataset", help="hub name, save_to_disk folder, .jsonl or .parquet file; rows with "
+                                             "pre-tokenized input_ids or a text column")
+    src.add_argument("--text-dir", help="directory of .txt files, one document each (name order)")
+    p.add_argument("--subset", help="dataset configuration name")
+    p.add_argument("--split", default="test")
+    p.add_argument("-f", "--feature", help="text column (default: input_ids if present, else text)")
+    p.add_argument("--samples", type=int, help="use the first N documents long enough for the largest length")
+    p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens (or min/max/step)")
+    p.add_argument("--min-length", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--length-step", type=int, help="default: doubling from --min-length")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="truncate")
+    p.add_argument("--stride", type=int, default=256, help="sliding protocol: tokens between window starts")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
+    p.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
+    p.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
+    p.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
+    p.add_argument("--allow-extrapolation", action="store_true",
+                   help="allow lengths above the model's position limit (max_position_embeddings x RoPE scaling "
+                        "factor), e.g. to show a model before extension")
+    p.add_argument("--output", default=os.path.join("results", "ppl.csv"), help="CSV path (plot: .png beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    launch = init_distributed()
+    lengths = length_sweep(args.lengths, args.min_length, args.max_length, args.length_step)
+    dtype = eval_dtype(args.dtype, launch.device)
+    stride = args.stride if args.protocol == "sliding" else None
+    log = print if launch.is_main else (lambda *a, **k: None)
+    rows, header = [], ""
+    for name in args.model:
+        check_lengths(lengths, load_config(name, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling),
+                      allow_extrapolation=args.allow_extrapolation, rope_theta=args.rope_theta)
+        tokenizer = load_tokenizer(args.tokenizer or name)
+        bos = tokenizer.bos_token_id
+        check_protocol(lengths, args.protocol, stride, bos=bos is not None)
+        source = text_dir_rows(args.text_dir) if args.text_dir else dataset_rows(args.dataset, subset=args.subset,
+                                                                                 split=args.split)
+        docs, skipped = collect_documents(source, tokenizer, min_tokens=max(lengths) - (bos is not None),
+                                          feature=args.feature, samples=args.samples)
+        log(f"{name}: {len(docs)} documents, {skipped} skipped as shorter than {max(lengths)} tokens", flush=True)
+        header = describe_protocol(args.protocol, stride, bos=bos is not None, source=args.dataset or args.text_dir)
+        model = load_eval_model(name, launch.device, backend=args.backend, dtype=dtype, rope_theta=args.rope_theta,
+                                rope_scaling=args.rope_scaling, ulysses_degree=args.ulysses_degree)
+        from tqdm import tqdm
+
+        with tqdm(total=len(lengths) * len(docs), disable=not launch.is_main, desc=os.path.basename(name)) as bar:
+            results = evaluate_perplexity(model, docs, lengths, protocol=args.protocol, stride=stride, bos_id=bos,
+                                          progress=bar.update)
+        del model
+        for r in results:
+            rows.append(dict(model=name, protocol=args.protocol, stride=stride or "", length=r.length,
+                             documents=r.documents, tokens=r.tokens, nll=r.nll, perplexity=r.perplexity))
+            log(f"{name}  L={r.length}  ppl={r.perplexity:.4f}  ({r.tokens} tokens)")
+    if launch.is_main:
+        from easy_context.plots import perplexity_plot
+
+        csv_path = write_perplexity_csv(args.output, rows, header)
+        png = perplexity_plot(rows, os.path.splitext(args.output)[0] + ".png", header)
+        print(f"{header}\nwrote {csv_path}\n      {png}")
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

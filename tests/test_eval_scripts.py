@@ -1,0 +1,105 @@
+"""eval_needle.py and eval_ppl.py run end to end as subprocesses on a tiny world (tiny.build_world) with 1
+process and with 2 (torchrun, gloo on CPU): they write their files, the PNGs open as images, the 2-process
+scores equal the 1-process ones, a rerun scores only the missing cells, and a bad length exits clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from easy_context.models import load_tokenizer
+    from easy_context.tiny import build_world, save_documents
+
+    d = tmp_path_factory.mktemp("eval")
+    build_world(str(d / "world"))
+    shutil.copytree(d / "world", d / "world_b")  # a second model: same tokenizer, other random weights
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d / "world")).save_pretrained(d / "world_b")
+    save_documents(str(d / "docs"), load_tokenizer(str(d / "world")), count=2, length=1024)
+    return d
+
+
+def _run(args: list[str], procs: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if ok:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _is_png(path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def _cells(path) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    return {(c["length"], c["depth"], c["sample"]): c for c in data["cells"]}
+
+
+def test_eval_needle_1_and_2_processes_and_resume(world):
+    one, two = world / "needle1" / "r.json", world / "needle2" / "r.json"
+    args = ["eval_needle.py", "--model", str(world / "world"), "--lengths", "256", "512",
+            "--depths", "0", "50", "100", "--samples", "2"]
+    out = _run([*args, "--output", str(one)])
+    assert "12 of 12 samples to score" in out.stdout and "accuracy" in out.stdout
+    full = _cells(one)
+    assert len(full) == 12 and all(c["number"].isdigit() and len(c["number"]) == 7 for c in full.values())
+    _is_png(world / "needle1" / "r.png")
+    with open(world / "needle1" / "r.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    # Resume: keep only the 256-token cells, then let 2 processes score the rest sequence-parallel.
+    with open(one) as f:
+        data = json.load(f)
+    data["cells"] = [c for c in data["cells"] if c["length"] == 256]
+    two.parent.mkdir()
+    two.write_text(json.dumps(data))
+    out = _run([*args, "--output", str(two)], procs=2)
+    assert "6 of 12 samples to score (2 process(es)" in out.stdout
+    assert _cells(two) == full  # the 512-token cells, scored on 2 processes, equal the 1-process ones
+    _is_png(world / "needle2" / "r.png")
+
+
+def test_eval_needle_refuses_lengths_above_the_position_limit(world):
+    out = _run(["eval_needle.py", "--model", str(world / "world"), "--lengths", "4096",
+                "--output", str(world / "bad" / "r.json")], ok=False)
+    assert out.returncode != 0 and "position limit of 2048" in out.stderr and "--allow-extrapolation" in out.stderr
+    assert not (world / "bad").exists()
+
+
+def test_eval_ppl_1_and_2_processes(world):
+    args = ["eval_ppl.py", "-m", str(world / "world"), "-m", str(world / "world_b"), "--dataset",
+            str(world / "docs"), "--lengths", "256", "512", "1024"]
+    rows = {}
+    for procs in (1, 2):
+        path = world / f"ppl{procs}" / "ppl.csv"
+        out = _run([*args, "--output", str(path)], procs=procs)
+        assert "2 documents, 0 skipped" in out.stdout
+        with open(path) as f:
+            assert f.readline().startswith("# protocol=truncate")
+            rows[procs] = list(csv.DictReader(f))
+        _is_png(path.with_suffix(".png"))
+    assert [(r["model"], r["length"]) for r in rows[1]] == [
+        (str(world / m), n) for m in ("world", "world_b") for n in ("256", "512", "1024")]
+    for a, b in zip(rows[1], rows[2]):
+        assert a["tokens"] == b["tokens"] and float(a["perplexity"]) == pytest.approx(float(b["perplexity"]), rel=1e-5)
