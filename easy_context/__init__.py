@@ -15,7 +15,9 @@ from .layouts import gather, local_ranges, position_ids, shard, unshard
 from .lora import apply_lora_plus, load_lora_model, save_lora_model
 from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .merge import merge_
+from .needle import NeedleResults, NeedleTask, answer_predictions, haystack_tokens
 from .offload import OffloadedCheckpoint, enable_offloaded_checkpointing
+from .perplexity import evaluate_perplexity, load_eval_model, sequence_nll
 from .pose import pose_position_ids
 from .ring import ring_attention
 from .s2attn import apply_s2attn, register_s2attn, s2_attention
@@ -37,4 +39,6 @@ __all__ = [
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
     "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing",
+    "NeedleTask", "NeedleResults", "answer_predictions", "haystack_tokens",
+    "evaluate_perplexity", "sequence_nll", "load_eval_model",
 ]
