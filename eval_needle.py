@@ -13,7 +13,8 @@ default), so a 1M-token context fits across GPUs; one process and CPU work too.
 
 A length counts every token of the scored sequence (BOS, prompt, needle, question and answer). Writes
 OUTPUT (JSON: settings and every scored sample; a rerun with the same OUTPUT and settings skips what is
-there, other settings are refused), OUTPUT with .csv, and the heatmap with .png.
+there, other settings are refused), OUTPUT with .csv, and the heatmap with .png (both show every sample
+in OUTPUT; the heatmap's title gives the model and the overall accuracy).
 """
 
 from __future__ import annotations

@@ -196,9 +196,9 @@ def answer_predictions(model, ids: list[int] | Tensor, answer_start: int, answer
     """Collective over the model's SP group: the argmax token at each of the ``answer_len`` positions that
     predict ids[answer_start:answer_start + answer_len] (teacher-forced), on every rank. One forward pass of
     the decoder body on this rank's shard; logits (float32) only at the local answer positions."""
-    if answer_start < 1 or answer_len < 1:
-        raise ValueError(f"the answer must follow at least one prompt token and be non-empty; got start "
-                         f"{answer_start}, length {answer_len}")
+    if answer_start < 1 or answer_len < 1 or answer_start + answer_len > len(ids):
+        raise ValueError(f"the answer must be non-empty, inside the sequence and after at least one prompt token; "
+                         f"got start {answer_start}, length {answer_len} in {len(ids)} tokens")
     inputs = sp_shard(model, torch.as_tensor(ids, dtype=torch.long))
     hidden = model.base_model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                               use_cache=False).last_hidden_state[0]

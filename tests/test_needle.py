@@ -1,7 +1,8 @@
 """Needle eval: the haystack is read in name order and tokenized once, the needle lands after a sentence
 end at the asked depth, the answer's positions come from the tokenizer, the scorer says yes to a model that
-knows the answer and no otherwise (teacher-forced and generated), sequence-parallel predictions equal
-single-process ones, bad input raises, and results resume but refuse other settings."""
+knows the answer and no otherwise (teacher-forced and generated), logits exist only at the answer
+positions, sequence-parallel predictions equal single-process ones, bad input raises, and results resume
+but refuse other settings."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from easy_context.needle import (TEMPLATES, NeedleResults, NeedleTask, answer_pr
                                  haystack_tokens, read_haystack_dir, score)
 from easy_context.perplexity import check_lengths
 from easy_context.tiny import build_tokenizer, tiny_config
+from memory import LargestAllocation
 from tiny_models import tiny_model
 
 BACKENDS_P2 = ("zigzag_ring", "ring", "ulysses", "dist_flash")
@@ -131,6 +133,15 @@ def test_scoring_says_yes_and_no(tok):
         assert task.number(yes) in right["predicted"] and right["number"] == task.number(yes)
     assert right["needle_at"] == p.needle_at
     assert not score(tiny_model("llama", 0, vocab_size=len(tok)), task, 300, 50, yes)["correct"]
+
+
+def test_scorer_computes_logits_only_at_answer_positions():
+    vocab, s = 4096, 512
+    model = apply_seq_parallel_monkey_patch("zigzag_ring", tiny_model("llama", 0, vocab_size=vocab))
+    ids = torch.randint(vocab, (s,))
+    with LargestAllocation() as rec:
+        answer_predictions(model, ids, s - 10, 10)
+    assert rec.numel < s * vocab // 4, f"{rec.op} allocated {rec.numel} elements"
 
 
 def _sp_worker(rank, world, seed):
