@@ -9,7 +9,6 @@ Processes are split into sequence-parallel groups of --sp-size ranks (default: a
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -20,7 +19,7 @@ from datetime import timedelta
 from tqdm import tqdm
 
 import easy_context as ec
-from easy_context import checkpoint as ckpt, data, launch, models, schedule, tiny
+from easy_context import checkpoint as ckpt, data, launch, models, recipe, schedule, tiny
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
@@ -29,7 +28,8 @@ p.add_argument("--dataset", default="tiny", help="hub name, save_to_disk folder,
 p.add_argument("--text-column", default="text")
 p.add_argument("--dataset-split", default="train")
 p.add_argument("--seq-length", type=int, default=1024)
-p.add_argument("--backend", default="zigzag_ring", choices=[*ec.BACKENDS, "data_parallel"])
+p.add_argument("--backend", default="zigzag_ring", choices=[*ec.BACKENDS, "data_parallel", "s2attn"],
+               help="s2attn: LongLoRA's shifted sparse attention (training only; contiguous shards)")
 p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: all)")
 p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses part of --sp-size (rest: ring)")
 p.add_argument("--kernel", default=None, help="attention kernel (default: fastest available)")
@@ -52,18 +52,28 @@ p.add_argument("--resume", action="store_true", help="continue from the newest c
 p.add_argument("--wandb", default=None, help="wandb project (optional)")
 p.add_argument("--no-gradient-checkpointing", action="store_true")
 p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
+p.add_argument("--tiled-mlp", type=int, default=0, help="run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
+p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs wait in host memory")
+p.add_argument("--lora-rank", type=int, default=0, help="LoRA+ (LongLoRA): LoRA on attention + trainable "
+               "embeddings and norms (0: full fine-tuning)")
+p.add_argument("--lora-alpha", type=float, default=16.0)
+p.add_argument("--lora-keep-adapter", action="store_true", help="save the adapter instead of merging it")
+p.add_argument("--pose-target", type=int, default=None, help="PoSE: spread positions over this longer window")
+p.add_argument("--no-save", action="store_true", help="skip the final model (benchmarks)")
 args = p.parse_args()
 
 # --- process groups and cheap checks: all before any model weights are loaded -------------------------
 # gloo on CPU: without it accelerate on a CPU machine believes every process is rank 0 of 1 (and skips DDP).
+cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo", "cpu": not use_ds}))
+state = PartialState(**({"backend": "gloo", "cpu": not use_ds} if cpu_group else {}))
 world, sp_backend = state.num_processes, args.backend != "data_parallel"
+layout_backend = "ring" if args.backend == "s2attn" else args.backend  # S²-Attn shards contiguously
 sp_size = (args.sp_size or world) if sp_backend else 1
 groups = ec.init_groups(sp_size)
-attn_group = ec.attention_group(args.backend, groups, ulysses_degree=args.ulysses_degree) if sp_backend else None
+attn_group = ec.attention_group(layout_backend, groups, ulysses_degree=args.ulysses_degree) if sp_backend else None
 if sp_backend:
-    ec.layouts.check_length(args.seq_length, ec.groups.group_layout(ec.get_backend(args.backend).layout, attn_group), sp_size)
+    ec.layouts.check_length(args.seq_length, ec.groups.group_layout(ec.get_backend(layout_backend).layout, attn_group), sp_size)
 out_dir = args.output_dir
 resume_from = ckpt.latest_checkpoint(out_dir) if args.resume else None
 if not args.resume and (ckpt.complete_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "model"))):
@@ -77,7 +87,7 @@ set_seed(args.seed)
 config = models.load_config(args.model, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
                             max_position_embeddings=args.seq_length)
 if sp_backend:
-    ec.check_model_fits_backend(args.backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
+    ec.check_model_fits_backend(layout_backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
 tokenizer = None if models.is_shape(args.model) else models.load_tokenizer(args.model)
 if args.dataset == "random" or tokenizer is None:  # benchmarks: uniform random tokens, no tokenizer needed
     dataset = data.RandomTokens(config.vocab_size, args.seq_length, seed=args.seed)
@@ -87,7 +97,7 @@ else:
 sampler = data.ShardedSampler(len(dataset), groups.dp_rank, groups.dp_size, seed=args.seed)
 
 if sp_backend:  # a 2-layer random copy proves the attention plumbing exact before the real weights load
-    ec.self_check_config(config, args.backend, group=attn_group, kernel=args.kernel, device=state.device)
+    ec.self_check_config(config, layout_backend, group=attn_group, kernel=args.kernel, device=state.device)
 
 # --- model: RoPE settings, sequence-parallel attention, the loss inside the module DeepSpeed wraps ----------
 accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
@@ -96,20 +106,26 @@ accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, step_sche
 ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
 # DeepSpeed (bf16 on GPU) keeps its own fp32 master weights; without it, fp32 weights under autocast.
 dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
+if args.tiled_mlp and ds is None and world > 1:
+    raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
 model = models.load_model(args.model, config=config, dtype=dtype)
-if not args.no_gradient_checkpointing:
+if args.offload_activations:
+    ec.enable_offloaded_checkpointing(model)
+elif not args.no_gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-if sp_backend:
-    ec.apply_seq_parallel_monkey_patch(args.backend, model, group=attn_group, kernel=args.kernel)
+if args.tiled_mlp:
+    ec.apply_tiled_mlp(model, args.tiled_mlp)
+if args.lora_rank:
+    ec.apply_lora_plus(model, r=args.lora_rank, alpha=args.lora_alpha)
+if args.backend == "s2attn":
+    ec.apply_s2attn(model, group=groups.sp_group, kernel=args.kernel)
+elif sp_backend or args.pose_target:  # PoSE's position jumps need our attention (sdpa reads them as documents)
+    ec.apply_seq_parallel_monkey_patch(layout_backend if sp_backend else "ring", model,
+                                       group=attn_group if sp_backend else groups.sp_group, kernel=args.kernel)
 wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=args.loss_chunk)
-offload = False
 if ds is not None:
     ds.deepspeed_config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_clipping=args.max_grad_norm)
-    offload = ds.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-opt_cls = torch.optim.AdamW
-if offload:
-    from deepspeed.ops.adam import DeepSpeedCPUAdam as opt_cls
-optimizer = opt_cls(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+optimizer = recipe.build_optimizer(model, ds, lr=args.lr, weight_decay=args.weight_decay)
 wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
 step, tokens_seen, epoch, row = 0, 0, 0, 0
@@ -118,28 +134,23 @@ if resume_from:
     step, tokens_seen, epoch, row = state["step"], state["tokens"], state["epoch"], state["row"]
 sampler.set_position(epoch, row)
 log_path = os.path.join(out_dir, "log.jsonl")
+run_log = recipe.RunLog(log_path, main=accelerator.is_main_process, resume_step=step, wandb_project=args.wandb,
+                        run_name=os.path.basename(os.path.abspath(out_dir)), config=vars(args))
 if accelerator.is_main_process:
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt.trim_log(log_path, step)  # drop what a killed run logged after the checkpoint we resume from
     print(f"world {world} = {groups.dp_size} data-parallel x {sp_size} sequence-parallel ({args.backend}); "
           f"{ec.hf.num_parameters(model) / 1e6:.1f}M parameters; resume from {resume_from}")
-if args.wandb and accelerator.is_main_process:
-    import wandb
-    wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(out_dir)), config=vars(args), resume="allow")
 
 # --- training loop -------------------------------------------------------------------------------------
 wrapped.train()
 tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
 bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-t0, micro = time.perf_counter(), 0
+t0, micro = time.perf_counter(), step * args.grad_accum
 for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_length):
     if step >= args.max_steps:
         break
-    ids = ids.to(accelerator.device)
-    if sp_backend:
-        b = ec.prepare_seq_parallel_inputs(args.backend, ids, ids, group=attn_group)
-    else:
-        b = ec.SeqParallelInputs(ids, torch.arange(ids.shape[1], device=ids.device)[None], ec.shift_labels(ids))
+    pose_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
+    b = recipe.step_inputs(layout_backend if sp_backend else "data_parallel", ids.to(accelerator.device), attn_group,
+                           pose_target=args.pose_target, generator=pose_gen)
     lr = schedule.learning_rate(step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
     schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
@@ -162,11 +173,8 @@ for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_
     record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen, "step_s": dt,
               "tokens_per_s": tokens_per_step / dt, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
               if torch.cuda.is_available() else 0.0, "host_rss_gib": launch.host_rss_gib()}
+    run_log.write(record)
     if accelerator.is_main_process:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.wandb:
-            wandb.log(record, step=step)
         bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.max_steps:
@@ -174,7 +182,8 @@ for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_
                              keep=args.keep_checkpoints)
         t0 = time.perf_counter()
 bar.close()
-final = ckpt.save_model(accelerator, wrapped, tokenizer, out_dir)
+final = None if args.no_save else ckpt.save_model(accelerator, wrapped, tokenizer, out_dir,
+                                                  merge_lora=not args.lora_keep_adapter)
 if accelerator.is_main_process:
     print(f"done: {step} steps; model -> {final}; log -> {log_path}")
 accelerator.end_training()

@@ -88,18 +88,24 @@ def load_checkpoint(accelerator, path: str) -> dict:
     return state
 
 
-def save_model(accelerator, model, tokenizer, output_dir: str, prefix: str = "model.") -> str:
+def save_model(accelerator, model, tokenizer, output_dir: str, prefix: str = "model.", merge_lora: bool = True) -> str:
     """Collective: write the consolidated Hugging Face model (ZeRO-3 shards gathered; ``prefix`` stripped from
-    the wrapper's state-dict keys) and tokenizer to ``output_dir/model`` via a temporary directory."""
+    the wrapper's state-dict keys; a LoRA+ model merged, or its adapter kept with ``merge_lora=False``) and
+    tokenizer to ``output_dir/model`` via a temporary directory."""
     state_dict = accelerator.get_state_dict(model)  # every rank must call it under ZeRO-3
     final = os.path.join(output_dir, "model")
     if accelerator.is_main_process:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
         hf_model = accelerator.unwrap_model(model)
         hf_model = getattr(hf_model, "model", hf_model)
-        hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if any(".lora_" in k for k in state_dict):
+            from .lora import save_lora_model
+
+            save_lora_model(hf_model, tmp, merge=merge_lora, state_dict=state_dict)
+        else:
+            state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+            hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.exists(final):

@@ -14,6 +14,8 @@ module attributes (LoRA scaling, names) are read from the model then, never its 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import copy
 import os
 
@@ -129,6 +131,20 @@ def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
+@contextmanager
+def _without_zero3_init():
+    # Under an accelerate DeepSpeed ZeRO-3 config transformers builds every new model with zero.Init, a
+    # collective; this runs on one process only, so it must build the shell plainly.
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def save_lora_model(model, output_dir: str, *, merge: bool = True, state_dict: dict[str, Tensor] | None = None,
                     adapter_name: str = "default") -> None:
     """Write ``model`` (adapted by ``apply_lora_plus``; pass the ZeRO-3-gathered ``state_dict`` if partitioned).
@@ -147,7 +163,7 @@ def save_lora_model(model, output_dir: str, *, merge: bool = True, state_dict: d
         plain = _strip(merged_state_dict(model, sd, adapter_name), prefix)
         config = copy.deepcopy(base.config)
         config.dtype = next(v.dtype for k, v in plain.items() if k.endswith(".weight") and v.is_floating_point())
-        with torch.device("meta"):  # only its structure and conventions (tied weights, sharding) are used
+        with torch.device("meta"), _without_zero3_init():  # only its structure and conventions are used
             shell = transformers.AutoModelForCausalLM.from_config(config)
         shell.save_pretrained(output_dir, state_dict=plain)
         return

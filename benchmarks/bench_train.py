@@ -1,0 +1,121 @@
+"""Training throughput and MFU of the full recipe (train.py under accelerate + DeepSpeed), one config per launch.
+
+  python benchmarks/bench_train.py --gpus 2 --model shape:llama2-7b --seqlens 65536,131072 \
+      --backends zigzag_ring,ulysses,usp --configs zero3_offload,zero3 --steps 4 --warmup 2
+
+Each config runs train.py on random tokens for ``--steps`` optimizer steps; the first ``--warmup`` are
+dropped. MFU = (6 N + 6 L d S) x tokens/s / (GPUs x peak), N parameters, L layers, d hidden size, S
+sequence length, peak 989 TFLOP/s (dense bf16, H100/H200 SXM). The measured bf16 matmul ceiling of the
+same GPU is printed next to it. Results: a table on stdout and ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+PEAK = 989e12
+
+
+def matmul_ceiling(n: int = 8192, iters: int = 20) -> float:
+    """Measured dense bf16 matmul FLOP/s on this GPU (n x n x n)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t)
+
+
+def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
+    """(6 N + 6 L d S, N) for a model name or named shape."""
+    from easy_context import models
+
+    cfg = models.load_config(model)
+    n = (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+         + cfg.num_hidden_layers * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads
+                                                                      + 2 * cfg.num_key_value_heads)
+                                    + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
+         + cfg.hidden_size)
+    return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq, n
+
+
+def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
+        timeout: float) -> dict:
+    """One train.py launch; returns its per-step log records (empty on failure) and the tail of its output."""
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", config + ".yaml"), "--num_processes", str(gpus),
+           os.path.join(REPO, "train.py"), "--model", model, "--dataset", "random", "--seq-length", str(seq),
+           "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
+    try:
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        tail, ok = (res.stdout + res.stderr)[-2500:], res.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        tail, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
+    path = os.path.join(out, "log.jsonl")
+    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--model", default="shape:llama2-7b")
+    p.add_argument("--seqlens", default="65536,131072")
+    p.add_argument("--backends", default="zigzag_ring,ulysses,usp")
+    p.add_argument("--configs", default="zero3_offload,zero3")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=540)
+    p.add_argument("--extra", default="", help="more train.py flags, e.g. '--tiled-mlp'")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    ceiling = matmul_ceiling()
+    print(f"bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s ({ceiling / PEAK:.1%} of {PEAK / 1e12:.0f})", flush=True)
+    rows = []
+    for config in args.configs.split(","):
+        for seq in map(int, args.seqlens.split(",")):
+            for backend in args.backends.split(","):
+                r = run(args.gpus, config, args.model, seq, backend, args.steps, args.extra.split(), args.timeout)
+                timed = r["records"][args.warmup:]
+                flops, n = model_flops_per_token(args.model, seq)
+                row = {"config": config, "seq": seq, "backend": backend, "ok": r["ok"], "cmd": r["cmd"],
+                       "params": n, "steps_timed": len(timed)}
+                if timed:
+                    tps = sum(x["tokens_per_s"] for x in timed) / len(timed)
+                    row.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / args.gpus,
+                               mfu=flops * tps / (args.gpus * PEAK), step_s=sum(x["step_s"] for x in timed) / len(timed),
+                               peak_gpu_gib=max(x["peak_gpu_gib"] for x in timed),
+                               host_rss_gib=max(x["host_rss_gib"] for x in timed))
+                else:
+                    row["error"] = r["tail"]
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("cmd",)}), flush=True)
+    print(f"\n| config | S | backend | tok/s/GPU | MFU | step s | peak GPU GiB | host RSS GiB/rank |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "mfu" in r:
+            print(f"| {r['config']} | {r['seq']} | {r['backend']} | {r['tokens_per_s_per_gpu']:.0f} | {r['mfu']:.1%} | "
+                  f"{r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+        else:
+            print(f"| {r['config']} | {r['seq']} | {r['backend']} | failed | | | | |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceiling_flops": ceiling, "peak": PEAK, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# A small recipe for 2 GPUs: extend a 7B model from its native 4K to 64K in two zigzag-ring stages.
+#   MODEL=meta-llama/Llama-2-7b-hf DATA=<pre-tokenized or text dataset, rows >= 64K tokens> bash scripts/train_2gpu_64k.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
+DATA=${DATA:-PY007/slimpajama_llama_tokenized_upsample_4096_chunk_256K}
+OUT=${OUT:-output/2gpu_64k}
+STEPS=${STEPS:-200}
+run() {  # name, init, seq, theta
+  [ -d "$OUT/$1/model" ] && { echo "stage $1 done"; return; }
+  accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 2 train.py \
+    --model "$2" --dataset "$DATA" --seq-length "$3" --rope-theta "$4" --backend zigzag_ring \
+    --grad-accum 8 --lr 2e-5 --max-steps "$STEPS" --checkpoint-every 50 --resume --output-dir "$OUT/$1"
+}
+run 1_32k "$MODEL" 32768 1e6
+run 2_64k "$OUT/1_32k/model" 65536 5e6
+echo "final model: $OUT/2_64k/model"
