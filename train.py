@@ -53,7 +53,8 @@ p.add_argument("--wandb", default=None, help="wandb project (optional)")
 p.add_argument("--no-gradient-checkpointing", action="store_true")
 p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
 p.add_argument("--tiled-mlp", type=int, default=0, help="run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
-p.add_argument("--offload-activations", action="store_true", help="checkpointed layer inputs wait in host memory")
+p.add_argument("--offload-activations", type=int, nargs="?", const=-1, default=0, metavar="N",
+               help="checkpointed inputs of the first N layers (no N: all) wait in pinned host memory")
 p.add_argument("--lora-rank", type=int, default=0, help="LoRA+ (LongLoRA): LoRA on attention + trainable "
                "embeddings and norms (0: full fine-tuning)")
 p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -110,7 +111,7 @@ if args.tiled_mlp and ds is None and world > 1:
     raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
 model = models.load_model(args.model, config=config, dtype=dtype)
 if args.offload_activations:
-    ec.enable_offloaded_checkpointing(model)
+    ec.enable_offloaded_checkpointing(model, layers=None if args.offload_activations < 0 else args.offload_activations)
 elif not args.no_gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if args.tiled_mlp:

@@ -83,11 +83,17 @@ def is_shape(name: str) -> bool:
 
 
 def shape_config(name: str, **overrides):
-    """A LlamaConfig of a named shape ("shape:llama2-7b", "shape:llama3-8b"; ``num_hidden_layers`` etc.
-    overridable) for random-init benchmarks."""
+    """A LlamaConfig of a named shape ("shape:llama2-7b", "shape:llama3-8b"; fields overridable as keyword
+    arguments or in the name: "shape:llama3-8b,num_hidden_layers=2") for random-init benchmarks."""
     from transformers import LlamaConfig
 
     key = name[len(SHAPE_PREFIX):] if is_shape(name) else name
+    key, *fields = key.split(",")
+    for field in fields:
+        k, sep, v = field.partition("=")
+        if not sep:
+            raise ValueError(f"model shape field {field!r} is not key=value (e.g. num_hidden_layers=2)")
+        overrides.setdefault(k, json.loads(v))
     if key not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}: use one of {', '.join(SHAPE_PREFIX + s for s in SHAPES)}")
     return LlamaConfig(**{**SHAPES[key], **overrides})

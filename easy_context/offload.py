@@ -122,13 +122,16 @@ class OffloadedCheckpoint:
         return t
 
 
-def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: int = 1,
+def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: int = 1, layers: int | None = None,
                                    **checkpoint_kwargs) -> OffloadedCheckpoint:
     """Turn on a transformers model's gradient checkpointing with each checkpointed layer's saved inputs in
     pinned host memory; returns the installed ``OffloadedCheckpoint``. Takes effect in ``model.train()`` mode.
 
     Call it after anything else that enables checkpointing (a Trainer with ``gradient_checkpointing=True``
     would install plain checkpointing again). ``every_n_layers`` > 1 needs a transformers that supports it.
+    ``layers``: offload only the first N checkpointed layers (their inputs wait longest and are needed last,
+    so their copies back have the most time to overlap); the rest keep plain checkpointing on the device.
+    Use it when host memory cannot hold every layer's input. None: all.
     """
     func = OffloadedCheckpoint(**checkpoint_kwargs)
     options = {"use_reentrant": False}
@@ -139,10 +142,13 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: in
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
     # Every transformers 5.x calls `module._gradient_checkpointing_func(...)` in each module that has the
     # `gradient_checkpointing` flag; replace the function it just set, keeping the flags.
-    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-    for m in layers:
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    # The checkpointed layers themselves, in forward order (not a model that carries the flag around them).
+    offloaded = [m for m in flagged if m.gradient_checkpointing is True
+                 and not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
+    for m in offloaded[:layers] if layers is not None else flagged:
         m._gradient_checkpointing_func = func
-    if not any(m.gradient_checkpointing is True for m in layers):
+    if not any(m.gradient_checkpointing is True for m in flagged):
         raise ValueError(f"enable_offloaded_checkpointing: no module of {type(model).__name__} turned gradient "
                          "checkpointing on, so nothing would be offloaded")
     return func

@@ -213,3 +213,24 @@ def test_offload_under_deepspeed_zero3(seed):
     # hooks, and the saved-tensor hooks must leave them alone.
     pytest.importorskip("deepspeed")
     run_distributed(_zero3_worker, 2, seed)
+
+
+@pytest.mark.parametrize("offloaded_layers", [0, 2, 4])
+def test_only_the_first_n_layers_are_offloaded(offloaded_layers, seed):
+    layers = 4
+    model = tiny_model("llama", seed, num_hidden_layers=layers)
+    enable_offloaded_checkpointing(model, layers=offloaded_layers)
+    model.train()
+    refs = _layer_inputs(model)
+    ids, labels = batch(seed, 2, SEQ)
+    loss = model(input_ids=ids, labels=labels).loss
+    # The first N layers' inputs wait on the host; the others stay on the device for their recompute.
+    assert [r() is not None for r in refs] == [i >= offloaded_layers for i in range(layers)]
+    got = (loss.detach(), _grads_after(loss, model))
+    ref_model = _checkpointed("llama", seed, False, num_hidden_layers=layers)
+    _assert_equal(got, _loss_and_grads(ref_model, ids, labels), f"layers={offloaded_layers}")
+
+
+def _grads_after(loss, model):
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
