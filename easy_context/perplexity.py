@@ -120,18 +120,17 @@ def sp_shard(model, input_ids: Tensor, labels: Tensor | None = None, pad_id: int
     the layout needs. Padding is causal-safe: no real position attends to it, and its labels are ignored."""
     device = next(model.parameters()).device
     reg = registered_backend(model)
-    backend, group, rank, world = "ring", None, 0, 1  # unpatched: one contiguous piece
-    if reg is not None:
-        backend, group = reg.backend.name, reg.group
-        rank, world = group_rank_size(group)
-    multiple = num_chunks(group_layout(reg.backend.layout, group) if reg else "contiguous", world)
-    pad = -input_ids.numel() % multiple
-    ids = torch.cat([input_ids.long(), input_ids.new_full((pad,), pad_id).long()])
+    if reg is None:  # unpatched: one contiguous piece
+        layout, world = "contiguous", 1
+    else:
+        layout, world = group_layout(reg.backend.layout, reg.group), group_rank_size(reg.group)[1]
+    pad = -input_ids.numel() % num_chunks(layout, world)
+    ids = torch.cat([input_ids.long(), input_ids.new_full((pad,), pad_id).long()])[None].to(device)
     if labels is not None:
         labels = torch.cat([labels.long(), labels.new_full((pad,), -100).long()])[None].to(device)
     if reg is None:
-        return prepare_seq_parallel_inputs(backend, ids[None].to(device), labels, rank=0, world=1)
-    return prepare_seq_parallel_inputs(backend, ids[None].to(device), labels, group=group)
+        return prepare_seq_parallel_inputs("ring", ids, labels, rank=0, world=1)
+    return prepare_seq_parallel_inputs(reg.backend.name, ids, labels, group=reg.group)
 
 
 # ---- perplexity ---------------------------------------------------------------------------------------------
