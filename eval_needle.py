@@ -23,7 +23,7 @@ import argparse
 import os
 
 from easy_context.backends import BACKENDS
-from easy_context.launch import init_distributed
+from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
 from easy_context.needle import SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, haystack_tokens, score
 from easy_context.perplexity import check_lengths, eval_dtype, length_sweep, load_eval_model
@@ -108,15 +108,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    import torch.distributed as dist
-
     main()
-    if dist.is_initialized():
-        # Gloo can abort in C++ destructors at interpreter exit ("terminate called without an active
-        # exception") after all work is done: close the group, then leave without running them.
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    finish()

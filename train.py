@@ -61,6 +61,8 @@ p.add_argument("--lora-alpha", type=float, default=16.0)
 p.add_argument("--lora-keep-adapter", action="store_true", help="save the adapter instead of merging it")
 p.add_argument("--pose-target", type=int, default=None, help="PoSE: spread positions over this longer window")
 p.add_argument("--no-save", action="store_true", help="skip the final model (benchmarks)")
+p.add_argument("--data-workers", type=int, default=2 if torch.cuda.is_available() else 0,
+               help="DataLoader worker processes (generated data is made on the fly)")
 args = p.parse_args()
 
 # --- process groups and cheap checks: all before any model weights are loaded -------------------------
@@ -146,7 +148,7 @@ wrapped.train()
 tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
 bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
 t0, micro = time.perf_counter(), step * args.grad_accum
-for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_length):
+for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
     if step >= args.max_steps:
         break
     pose_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
@@ -188,3 +190,4 @@ final = None if args.no_save else ckpt.save_model(accelerator, wrapped, tokenize
 if accelerator.is_main_process:
     print(f"done: {step} steps; model -> {final}; log -> {log_path}")
 accelerator.end_training()
+launch.finish()

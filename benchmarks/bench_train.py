@@ -61,7 +61,9 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
            os.path.join(REPO, "train.py"), "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         tail, ok = (res.stdout + res.stderr)[-2500:], res.returncode == 0
     except subprocess.TimeoutExpired as e:
         tail, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False

@@ -145,3 +145,14 @@ def _move_into(src: str, dst: str) -> None:
     for name in os.listdir(src):
         os.replace(os.path.join(src, name), os.path.join(dst, name))
     os.rmdir(src)
+
+
+def save_text_documents(path: str, tokenizer, count: int, length: int, seed: int = 12345) -> str:
+    """Write ``count`` held-out retrieval documents of about ``length`` tokens as .txt files (no ``datasets``
+    needed) for ``eval_ppl.py --text-dir``; returns ``path``."""
+    os.makedirs(path, exist_ok=True)
+    for i in range(count):
+        ids = retrieval_ids(tokenizer, length, seed=seed * 7919 + i)
+        with open(os.path.join(path, f"doc_{i:03d}.txt"), "w") as f:
+            f.write(tokenizer.decode(ids[1:]))
+    return path

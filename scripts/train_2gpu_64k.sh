@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# torchrun would set 1 thread per process: DeepSpeed's CPU Adam (ZeRO-Offload) needs the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${GPUS:-${NPROC:-2}} > 0 ? $(nproc) / ${GPUS:-${NPROC:-2}} : 1 ))}
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 DATA=${DATA:-PY007/slimpajama_llama_tokenized_upsample_4096_chunk_256K}
 OUT=${OUT:-output/2gpu_64k}

@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# torchrun would set 1 thread per process: DeepSpeed's CPU Adam (ZeRO-Offload) needs the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${GPUS:-8} > 0 ? $(nproc) / ${GPUS:-8} : 1 ))}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 DATA_64K=${DATA_64K:-yaofu/slimpajama-per-source-length-upsample}

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from easy_context.launch import finish
+
 
 def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(1)
@@ -17,10 +19,8 @@ def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float,
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    finish()  # success: close the group and leave before gloo's destructors can abort the process
 
 
 def run_distributed(fn, world: int, *args, backend: str = "gloo", timeout_s: float = 120) -> None:
