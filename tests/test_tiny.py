@@ -1,0 +1,39 @@
+"""tiny.py: the embedded default is deterministic and its data really asks for what it hid earlier."""
+
+import re
+
+import pytest
+import torch
+
+from easy_context import tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+def test_tokenizer_is_deterministic_and_splits_digits(tokenizer):
+    again = tiny.build_tokenizer()
+    assert tokenizer.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
+    ids = tokenizer(" 1234567.", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids][1:8] == list("1234567")
+
+
+@pytest.mark.parametrize("length", [256, 1000, 4096])
+def test_documents_have_exact_length_and_end_with_an_answer_given_earlier(tokenizer, length):
+    ids = tiny.retrieval_ids(tokenizer, length, seed=length)
+    assert len(ids) == length and ids[0] == tokenizer.bos_token_id
+    assert ids == tiny.retrieval_ids(tokenizer, length, seed=length)
+    text = tokenizer.decode(ids[1:])
+    key, number = re.search(r"What is the special magic (\w+) number\? Answer: The special magic \1 number is: "
+                            r"(\d+)\.$", text).groups()
+    assert f"The special magic {key} number is: {number}.\n" in text[: text.rindex("Question")]
+
+
+def test_dataset_rows_are_generated_by_index(tokenizer):
+    ds = tiny.RetrievalDataset(tokenizer, 512, size=10, seed=3)
+    assert torch.equal(ds[4]["input_ids"], tiny.RetrievalDataset(tokenizer, 512, size=10, seed=3)[4]["input_ids"])
+    assert not torch.equal(ds[4]["input_ids"], ds[5]["input_ids"])
+    with pytest.raises(IndexError):
+        ds[10]
