@@ -20,31 +20,32 @@ IDS = "input_ids"
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _load_raw(source: str, split: str):
+def load_raw(source: str, split: str = "train", *, subset: str | None = None, streaming: bool = False):
+    """The rows of a ``save_to_disk`` folder, a .jsonl/.json/.parquet/.csv file or folder of them (their one
+    split), or a hub dataset (``split`` of ``subset``; ``streaming`` reads it lazily)."""
     import datasets
 
     if os.path.isdir(source) and any(os.path.exists(os.path.join(source, f))
                                      for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(source)
-    elif os.path.isfile(source):
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset {source!r} has splits {list(ds)}, not {split!r}: choose one of them")
+            ds = ds[split]
+        return ds
+    if os.path.isfile(source):
         kind = _FILE_TYPES.get(os.path.splitext(source)[1])
         if kind is None:
             raise ValueError(f"dataset file {source!r}: use one of {', '.join(_FILE_TYPES)} or a save_to_disk folder")
-        ds = datasets.load_dataset(kind, data_files=source)
-    elif os.path.isdir(source):
+        return datasets.load_dataset(kind, data_files=source, split="train")
+    if os.path.isdir(source):
         files = sorted(f for f in os.listdir(source) if os.path.splitext(f)[1] in _FILE_TYPES)
         if not files:
             raise ValueError(f"dataset folder {source!r} is neither a save_to_disk folder nor holds "
                              f"{'/'.join(_FILE_TYPES)} files")
         kind = _FILE_TYPES[os.path.splitext(files[0])[1]]
-        ds = datasets.load_dataset(kind, data_files=[os.path.join(source, f) for f in files])
-    else:
-        ds = datasets.load_dataset(source)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"dataset {source!r} has splits {list(ds)}, not {split!r}: pass --dataset-split")
-        ds = ds[split]
-    return ds
+        return datasets.load_dataset(kind, data_files=[os.path.join(source, f) for f in files], split="train")
+    return datasets.load_dataset(source, subset, split=split, streaming=streaming)
 
 
 def _pack(ds, tokenizer, seq_len: int, column: str, num_proc: int | None):
@@ -70,7 +71,7 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
         from .tiny import RetrievalDataset
 
         return RetrievalDataset(tokenizer, seq_len, seed=seed)
-    ds = _load_raw(source, split)
+    ds = load_raw(source, split)
     if IDS not in ds.column_names:
         if text_column not in ds.column_names:
             raise ValueError(f"dataset {source!r} has columns {ds.column_names}: it needs a pre-tokenized "

@@ -275,22 +275,9 @@ def text_dir_rows(path: str) -> Iterator[dict]:
 
 def dataset_rows(spec: str, *, subset: str | None = None, split: str = "test") -> Iterable[dict]:
     """Rows of a dataset: a ``save_to_disk`` folder, a .jsonl/.json/.parquet file, or a hub name (streamed)."""
-    import datasets
+    from .data import load_raw
 
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
-                                   for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(spec)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{spec} has splits {list(ds)}, not {split!r}: pass --split")
-            ds = ds[split]
-        return ds
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(spec)[1])
-    if kind and os.path.isfile(spec):
-        return datasets.load_dataset(kind, data_files=spec, split="train")
-    if os.path.exists(spec):
-        return datasets.load_dataset(spec, subset, split=split)
-    return datasets.load_dataset(spec, subset, split=split, streaming=True)
+    return load_raw(spec, split, subset=subset, streaming=not os.path.exists(spec))
 
 
 def collect_documents(rows: Iterable[dict], tokenizer, *, min_tokens: int, feature: str | None = None,
