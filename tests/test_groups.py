@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distributed import run_distributed
 from easy_context import zigzag_ring_attention
-from easy_context.groups import group_layout, group_rank_size, init_groups, sp_process_group
+from easy_context.groups import ParallelGroups, group_layout, group_rank_size, init_groups, sp_process_group
 from easy_context.layouts import shard
 from easy_context.loss import sequence_parallel_cross_entropy
 from reference import check_against_full, rel_err
@@ -57,5 +57,6 @@ def test_group_forms_without_distributed():
     assert group_layout("usp", usp_like) == "usp2x2" and group_layout("zigzag", None) == "zigzag"
     with pytest.raises(ValueError, match="not a sequence-parallel group"):
         sp_process_group(object())
+    assert init_groups(1) == ParallelGroups(None, None, 0, 1, 0, 1)  # one plain process: nothing to split
     with pytest.raises(RuntimeError, match="init_process_group"):
-        init_groups(1)
+        init_groups(2)

@@ -122,7 +122,7 @@ def test_rerun_into_a_finished_output_dir_is_refused(reference):
 
 
 @pytest.mark.parametrize("case, args, message", [
-    ("length", ["--backend", "zigzag_ring", "--seq-length", "250"], "multiple of"),
+    ("length", ["--backend", "zigzag_ring", "--seq-length", "255"], "multiple of"),
     ("rope", ["--backend", "data_parallel", "--rope-scaling", "warp:factor=2"], "unknown rope scaling type"),
     ("column", ["--backend", "data_parallel", "--dataset", "{jsonl_no_column}"], "needs a pre-tokenized"),
     ("short", ["--backend", "data_parallel", "--dataset", "{jsonl_short_ids}"], "hold fewer than --seq-length"),
