@@ -24,7 +24,8 @@ from easy_context import checkpoint as ckpt, data, launch, models, recipe, sched
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
 p.add_argument("--tiny-preset", default="tiny", choices=list(tiny.PRESETS), help="size of the built-in model")
-p.add_argument("--dataset", default="tiny", help="hub name, save_to_disk folder, jsonl/parquet file, or tiny")
+p.add_argument("--dataset", default="tiny", help="hub name, save_to_disk folder, jsonl/parquet file, or tiny "
+               "(tiny:answers: loss on the answers only)")
 p.add_argument("--text-column", default="text")
 p.add_argument("--dataset-split", default="train")
 p.add_argument("--seq-length", type=int, default=1024)
@@ -148,12 +149,12 @@ wrapped.train()
 tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
 bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
 t0, micro = time.perf_counter(), step * args.grad_accum
-for epoch, row, ids in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
+for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
     if step >= args.max_steps:
         break
     pose_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
     b = recipe.step_inputs(layout_backend if sp_backend else "data_parallel", ids.to(accelerator.device), attn_group,
-                           pose_target=args.pose_target, generator=pose_gen)
+                           labels=labels, pose_target=args.pose_target, generator=pose_gen)
     lr = schedule.learning_rate(step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
     schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps

@@ -67,10 +67,10 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
                        seed: int = 0, num_proc: int | None = None, check_rows: int = 1000):
     """A dataset of rows {"input_ids": LongTensor [>= seq_len]} (see module doc); raises a ValueError that
     names the fix for a missing column or rows shorter than ``seq_len`` (first ``check_rows`` rows checked)."""
-    if source == "tiny":
+    if source in ("tiny", "tiny:answers"):  # generated retrieval data; ":answers": loss on answer tokens only
         from .tiny import RetrievalDataset
 
-        return RetrievalDataset(tokenizer, seq_len, seed=seed)
+        return RetrievalDataset(tokenizer, seq_len, seed=seed, loss_on="answers" if source.endswith("answers") else "all")
     ds = load_raw(source, split)
     if IDS not in ds.column_names:
         if text_column not in ds.column_names:
@@ -131,15 +131,19 @@ class ShardedSampler(torch.utils.data.Sampler):
 
 
 def collate(seq_len: int):
-    """A collate function stacking rows' first ``seq_len`` tokens into [B, seq_len]."""
-    def fn(rows: list[dict]) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(r[IDS][:seq_len], dtype=torch.long) for r in rows])
+    """A collate function stacking rows' first ``seq_len`` tokens into ids [B, seq_len], and their "labels"
+    (-100: no loss) into labels [B, seq_len] (None when rows have none: the loss is on every token)."""
+    def fn(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = torch.stack([torch.as_tensor(r[IDS][:seq_len], dtype=torch.long) for r in rows])
+        if "labels" not in rows[0]:
+            return ids, None
+        return ids, torch.stack([torch.as_tensor(r["labels"][:seq_len], dtype=torch.long) for r in rows])
     return fn
 
 
 def batches(dataset, sampler: ShardedSampler, batch_size: int, seq_len: int, num_workers: int = 0):
-    """Endless [B, seq_len] batches from ``sampler``'s position on, epoch after epoch; yields (epoch, row, ids)
-    with ``row`` the sampler position after this batch (save it to resume)."""
+    """Endless batches from ``sampler``'s position on, epoch after epoch; yields (epoch, row, (ids, labels))
+    (see ``collate``) with ``row`` the sampler position after this batch (save it to resume)."""
     if sampler.rows_per_rank() < batch_size:
         raise ValueError(f"{sampler.rows_per_rank()} rows per data-parallel rank cannot fill a batch of {batch_size}: "
                          "use more data or a smaller --batch-size")
@@ -147,7 +151,7 @@ def batches(dataset, sampler: ShardedSampler, batch_size: int, seq_len: int, num
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                                              collate_fn=collate(seq_len), num_workers=num_workers)
         row = sampler.start
-        for ids in loader:
+        for batch in loader:
             row += batch_size
-            yield sampler.epoch, row, ids
+            yield sampler.epoch, row, batch
         sampler.set_position(sampler.epoch + 1, 0)

@@ -22,11 +22,13 @@ def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float, 
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
 
 
-def step_inputs(backend: str, ids: torch.Tensor, group, *, pose_target: int | None = None,
-                generator: torch.Generator | None = None) -> SeqParallelInputs:
-    """This rank's (input_ids, position_ids, target_ids) for one full batch ``ids`` [B, S] (labels = ids):
+def step_inputs(backend: str, ids: torch.Tensor, group, *, labels: torch.Tensor | None = None,
+                pose_target: int | None = None, generator: torch.Generator | None = None) -> SeqParallelInputs:
+    """This rank's (input_ids, position_ids, target_ids) for one full batch ``ids`` [B, S] (``labels``
+    default ``ids``; -100 where no loss):
     sharded for a sequence-parallel backend, whole for "data_parallel"; PoSE position ids spread over
     ``pose_target`` when given (``generator`` must be seeded identically on every rank of the SP group)."""
+    labels = ids if labels is None else labels.to(ids.device)
     positions = None
     if pose_target:
         from .pose import pose_position_ids
@@ -36,8 +38,8 @@ def step_inputs(backend: str, ids: torch.Tensor, group, *, pose_target: int | No
     if backend == "data_parallel":
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        return SeqParallelInputs(ids, positions, shift_labels(ids))
-    return prepare_seq_parallel_inputs(backend, ids, ids, positions, group=group,
+        return SeqParallelInputs(ids, positions, shift_labels(labels))
+    return prepare_seq_parallel_inputs(backend, ids, labels, positions, group=group,
                                        allow_position_skips=bool(pose_target))
 
 

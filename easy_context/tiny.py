@@ -68,12 +68,17 @@ def tiny_config(preset: str = "tiny", *, max_position_embeddings: int = 2048, ro
                        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False, use_cache=False)
 
 
-def retrieval_ids(tokenizer, length: int, seed: int, digits: int = 7) -> list[int]:
-    """Exactly ``length`` token ids: BOS, filler with needles, questions and answers (haystack.retrieval_events),
-    the last question and its answer ending the sequence. Same (tokenizer, length, seed), same ids."""
+def retrieval_example(tokenizer, length: int, seed: int, digits: int = 7) -> tuple[list[int], list[bool]]:
+    """(ids, answer mask): exactly ``length`` token ids (BOS, filler with needles, questions and answers from
+    haystack.retrieval_events, the last question and its answer ending the sequence) and, per token, whether
+    it is part of an answer (" 1234567."). Same (tokenizer, length, seed), same example."""
     rng = random.Random(seed)
-    events = retrieval_events(rng, max(1, length // NEEDLE_EVERY), digits)
-    event_ids = tokenizer([text for _, text in events], add_special_tokens=False)["input_ids"]
+    pieces: list[tuple[float, str, bool]] = []
+    for place, text in retrieval_events(rng, max(1, length // NEEDLE_EVERY), digits):
+        question_text, sep, answer_text = text.rpartition(":")  # a question ends "...number is:" + its answer
+        asks = "Question:" in text
+        pieces += [(place, question_text + sep, False), (place, answer_text, True)] if asks else [(place, text, False)]
+    event_ids = tokenizer([text for _, text, _ in pieces], add_special_tokens=False)["input_ids"]
     budget = length - 1 - sum(len(e) for e in event_ids)
     if budget < 0:
         raise ValueError(f"length {length} is too short for a retrieval document; use at least {NEEDLE_EVERY}")
@@ -85,23 +90,36 @@ def retrieval_ids(tokenizer, length: int, seed: int, digits: int = 7) -> list[in
             budget -= len(filler[-1])
             if budget == 0:
                 break
-    out, e = [tokenizer.bos_token_id], 0
+    out, mask, e = [tokenizer.bos_token_id], [False], 0
+
+    def add(ids: list[int], is_answer: bool) -> None:
+        out.extend(ids)
+        mask.extend([is_answer] * len(ids))
+
     for i, ids in enumerate(filler):
-        while e < len(events) and events[e][0] * len(filler) <= i:
-            out.extend(event_ids[e])
+        while e < len(pieces) and pieces[e][0] * len(filler) <= i:
+            add(event_ids[e], pieces[e][2])
             e += 1
-        out.extend(ids)
-    for ids in event_ids[e:]:
-        out.extend(ids)
-    return out
+        add(ids, False)
+    for j in range(e, len(pieces)):
+        add(event_ids[j], pieces[j][2])
+    return out, mask
+
+
+def retrieval_ids(tokenizer, length: int, seed: int, digits: int = 7) -> list[int]:
+    """The token ids of ``retrieval_example``."""
+    return retrieval_example(tokenizer, length, seed, digits)[0]
 
 
 class RetrievalDataset(torch.utils.data.Dataset):
-    """``size`` rows {"input_ids": LongTensor [length]} of ``retrieval_ids``, row i from seed (seed, i):
-    generated on access, so any size costs nothing and every rank gets the same row for the same index."""
+    """``size`` rows {"input_ids": LongTensor [length]} of ``retrieval_example``, row i from seed (seed, i):
+    generated on access, so any size costs nothing and every rank gets the same row for the same index.
+    ``loss_on="answers"`` adds "labels": the ids where they are answer tokens, -100 elsewhere."""
 
-    def __init__(self, tokenizer, length: int, size: int = 1_000_000, seed: int = 0):
-        self.tokenizer, self.length, self.size, self.seed = tokenizer, length, size, seed
+    def __init__(self, tokenizer, length: int, size: int = 1_000_000, seed: int = 0, loss_on: str = "all"):
+        if loss_on not in ("all", "answers"):
+            raise ValueError(f"loss_on must be 'all' or 'answers'; got {loss_on!r}")
+        self.tokenizer, self.length, self.size, self.seed, self.loss_on = tokenizer, length, size, seed, loss_on
 
     def __len__(self) -> int:
         return self.size
@@ -109,8 +127,11 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:
             raise IndexError(i)
-        ids = retrieval_ids(self.tokenizer, self.length, seed=self.seed * 1_000_003 + i)
-        return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        ids, answer = retrieval_example(self.tokenizer, self.length, seed=self.seed * 1_000_003 + i)
+        row = {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        if self.loss_on == "answers":
+            row["labels"] = torch.where(torch.tensor(answer), row["input_ids"], -100)
+        return row
 
 
 def save_documents(path: str, tokenizer, count: int, length: int, seed: int = 12345) -> str:

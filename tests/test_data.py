@@ -36,7 +36,8 @@ def test_batches_continue_across_epochs_and_report_the_position(tokenizer):
     ds = [{"input_ids": torch.arange(i, i + 8)} for i in range(6)]
     sampler = data.ShardedSampler(len(ds), 0, 1, seed=0)
     got = []
-    for epoch, row, ids in data.batches(ds, sampler, 2, 4):
+    for epoch, row, (ids, labels) in data.batches(ds, sampler, 2, 4):
+        assert labels is None  # rows without labels: the loss is on every token
         got.append((epoch, row, ids.shape))
         if len(got) == 4:
             break

@@ -37,3 +37,15 @@ def test_dataset_rows_are_generated_by_index(tokenizer):
     assert not torch.equal(ds[4]["input_ids"], ds[5]["input_ids"])
     with pytest.raises(IndexError):
         ds[10]
+
+
+def test_answer_only_labels_mark_exactly_the_answers(tokenizer):
+    row = tiny.RetrievalDataset(tokenizer, 1024, size=4, seed=1, loss_on="answers")[2]
+    ids, labels = row["input_ids"], row["labels"]
+    assert torch.equal(ids, tiny.RetrievalDataset(tokenizer, 1024, size=4, seed=1)[2]["input_ids"])
+    marked = (labels != -100).nonzero().flatten().tolist()
+    assert torch.equal(labels[marked], ids[marked])
+    text = tokenizer.decode(ids[1:])
+    answers = re.findall(r"Answer: The special magic \w+ number is:( \d+\.)", text)
+    assert tokenizer.decode(ids[marked]) == "".join(answers)  # every answer, nothing else
+    assert len(answers) == 1024 // tiny.NEEDLE_EVERY + 1
