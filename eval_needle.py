@@ -68,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     launch = init_distributed()
-    name = os.path.basename(os.path.normpath(args.model))
-    output = args.output or os.path.join("results", "needle", f"{name}.json")
+    parts = os.path.normpath(args.model).split(os.sep)
+    name = "/".join(parts[-2:]) if parts[-1] == "model" and len(parts) > 1 else parts[-1]  # train.py's OUT/model
+    output = args.output or os.path.join("results", "needle", f"{name.replace('/', '_')}.json")
     lengths = length_sweep(args.lengths, args.min_length, args.max_length, args.length_step)
     depths = depth_sweep(args.depths, args.depth_step)
     dtype = eval_dtype(args.dtype, launch.device)
