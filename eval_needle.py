@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.backends import BACKENDS
 from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
 from easy_context.needle import SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, haystack_tokens, score
-from easy_context.perplexity import check_lengths, eval_dtype, length_sweep, load_eval_model
+from easy_context.perplexity import add_eval_model_args, check_lengths, eval_dtype, length_sweep, load_eval_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,14 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "is the argmax (EasyContext); generate: greedy decoding of the full prompt on each "
                         "process, no sequence parallelism, correct if the first number generated is the "
                         "needle's (small lengths only)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
-    p.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
-    p.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
-    p.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
-    p.add_argument("--allow-extrapolation", action="store_true",
-                   help="allow lengths above the model's position limit (max_position_embeddings x RoPE scaling "
-                        "factor), e.g. for a 'before extension' heatmap beyond the training length")
+    add_eval_model_args(p)
     p.add_argument("--output", help="results JSON (default results/needle/<model name>.json)")
     return p.parse_args(argv)
 

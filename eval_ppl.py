@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.backends import BACKENDS
 from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
-from easy_context.perplexity import (PROTOCOLS, check_lengths, check_protocol, collect_documents, dataset_rows,
+from easy_context.perplexity import (PROTOCOLS, add_eval_model_args, check_lengths, check_protocol, collect_documents, dataset_rows,
                                      describe_protocol, eval_dtype, evaluate_perplexity, length_sweep,
                                      load_eval_model, text_dir_rows, write_perplexity_csv)
 
@@ -50,14 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--length-step", type=int, help="default: doubling from --min-length")
     p.add_argument("--protocol", choices=PROTOCOLS, default="truncate")
     p.add_argument("--stride", type=int, default=256, help="sliding protocol: tokens between window starts")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
-    p.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
-    p.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
-    p.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
-    p.add_argument("--allow-extrapolation", action="store_true",
-                   help="allow lengths above the model's position limit (max_position_embeddings x RoPE scaling "
-                        "factor), e.g. to show a model before extension")
+    add_eval_model_args(p)
     p.add_argument("--output", default=os.path.join("results", "ppl.csv"), help="CSV path (plot: .png beside it)")
     return p.parse_args(argv)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from .backends import BACKENDS
 from .comm import rank_and_size
 from .groups import group_layout, group_rank_size
 from .hf import apply_seq_parallel_monkey_patch, causal_lm_loss, registered_backend, self_check
@@ -85,6 +86,18 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def add_eval_model_args(parser) -> None:
+    """The flags both evals share: sequence-parallel backend, dtype, RoPE overrides, position-limit escape."""
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
+    parser.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
+    parser.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
+    parser.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
+    parser.add_argument("--allow-extrapolation", action="store_true",
+                        help="allow lengths above the model's position limit (max_position_embeddings x RoPE "
+                             "scaling factor), e.g. to show a model before extension beyond its training length")
 
 
 def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | None = "zigzag_ring",
