@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 
+import zero3
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch, causal_lm_loss
 from easy_context.inputs import prepare_seq_parallel_inputs
@@ -186,23 +187,9 @@ def test_offload_under_sequence_parallelism(seed):
 
 
 def _zero3_worker(rank, world, seed):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    import deepspeed
-    from deepspeed.utils import safe_get_full_grad
-
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts run_distributed's process group
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # partition everything
+    zero3.init(rank, world)
     ids, labels = batch(seed + rank, 1, SEQ)
-    results = []
-    for offload in (False, True):
-        model = _checkpointed("llama", seed, offload)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                          config=config)
-        loss = engine(input_ids=ids, labels=labels).loss
-        engine.backward(loss)
-        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
-        results.append((loss.detach(), grads))
+    results = [zero3.loss_and_grads(_checkpointed("llama", seed, offload), ids, labels) for offload in (False, True)]
     _assert_equal(results[1], results[0], f"ZeRO-3 rank {rank}")
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import zero3
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch, causal_lm_loss
 from easy_context.inputs import prepare_seq_parallel_inputs
@@ -184,25 +185,17 @@ def test_tiled_mlp_under_sequence_parallelism(seed):
     run_distributed(_sp_worker, 2, seed)
 
 
-def _zero3_worker(rank, world, seed):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    import deepspeed
-    from deepspeed.utils import safe_get_full_grad
+def _tiled(seed: int, tiled: bool):
+    model = tiny_model("llama", seed)
+    if tiled:
+        apply_tiled_mlp(model, tile_tokens=16)
+    return model
 
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts run_distributed's process group
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # partition everything
+
+def _zero3_worker(rank, world, seed):
+    zero3.init(rank, world)
     ids, labels = batch(seed + rank, 1, SEQ)
-    results = []
-    for tiled in (False, True):
-        model = tiny_model("llama", seed)
-        if tiled:
-            apply_tiled_mlp(model, tile_tokens=16)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                          config=config)
-        loss = engine(input_ids=ids, labels=labels).loss
-        engine.backward(loss)
-        results.append((loss.detach(), {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}))
+    results = [zero3.loss_and_grads(_tiled(seed, tiled), ids, labels) for tiled in (False, True)]
     _assert_same(results[1], results[0], f"ZeRO-3 rank {rank}")
 
 
