@@ -134,8 +134,8 @@ wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
 step, tokens_seen, epoch, row = 0, 0, 0, 0
 if resume_from:
-    state = ckpt.load_checkpoint(accelerator, resume_from)
-    step, tokens_seen, epoch, row = state["step"], state["tokens"], state["epoch"], state["row"]
+    saved = ckpt.load_checkpoint(accelerator, resume_from)
+    step, tokens_seen, epoch, row = saved["step"], saved["tokens"], saved["epoch"], saved["row"]
 sampler.set_position(epoch, row)
 log_path = os.path.join(out_dir, "log.jsonl")
 run_log = recipe.RunLog(log_path, main=accelerator.is_main_process, resume_step=step, wandb_project=args.wandb,
@@ -152,7 +152,8 @@ t0, micro = time.perf_counter(), step * args.grad_accum
 for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
     if step >= args.max_steps:
         break
-    pose_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
+    pose_gen = (torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
+                if args.pose_target else None)
     b = recipe.step_inputs(layout_backend if sp_backend else "data_parallel", ids.to(accelerator.device), attn_group,
                            labels=labels, pose_target=args.pose_target, generator=pose_gen)
     lr = schedule.learning_rate(step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,

@@ -106,7 +106,7 @@ def main() -> None:
                     row["error"] = r["tail"]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("cmd",)}), flush=True)
-    print(f"\n| config | S | backend | tok/s/GPU | MFU | step s | peak GPU GiB | host RSS GiB/rank |")
+    print("\n| config | S | backend | tok/s/GPU | MFU | step s | peak GPU GiB | host RSS GiB/rank |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "mfu" in r:

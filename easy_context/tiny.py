@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from typing import Any
 
 import torch
@@ -158,14 +159,10 @@ def build_world(path: str, *, preset: str = "tiny", max_position_embeddings: int
     tmp = path.rstrip("/") + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path) if not os.path.exists(path) else _move_into(tmp, path)
+    if os.path.exists(path):  # e.g. a leftover of an interrupted build: replace it whole
+        shutil.rmtree(path)
+    os.replace(tmp, path)
     return path
-
-
-def _move_into(src: str, dst: str) -> None:
-    for name in os.listdir(src):
-        os.replace(os.path.join(src, name), os.path.join(dst, name))
-    os.rmdir(src)
 
 
 def save_text_documents(path: str, tokenizer, count: int, length: int, seed: int = 12345) -> str:

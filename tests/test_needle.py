@@ -7,11 +7,9 @@ but refuse other settings."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distributed import run_distributed
 from easy_context import haystack

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch
