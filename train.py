@@ -25,7 +25,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
 p.add_argument("--tiny-preset", default="tiny", choices=list(tiny.PRESETS), help="size of the built-in model")
 p.add_argument("--dataset", default="tiny", help="hub name, save_to_disk folder, jsonl/parquet file, or tiny "
-               "(tiny:answers: loss on the answers only)")
+               "(tiny:answers: loss on the answers only; tiny:answers+0.05: and on 5%% of the other tokens)")
 p.add_argument("--text-column", default="text")
 p.add_argument("--dataset-split", default="train")
 p.add_argument("--seq-length", type=int, default=1024)
@@ -62,6 +62,8 @@ p.add_argument("--lora-alpha", type=float, default=16.0)
 p.add_argument("--lora-keep-adapter", action="store_true", help="save the adapter instead of merging it")
 p.add_argument("--pose-target", type=int, default=None, help="PoSE: spread positions over this longer window")
 p.add_argument("--no-save", action="store_true", help="skip the final model (benchmarks)")
+p.add_argument("--time-limit", type=float, default=None, help="minutes: stop after the step that passes it and "
+               "save as at the end (the schedule still follows --max-steps)")
 p.add_argument("--data-workers", type=int, default=2 if torch.cuda.is_available() else 0,
                help="DataLoader worker processes (generated data is made on the fly)")
 args = p.parse_args()
@@ -148,7 +150,7 @@ if accelerator.is_main_process:
 wrapped.train()
 tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
 bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-t0, micro = time.perf_counter(), step * args.grad_accum
+t0, micro, t_start = time.perf_counter(), step * args.grad_accum, time.time()
 for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
     if step >= args.max_steps:
         break
@@ -171,13 +173,13 @@ for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size,
         continue
     step += 1
     tokens_seen += tokens_per_step
-    mean_loss = accelerator.reduce(value.detach().float(), "mean").item()  # SP ranks agree; mean over DP
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    # SP ranks agree on the loss; averaging the clock too makes every rank take the same time-limit decision
+    mean_loss, elapsed = accelerator.reduce(torch.tensor([value.detach().float().item(), time.time() - t_start],
+                                                         device=accelerator.device), "mean").tolist()
     dt, t0 = time.perf_counter() - t0, time.perf_counter()
     record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen, "step_s": dt,
               "tokens_per_s": tokens_per_step / dt, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
-              if torch.cuda.is_available() else 0.0, "host_rss_gib": launch.host_rss_gib()}
+              if torch.cuda.is_available() else 0.0, "host_rss_gib": launch.host_rss_gib(), "time": time.time()}
     run_log.write(record)
     if accelerator.is_main_process:
         bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -186,6 +188,8 @@ for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size,
         ckpt.save_checkpoint(accelerator, out_dir, step, {"tokens": tokens_seen, "epoch": epoch, "row": row},
                              keep=args.keep_checkpoints)
         t0 = time.perf_counter()
+    if args.time_limit and elapsed > 60 * args.time_limit:
+        break
 bar.close()
 final = None if args.no_save else ckpt.save_model(accelerator, wrapped, tokenizer, out_dir,
                                                   merge_lora=not args.lora_keep_adapter)

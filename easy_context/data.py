@@ -67,10 +67,8 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
                        seed: int = 0, num_proc: int | None = None, check_rows: int = 1000):
     """A dataset of rows {"input_ids": LongTensor [>= seq_len]} (see module doc); raises a ValueError that
     names the fix for a missing column or rows shorter than ``seq_len`` (first ``check_rows`` rows checked)."""
-    if source in ("tiny", "tiny:answers"):  # generated retrieval data; ":answers": loss on answer tokens only
-        from .tiny import RetrievalDataset
-
-        return RetrievalDataset(tokenizer, seq_len, seed=seed, loss_on="answers" if source.endswith("answers") else "all")
+    if source == "tiny" or source.startswith("tiny:answers"):
+        return _tiny_data(source, tokenizer, seq_len, seed)
     ds = load_raw(source, split)
     if IDS not in ds.column_names:
         if text_column not in ds.column_names:
@@ -88,6 +86,24 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
                          f"{seq_len} tokens (shortest {min(lengths)}); use a shorter --seq-length or a dataset "
                          f"chunked to at least {seq_len} tokens per row")
     return ds.with_format("torch")
+
+
+def _tiny_data(source: str, tokenizer, seq_len: int, seed: int):
+    """The generated retrieval data of ``tiny.py``: "tiny" (loss on every token), "tiny:answers" (on the
+    answers only) or "tiny:answers+F" (the answers and a random fraction F of the other tokens)."""
+    from .tiny import RetrievalDataset
+
+    if source == "tiny":
+        return RetrievalDataset(tokenizer, seq_len, seed=seed)
+    fraction = source[len("tiny:answers"):]
+    try:
+        value = float(fraction[1:]) if fraction.startswith("+") else (0.0 if not fraction else None)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise ValueError(f"dataset {source!r}: use tiny, tiny:answers or tiny:answers+F with F in [0, 1] "
+                         "(the fraction of non-answer tokens that keep their loss), e.g. tiny:answers+0.05")
+    return RetrievalDataset(tokenizer, seq_len, seed=seed, loss_on="answers", text_fraction=value)
 
 
 class RandomTokens(torch.utils.data.Dataset):

@@ -115,12 +115,18 @@ def retrieval_ids(tokenizer, length: int, seed: int, digits: int = 7) -> list[in
 class RetrievalDataset(torch.utils.data.Dataset):
     """``size`` rows {"input_ids": LongTensor [length]} of ``retrieval_example``, row i from seed (seed, i):
     generated on access, so any size costs nothing and every rank gets the same row for the same index.
-    ``loss_on="answers"`` adds "labels": the ids where they are answer tokens, -100 elsewhere."""
+    ``loss_on="answers"`` adds "labels": the ids where they are answer tokens, -100 elsewhere, except that
+    a random ``text_fraction`` of the other tokens keep their label too (so a model can learn the prose
+    while most of its loss is on retrieval)."""
 
-    def __init__(self, tokenizer, length: int, size: int = 1_000_000, seed: int = 0, loss_on: str = "all"):
+    def __init__(self, tokenizer, length: int, size: int = 1_000_000, seed: int = 0, loss_on: str = "all",
+                 text_fraction: float = 0.0):
         if loss_on not in ("all", "answers"):
             raise ValueError(f"loss_on must be 'all' or 'answers'; got {loss_on!r}")
+        if not 0.0 <= text_fraction <= 1.0 or (text_fraction and loss_on != "answers"):
+            raise ValueError(f"text_fraction must be in [0, 1] and needs loss_on='answers'; got {text_fraction!r}")
         self.tokenizer, self.length, self.size, self.seed, self.loss_on = tokenizer, length, size, seed, loss_on
+        self.text_fraction = text_fraction
 
     def __len__(self) -> int:
         return self.size
@@ -128,10 +134,15 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:
             raise IndexError(i)
-        ids, answer = retrieval_example(self.tokenizer, self.length, seed=self.seed * 1_000_003 + i)
+        row_seed = self.seed * 1_000_003 + i
+        ids, answer = retrieval_example(self.tokenizer, self.length, seed=row_seed)
         row = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if self.loss_on == "answers":
-            row["labels"] = torch.where(torch.tensor(answer), row["input_ids"], -100)
+            keep = torch.tensor(answer)
+            if self.text_fraction:
+                g = torch.Generator().manual_seed(row_seed)
+                keep |= torch.rand(len(ids), generator=g) < self.text_fraction
+            row["labels"] = torch.where(keep, row["input_ids"], -100)
         return row
 
 

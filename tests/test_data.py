@@ -76,3 +76,13 @@ def test_bad_datasets_say_what_to_change(tmp_path, tokenizer):
         data.load_training_data(str(short), tokenizer, 32)
     with pytest.raises(ValueError, match="cannot fill a batch"):
         next(data.batches([{"input_ids": torch.zeros(8)}], data.ShardedSampler(1, 0, 1), 2, 8))
+
+
+def test_tiny_sources_pick_where_the_loss_goes(tokenizer):
+    assert "labels" not in data.load_training_data("tiny", tokenizer, 512)[0]
+    answers = data.load_training_data("tiny:answers", tokenizer, 512)[0]["labels"]
+    mixed = data.load_training_data("tiny:answers+0.2", tokenizer, 512)[0]["labels"]
+    assert (mixed != -100).sum() > (answers != -100).sum()
+    for bad in ("tiny:answers+x", "tiny:answers+2", "tiny:answersfoo"):
+        with pytest.raises(ValueError, match="tiny:answers\\+F"):
+            data.load_training_data(bad, tokenizer, 512)

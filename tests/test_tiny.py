@@ -49,3 +49,21 @@ def test_answer_only_labels_mark_exactly_the_answers(tokenizer):
     answers = re.findall(r"Answer: The special magic \w+ number is:( \d+\.)", text)
     assert tokenizer.decode(ids[marked]) == "".join(answers)  # every answer, nothing else
     assert len(answers) == 1024 // tiny.NEEDLE_EVERY + 1
+
+
+def test_text_fraction_keeps_every_answer_and_about_that_share_of_the_rest(tokenizer):
+    answers_only = tiny.RetrievalDataset(tokenizer, 2048, size=4, seed=1, loss_on="answers")[1]["labels"]
+    mixed = tiny.RetrievalDataset(tokenizer, 2048, size=4, seed=1, loss_on="answers", text_fraction=0.1)[1]
+    ids, labels = mixed["input_ids"], mixed["labels"]
+    answer = answers_only != -100
+    assert torch.equal(labels[answer], ids[answer])
+    kept = labels[~answer] != -100
+    assert torch.equal(labels[~answer][kept], ids[~answer][kept])
+    assert 0.07 < kept.float().mean() < 0.13
+    again = tiny.RetrievalDataset(tokenizer, 2048, size=4, seed=1, loss_on="answers", text_fraction=0.1)[1]
+    assert torch.equal(again["labels"], labels)  # deterministic by row
+
+
+def test_text_fraction_needs_answer_loss(tokenizer):
+    with pytest.raises(ValueError, match="text_fraction"):
+        tiny.RetrievalDataset(tokenizer, 512, loss_on="all", text_fraction=0.1)

@@ -140,3 +140,11 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, case, args, message):
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-3000:]
     assert "Loading weights" not in res.stderr  # failed before any model was loaded
+
+
+def test_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+    out = str(tmp_path / "limited")
+    train(out, "--backend", "data_parallel", *TINY_ARGS, "--max-steps", "50", "--time-limit", "1e-6",
+          config="ddp.yaml", procs=2)
+    assert [r["step"] for r in log(out)] == [1]
+    assert os.path.exists(os.path.join(out, "model", "config.json"))
