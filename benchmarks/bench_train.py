@@ -60,6 +60,7 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
            os.path.join(REPO, "accelerate_configs", config + ".yaml"), "--num_processes", str(gpus),
            os.path.join(REPO, "train.py"), "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
+    launched = time.time()
     try:
         # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
@@ -69,7 +70,9 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
         tail, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
     path = os.path.join(out, "log.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd)}
+    # launch to the start of the first step: process start, model build, DeepSpeed engine, data workers
+    startup = records[0]["time"] - records[0]["step_s"] - launched if records and "time" in records[0] else None
+    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd), "startup_s": startup}
 
 
 def main() -> None:
@@ -95,7 +98,7 @@ def main() -> None:
                 timed = r["records"][args.warmup:]
                 flops, n = model_flops_per_token(args.model, seq)
                 row = {"config": config, "seq": seq, "backend": backend, "ok": r["ok"], "cmd": r["cmd"],
-                       "params": n, "steps_timed": len(timed)}
+                       "params": n, "steps_timed": len(timed), "startup_s": r["startup_s"]}
                 if timed:
                     tps = sum(x["tokens_per_s"] for x in timed) / len(timed)
                     row.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / args.gpus,

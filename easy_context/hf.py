@@ -89,6 +89,16 @@ def _reject_unsupported(name: str, query: Tensor, key: Tensor, attention_mask, d
                          "config.sliding_window = None (full attention) or train shorter sequences")
 
 
+def _autocast_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast HF's RoPE leaves q and k in float32 while v comes out of its linear in the autocast
+    dtype; SDPA casts all three to that dtype, and so do we (outside autocast they are left as they are)."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def _make_attention(name: str, reg: Registration):
     def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
                   dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
@@ -96,6 +106,7 @@ def _make_attention(name: str, reg: Registration):
         _, world = group_rank_size(reg.group)
         _reject_unsupported(name, query, key, attention_mask, dropout, world, kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        query, key, value = _autocast_qkv(query, key, value)
         out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
                                     kernel=reg.kernel, check=reg.check).transpose(1, 2)
         if _recording is not None:

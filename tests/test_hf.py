@@ -235,3 +235,23 @@ def test_causal_lm_loss_rejects_unsupported_heads():
         causal_lm_loss(model, ids, ids)
     with pytest.raises(ValueError, match="causal-LM model"):
         causal_lm_loss(model.model, ids, ids)
+
+
+def test_autocast_hands_the_backend_one_dtype_as_sdpa_would():
+    """float32 weights under bf16 autocast (DDP training on GPU): HF's RoPE leaves q/k float32 while v is
+    bf16; the backend must get all three in the autocast dtype (SDPA casts them the same way)."""
+    seen = []
+
+    def record(q, k, v, *, causal=True, scale=None, group=None, kernel=None, return_lse=False, check=True):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    ids, _ = batch(0, 2, SEQ)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = tiny_model("llama", 0)(input_ids=ids).logits.float()
+        model = apply_seq_parallel_monkey_patch(Backend("record", record, "zigzag"), tiny_model("llama", 0))
+        out = model(input_ids=ids, position_ids=torch.arange(SEQ)[None]).logits.float()
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
+    assert rel_err(out, ref) < 1e-2
+    model(input_ids=ids, position_ids=torch.arange(SEQ)[None])  # outside autocast: float32, untouched
+    assert seen[-1] == (torch.float32,) * 3
