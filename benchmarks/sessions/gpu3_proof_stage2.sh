@@ -19,7 +19,7 @@ print("  loss per", k, "steps:", " ".join(f"{sum(r['loss'] for r in rows[i:i + k
 PY
 }
 MODEL="$P/short/model"
-for stage in 8192:4:1.2:120 32768:1:2.8:170; do
+for stage in ${STAGES:-8192:4:1.0:100 32768:1:2.5:150}; do
   IFS=: read -r LEN BATCH MIN STEPS <<< "$stage"
   timeout 280 "${LAUNCH[@]}" train.py --model "$MODEL" --seq-length "$LEN" --dataset tiny:answers+0.05 \
     --rope-theta 1000000 --backend zigzag_ring --batch-size "$BATCH" --lr 3e-4 --warmup-steps 20 --schedule cosine \
@@ -41,7 +41,7 @@ timeout 100 "${LAUNCH[@]}" eval_ppl.py -m "$P/short/model" -m "$MODEL" --text-di
 mark "perplexity"
 cp "$P/res/needle_short.png" "$P/res/needle_long.png" "$P/res/ppl.png" "$OUT/" 2>/dev/null
 LEFT=$(( 540 - $(date +%s) + T0 ))
-if [ "$LEFT" -gt 100 ]; then
+if [ "${LONGLORA:-1}" = 1 ] && [ "$LEFT" -gt 100 ]; then
   timeout $(( LEFT - 20 )) python benchmarks/bench_longlora.py --seqlens 32768 --layers 8 --warmup 1 --iters 2 \
     --out "$P/res/bench_longlora.json" 2>&1 | grep -vE "^\s*$" | tail -14 | tee "$P/res/bench_longlora.log"
   mark "bench_longlora"
