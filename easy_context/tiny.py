@@ -23,7 +23,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64),
 }
-NEEDLE_EVERY = 256  # one needle (and its question) per this many tokens of a training document
+NEEDLE_EVERY = 256  # one needle (and its question) per this many tokens of a training document,
+MAX_NEEDLES = 8  # up to this many: longer documents then mean longer needle-to-question distances, not more keys
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
@@ -75,7 +76,7 @@ def retrieval_example(tokenizer, length: int, seed: int, digits: int = 7) -> tup
     it is part of an answer (" 1234567."). Same (tokenizer, length, seed), same example."""
     rng = random.Random(seed)
     pieces: list[tuple[float, str, bool]] = []
-    for place, text in retrieval_events(rng, max(1, length // NEEDLE_EVERY), digits):
+    for place, text in retrieval_events(rng, min(MAX_NEEDLES, max(1, length // NEEDLE_EVERY)), digits):
         question_text, sep, answer_text = text.rpartition(":")  # a question ends "...number is:" + its answer
         asks = "Question:" in text
         pieces += [(place, question_text + sep, False), (place, answer_text, True)] if asks else [(place, text, False)]

@@ -67,3 +67,10 @@ def test_text_fraction_keeps_every_answer_and_about_that_share_of_the_rest(token
 def test_text_fraction_needs_answer_loss(tokenizer):
     with pytest.raises(ValueError, match="text_fraction"):
         tiny.RetrievalDataset(tokenizer, 512, loss_on="all", text_fraction=0.1)
+
+
+def test_long_documents_hold_at_most_max_needles(tokenizer):
+    ids, answer = tiny.retrieval_example(tokenizer, 8192, seed=0)
+    text = tokenizer.decode(ids[1:])
+    assert len(re.findall(r"\nThe special magic \w+ number is: \d+\.", text)) == tiny.MAX_NEEDLES
+    assert len(re.findall(r"Answer: The special magic \w+ number is: \d+\.", text)) == tiny.MAX_NEEDLES + 1
