@@ -14,7 +14,8 @@ default), so a 1M-token context fits across GPUs; one process and CPU work too.
 A length counts every token of the scored sequence (BOS, prompt, needle, question and answer). Writes
 OUTPUT (JSON: settings and every scored sample; a rerun with the same OUTPUT and settings skips what is
 there, other settings are refused), OUTPUT with .csv, and the heatmap with .png (both show every sample
-in OUTPUT; the heatmap's title gives the model and the overall accuracy).
+in OUTPUT; the heatmap's title gives the model and the overall accuracy; OUTPUT_digits.png scores each cell by
+the fraction of digits right, partial credit where exact match is all or nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import os
 
 from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
-from easy_context.needle import SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, haystack_tokens, score
+from easy_context.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
+                                 haystack_tokens, score)
 from easy_context.perplexity import add_eval_model_args, check_lengths, eval_dtype, length_sweep, load_eval_model
 
 
@@ -96,8 +98,10 @@ def main(argv=None) -> None:
         stem = os.path.splitext(output)[0]
         csv_path = store.write_csv(stem + ".csv")
         png = needle_heatmap(store.records, stem + ".png", f"{name}: accuracy {store.accuracy():.1%}")
-        print(f"accuracy {store.accuracy():.4f} over {len(store.records)} samples\n"
-              f"wrote {output}\n      {csv_path}\n      {png}")
+        digits_png = needle_heatmap(store.records, stem + "_digits.png", f"{name}: digits right "
+                                    f"{store.digit_accuracy():.1%}", value=lambda r: digits_right(r["number"], r["predicted"]))
+        print(f"accuracy {store.accuracy():.4f} over {len(store.records)} samples (digits right "
+              f"{store.digit_accuracy():.4f})\nwrote {output}\n      {csv_path}\n      {png}\n      {digits_png}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ p.add_argument("--keep-checkpoints", type=int, default=2)
 p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 p.add_argument("--wandb", default=None, help="wandb project (optional)")
 p.add_argument("--no-gradient-checkpointing", action="store_true")
+p.add_argument("--keep-attention", action="store_true", help="keep attention outputs through the recompute (keep.py)")
 p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
 p.add_argument("--tiled-mlp", type=int, default=0, help="run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
 p.add_argument("--offload-activations", type=int, nargs="?", const=-1, default=0, metavar="N",
@@ -119,6 +120,8 @@ if args.offload_activations:
     ec.enable_offloaded_checkpointing(model, layers=None if args.offload_activations < 0 else args.offload_activations)
 elif not args.no_gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+if args.keep_attention:
+    ec.keep_attention_outputs(model)
 if args.tiled_mlp:
     ec.apply_tiled_mlp(model, args.tiled_mlp)
 if args.lora_rank:
@@ -134,10 +137,8 @@ if ds is not None:
 optimizer = recipe.build_optimizer(model, ds, lr=args.lr, weight_decay=args.weight_decay)
 wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
-step, tokens_seen, epoch, row = 0, 0, 0, 0
-if resume_from:
-    saved = ckpt.load_checkpoint(accelerator, resume_from)
-    step, tokens_seen, epoch, row = saved["step"], saved["tokens"], saved["epoch"], saved["row"]
+saved = ckpt.load_checkpoint(accelerator, resume_from) if resume_from else dict(step=0, tokens=0, epoch=0, row=0)
+step, tokens_seen, epoch, row = saved["step"], saved["tokens"], saved["epoch"], saved["row"]
 sampler.set_position(epoch, row)
 log_path = os.path.join(out_dir, "log.jsonl")
 run_log = recipe.RunLog(log_path, main=accelerator.is_main_process, resume_step=step, wandb_project=args.wandb,
@@ -150,9 +151,9 @@ if accelerator.is_main_process:
 wrapped.train()
 tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
 bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-t0, micro, t_start = time.perf_counter(), step * args.grad_accum, time.time()
+t0, micro, t_start, elapsed = time.perf_counter(), step * args.grad_accum, time.time(), 0.0
 for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
-    if step >= args.max_steps:
+    if step >= args.max_steps or (args.time_limit and elapsed > 60 * args.time_limit):
         break
     pose_gen = (torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
                 if args.pose_target else None)
@@ -188,8 +189,6 @@ for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size,
         ckpt.save_checkpoint(accelerator, out_dir, step, {"tokens": tokens_seen, "epoch": epoch, "row": row},
                              keep=args.keep_checkpoints)
         t0 = time.perf_counter()
-    if args.time_limit and elapsed > 60 * args.time_limit:
-        break
 bar.close()
 final = None if args.no_save else ckpt.save_model(accelerator, wrapped, tokenizer, out_dir,
                                                   merge_lora=not args.lora_keep_adapter)

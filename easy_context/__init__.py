@@ -10,6 +10,7 @@ from .groups import ParallelGroups, attention_group, init_groups
 from .hf import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
                  register_all, register_attention, self_check, self_check_config)
 from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
+from .keep import keep_attention_outputs
 from .kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
 from .layouts import gather, local_ranges, position_ids, shard, unshard
 from .lora import apply_lora_plus, load_lora_model, save_lora_model
@@ -38,7 +39,7 @@ __all__ = [
     "apply_lora_plus", "save_lora_model", "load_lora_model",
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
-    "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing",
+    "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing", "keep_attention_outputs",
     "NeedleTask", "NeedleResults", "answer_predictions", "haystack_tokens",
     "evaluate_perplexity", "sequence_nll", "load_eval_model",
 ]

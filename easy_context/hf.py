@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .backends import BACKENDS, Backend, get_backend
 from .groups import group_layout, group_rank_size, sp_process_group
+from .keep import slot
 from .layouts import check_length, shard
 from .loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 
@@ -107,8 +108,9 @@ def _make_attention(name: str, reg: Registration):
         _reject_unsupported(name, query, key, attention_mask, dropout, world, kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         query, key, value = _autocast_qkv(query, key, value)
-        out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
-                                    kernel=reg.kernel, check=reg.check).transpose(1, 2)
+        with slot(module):
+            out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
+                                        kernel=reg.kernel, check=reg.check).transpose(1, 2)
         if _recording is not None:
             _recording.append(out.detach())
         return out, None

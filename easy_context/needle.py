@@ -245,6 +245,13 @@ def first_number(text: str) -> str | None:
     return m.group(0) if m else None
 
 
+def digits_right(number: str, predicted: str) -> float:
+    """The fraction of ``number``'s digits that the first number in ``predicted`` has right, place by place
+    (0.0 when it has none): partial credit where exact match is all or nothing."""
+    got = first_number(predicted) or ""
+    return sum(a == b for a, b in zip(number, got)) / len(number)
+
+
 def score(model, task: NeedleTask, length: int, depth: float, sample: int, scoring: str = "forward") -> dict:
     """Collective for "forward": one cell sample's record {length, depth, sample, number, predicted, correct,
     needle_at}; ``predicted`` is the decoded argmax (forward) or generated text (generate)."""
@@ -305,6 +312,11 @@ class NeedleResults:
     def accuracy(self) -> float:
         """The mean of ``correct`` over all records (NaN when there are none)."""
         return sum(r["correct"] for r in self.records) / len(self.records) if self.records else float("nan")
+
+    def digit_accuracy(self) -> float:
+        """The mean of ``digits_right`` over all records (NaN when there are none)."""
+        scores = [digits_right(r["number"], r["predicted"]) for r in self.records]
+        return sum(scores) / len(scores) if scores else float("nan")
 
     def write_csv(self, path: str) -> str:
         """Every record as a CSV row, sorted by length, depth, sample; returns ``path``."""

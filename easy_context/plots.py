@@ -29,9 +29,9 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def needle_heatmap(records: list[dict], path: str, title: str) -> str:
-    """Mean ``correct`` per (depth, length) of needle records as a heatmap PNG: length on x, depth on y,
-    red (0) -> green (1); cells never scored stay blank. Returns ``path``."""
+def needle_heatmap(records: list[dict], path: str, title: str, value=None) -> str:
+    """Mean score per (depth, length) of needle records as a heatmap PNG: length on x, depth on y, red (0) ->
+    green (1); cells never scored stay blank. The score is ``correct`` or ``value(record)``. Returns ``path``."""
     import numpy as np
     import seaborn as sns
     from matplotlib.colors import LinearSegmentedColormap
@@ -39,7 +39,7 @@ def needle_heatmap(records: list[dict], path: str, title: str) -> str:
     plt = _pyplot()
     scores = defaultdict(list)
     for r in records:
-        scores[(float(r["depth"]), int(r["length"]))].append(float(r["correct"]))
+        scores[(float(r["depth"]), int(r["length"]))].append(float(r["correct"] if value is None else value(r)))
     depths = sorted({d for d, _ in scores})
     lengths = sorted({n for _, n in scores})
     grid = np.full((len(depths), len(lengths)), np.nan)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .comm import RingComm, check_same_across_ranks, rank_and_size
 from .kernels import AttentionKernel, check_inputs, select_kernel
+from .keep import kept
 from .merge import merge_
 
 Tensor = torch.Tensor
@@ -148,7 +149,7 @@ class BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fwd, bwd, *args):
-        out, lse = fwd(q, k, v, *args)
+        out, lse = kept(lambda: fwd(q, k, v, *args))  # replayed in a checkpoint recompute (keep.py)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bwd, ctx.args = bwd, args
         ctx.mark_non_differentiable(lse)

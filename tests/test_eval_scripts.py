@@ -66,6 +66,7 @@ def test_eval_needle_1_and_2_processes_and_resume(world):
     full = _cells(one)
     assert len(full) == 12 and all(c["number"].isdigit() and len(c["number"]) == 7 for c in full.values())
     _is_png(world / "needle1" / "r.png")
+    _is_png(world / "needle1" / "r_digits.png")
     with open(world / "needle1" / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
     # Resume: keep only the 256-token cells, then let 2 processes score the rest sequence-parallel.

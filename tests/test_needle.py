@@ -14,7 +14,7 @@ import torch
 from distributed import run_distributed
 from easy_context import haystack
 from easy_context.hf import apply_seq_parallel_monkey_patch
-from easy_context.needle import (TEMPLATES, NeedleResults, NeedleTask, answer_predictions, depth_sweep,
+from easy_context.needle import (TEMPLATES, NeedleResults, NeedleTask, answer_predictions, depth_sweep, digits_right,
                                  haystack_tokens, read_haystack_dir, score)
 from easy_context.perplexity import check_lengths
 from easy_context.tiny import build_tokenizer, tiny_config
@@ -213,3 +213,11 @@ def test_results_resume_and_refuse_other_settings(tmp_path):
     again.write_csv(str(tmp_path / "out" / "needle.csv"))
     lines = open(tmp_path / "out" / "needle.csv").read().splitlines()
     assert lines[0] == "length,depth,sample,number,predicted,correct,needle_at" and len(lines) == 3
+
+
+def test_digits_right_gives_partial_credit_place_by_place():
+    assert digits_right("1234567", " 1234567.") == 1.0
+    assert digits_right("1234567", " 1234500.") == 5 / 7
+    assert digits_right("1234567", " 7654321.") == 1 / 7  # only the middle 4 is in its place
+    assert digits_right("1234567", " 12.") == 2 / 7  # a short number: the missing digits are wrong
+    assert digits_right("1234567", " no number") == 0.0

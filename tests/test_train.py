@@ -148,3 +148,9 @@ def test_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):
           config="ddp.yaml", procs=2)
     assert [r["step"] for r in log(out)] == [1]
     assert os.path.exists(os.path.join(out, "model", "config.json"))
+
+
+def test_kept_attention_outputs_train_exactly_like_recompute(reference, tmp_path):
+    out = str(tmp_path / "keep")
+    train(out, "--backend", "zigzag_ring", *TINY_ARGS, *STEPS, "--keep-attention", procs=2)
+    assert_same_run(out, reference)
