@@ -12,7 +12,6 @@ so a shortfall can be split into "smaller kernel calls" and "everything else".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -177,7 +176,7 @@ def main():
             del q, k, v, dout
             torch.cuda.empty_cache()
     if rank == 0:
-        print(f"\n| kernel | S | T1 (1 GPU) ms | " + " | ".join(
+        print("\n| kernel | S | T1 (1 GPU) ms | " + " | ".join(
             f"{k2} ms (eff)" for k2 in rows[0] if k2 not in ("kernel", "S", "P", "T1_ms")) + " |")
         for r in rows:
             print(f"| {r['kernel']} | {r['S']} | {r['T1_ms']:.1f} | " + " | ".join(

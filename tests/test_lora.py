@@ -10,13 +10,10 @@ import re
 import pytest
 import torch
 
-from easy_context.hf import causal_lm_loss
-from easy_context.inputs import prepare_seq_parallel_inputs
 from easy_context.lora import apply_lora_plus, load_lora_model, save_lora_model
-from easy_context.pose import pose_position_ids
 from easy_context.s2attn import apply_s2attn
 from reference import rel_err
-from tiny_models import batch, tiny_model
+from tiny_models import batch, pose_training_losses, tiny_model
 
 LORA = re.compile(r"\.self_attn\.[qkvo]_proj\.lora_[AB]\.default\.weight$")
 
@@ -131,17 +128,7 @@ def test_lora_plus_s2attn_and_pose_train_together(seed, tmp_path):
     ids, labels = batch(seed, 2, 64)
     model = apply_s2attn(apply_lora_plus(tiny_model("llama", seed)))  # groups of 16
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(5):
-        pos = torch.stack([pose_position_ids(64, 512, generator=g) for _ in range(2)])
-        inp = prepare_seq_parallel_inputs("ring", ids, labels, pos, allow_position_skips=True)
-        loss = causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = pose_training_losses(model, ids, labels, 512, seed)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     model.eval()  # full attention: equals the merged plain checkpoint under sdpa
     save_lora_model(model, str(tmp_path))

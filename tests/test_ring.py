@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from distributed import run_distributed
 from easy_context import ring_attention, zigzag_ring_attention
-from easy_context.layouts import shard
 from reference import check_against_full
 
 BACKENDS = {"contiguous": ring_attention, "zigzag": zigzag_ring_attention}

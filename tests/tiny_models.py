@@ -33,3 +33,25 @@ def batch(seed: int, size: int, seq: int, vocab: int = 128) -> tuple[torch.Tenso
     labels[:, : seq // 2] = -100
     labels[torch.rand(size, seq, generator=g) < 0.2] = -100
     return ids, labels
+
+
+def pose_training_losses(model, ids: torch.Tensor, labels: torch.Tensor, target: int, seed: int,
+                         steps: int = 5, lr: float = 1e-2) -> list[float]:
+    """Losses of ``steps`` AdamW steps of ``model`` (its trainable parameters) on one batch, with PoSE position
+    ids over ``target`` resampled every step (1 process, ring layout)."""
+    from easy_context.hf import causal_lm_loss
+    from easy_context.inputs import prepare_seq_parallel_inputs
+    from easy_context.pose import pose_position_ids
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        pos = torch.stack([pose_position_ids(ids.shape[1], target, generator=g) for _ in range(ids.shape[0])])
+        inp = prepare_seq_parallel_inputs("ring", ids, labels, pos, allow_position_skips=True)
+        loss = causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
