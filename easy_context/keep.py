@@ -59,10 +59,12 @@ def kept(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor,
 
 def keep_attention_outputs(model: torch.nn.Module) -> KeptOutputs:
     """Make ``model``'s easy_context attention keep its outputs through the checkpoint recompute; returns the
-    store. Each forward of ``model`` starts with an empty store, so a forward that was never backpropagated
-    (evaluation with grad on, an exception) leaves nothing stale behind."""
+    store. Each forward of ``model`` or of its decoder body (``base_model``, what the chunked loss calls)
+    starts with an empty store, so a forward that was never backpropagated (evaluation with grad on, an
+    exception) leaves nothing stale behind; the recompute reruns single layers and never clears it."""
     store = KeptOutputs()
     for m in model.modules():
         setattr(m, ATTR, store)
-    model.register_forward_pre_hook(lambda *_: store.clear())
+    for entry in {id(model): model, id(model.base_model): model.base_model}.values():
+        entry.register_forward_pre_hook(lambda *_: store.clear())
     return store

@@ -30,8 +30,9 @@ class CountingKernel(CPUFlashKernel):
         return super()._forward(q, k, v, causal, scale)
 
 
-def _step(backend: str, group, keep: bool, seed: int = 0):
-    """(loss, {name: grad}, kernel forward calls, the store or None) of one checkpointed training step."""
+def _step(backend: str, group, keep: bool, seed: int = 0, stale: bool = False):
+    """(loss, {name: grad}, kernel forward calls, the store or None) of one checkpointed training step;
+    ``stale``: first a forward on other tokens that is never backpropagated."""
     model = tiny_model("llama", seed)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -40,6 +41,10 @@ def _step(backend: str, group, keep: bool, seed: int = 0):
     store = keep_attention_outputs(model) if keep else None
     ids, labels = batch(seed, 2, SEQ)
     inp = prepare_seq_parallel_inputs(backend, ids, labels, group=group)
+    if stale:
+        other = prepare_seq_parallel_inputs(backend, *batch(seed + 1, 2, SEQ), group=group)
+        causal_lm_loss(model, other.input_ids, other.target_ids, other.position_ids)
+        kernel.forwards = 0
     out = causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kernel.forwards, store
@@ -68,6 +73,14 @@ def test_one_process_same_gradients_half_the_attention(backend):
 
 def test_two_processes_same_gradients_half_the_attention():
     run_distributed(_worker, 2)
+
+
+def test_a_forward_never_backpropagated_leaves_nothing_stale():
+    loss, grads, _, _ = _step("zigzag_ring", None, keep=False)
+    kept_loss, kept_grads, _, store = _step("zigzag_ring", None, keep=True, stale=True)
+    assert torch.equal(kept_loss, loss) and not store
+    for n, g in grads.items():
+        assert rel_err(kept_grads[n], g) < 1e-6, n
 
 
 def test_nothing_is_kept_without_autograd_or_in_eval():
