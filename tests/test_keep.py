@@ -102,3 +102,24 @@ def test_nothing_is_kept_without_autograd_or_in_eval():
     with torch.no_grad():
         model(input_ids=ids, position_ids=pos)  # ... is cleared by the next forward
     assert not store
+
+
+def test_s2attn_keeps_its_outputs_too():
+    from easy_context.s2attn import apply_s2attn
+
+    def step(keep: bool):
+        kernel = CountingKernel()
+        model = apply_s2attn(tiny_model("llama", 0), kernel=kernel)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        store = keep_attention_outputs(model) if keep else None
+        ids, labels = batch(0, 2, SEQ)
+        inp = prepare_seq_parallel_inputs("ring", ids, labels)
+        causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, kernel.forwards, store
+
+    grads, calls, _ = step(False)
+    kept_grads, kept_calls, store = step(True)
+    assert kept_calls * 2 == calls and not store
+    for n, g in grads.items():
+        assert rel_err(kept_grads[n], g) < 1e-6, n
