@@ -97,11 +97,12 @@ def main(argv=None) -> None:
 
         stem = os.path.splitext(output)[0]
         csv_path = store.write_csv(stem + ".csv")
-        png = needle_heatmap(store.records, stem + ".png", f"{name}: accuracy {store.accuracy():.1%}")
-        digits_png = needle_heatmap(store.records, stem + "_digits.png", f"{name}: digits right "
-                                    f"{store.digit_accuracy():.1%}", value=lambda r: digits_right(r["number"], r["predicted"]))
-        print(f"accuracy {store.accuracy():.4f} over {len(store.records)} samples (digits right "
-              f"{store.digit_accuracy():.4f})\nwrote {output}\n      {csv_path}\n      {png}\n      {digits_png}")
+        exact, digits = store.accuracy(), store.digit_accuracy()
+        png = needle_heatmap(store.records, stem + ".png", f"{name}: accuracy {exact:.1%}")
+        digits_png = needle_heatmap(store.records, stem + "_digits.png", f"{name}: digits right {digits:.1%}",
+                                    value=lambda r: digits_right(r["number"], r["predicted"]))
+        print(f"accuracy {exact:.4f} over {len(store.records)} samples (digits right {digits:.4f})\n"
+              f"wrote {output}\n      {csv_path}\n      {png}\n      {digits_png}")
 
 
 if __name__ == "__main__":

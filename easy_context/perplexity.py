@@ -119,11 +119,11 @@ def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | N
         if world % ulysses:
             raise ValueError(f"--ulysses-degree {ulysses} must divide the number of processes {world}")
         group = new_usp_group(ulysses_degree=ulysses, ring_degree=world // ulysses)
+    config = load_config(name_or_path, rope_theta=rope_theta, rope_scaling=rope_scaling)
     if backend is not None and world > 1:
-        config = load_config(name_or_path, rope_theta=rope_theta, rope_scaling=rope_scaling)
         self_check_config(config, backend, group=group, device=device)
     with device:  # transformers loads the weights straight onto the device
-        model = load_model(name_or_path, dtype=dtype, rope_theta=rope_theta, rope_scaling=rope_scaling)
+        model = load_model(name_or_path, dtype=dtype, config=config)
     model.to(device).eval()
     if backend is not None:
         apply_seq_parallel_monkey_patch(backend, model, group)

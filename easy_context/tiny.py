@@ -23,8 +23,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64),
 }
-NEEDLE_EVERY = 256  # one needle (and its question) per this many tokens of a training document,
-MAX_NEEDLES = 8  # up to this many: longer documents then mean longer needle-to-question distances, not more keys
+NEEDLE_EVERY = 256  # one needle (and its question) per this many tokens of a training document ...
+MAX_NEEDLES = 8  # ... up to this many: longer documents mean longer needle-to-question distances, not more keys
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
