@@ -67,15 +67,20 @@ def answer(number: str) -> str:
     return ANSWER.format(number=number)
 
 
+AT_START = 0.1  # share of documents whose first needle opens the text (the needle eval's depth 0)
+
+
 def retrieval_events(rng: random.Random, num_needles: int, digits: int = 7) -> list[tuple[float, str]]:
-    """(place in [0, 1], text) of ``num_needles`` needles with distinct keys at random places, a question
-    and answer about each at a random later place, and a last question about a needle drawn uniformly at
-    place 1.0 (the end), so every needle-to-question distance up to the document's length is trained."""
+    """(place in [0, 1], text) of ``num_needles`` needles with distinct keys at random places (in a share
+    AT_START of documents the first at place 0.0, before any filler), a question and answer about each at a
+    random later place, and a last question about a needle drawn uniformly at place 1.0 (the end), so every
+    needle-to-question distance up to the document's length is trained."""
     keys = rng.sample(KEYS, min(num_needles, len(KEYS)))
     numbers = {key: random_number(rng, digits) for key in keys}
     events = []
-    for key in keys:
-        at = rng.random()
+    opens = rng.random() < AT_START
+    for i, key in enumerate(keys):
+        at = 0.0 if opens and i == 0 else rng.random()
         events.append((at, needle(key, numbers[key])))
         events.append((at + (1 - at) * rng.random(), question(key) + answer(numbers[key])))
     last = rng.choice(keys)

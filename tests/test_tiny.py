@@ -74,3 +74,11 @@ def test_long_documents_hold_at_most_max_needles(tokenizer):
     text = tokenizer.decode(ids[1:])
     assert len(re.findall(r"\nThe special magic \w+ number is: \d+\.", text)) == tiny.MAX_NEEDLES
     assert len(re.findall(r"Answer: The special magic \w+ number is: \d+\.", text)) == tiny.MAX_NEEDLES + 1
+
+
+def test_some_documents_open_with_a_needle_as_the_needle_eval_does_at_depth_0(tokenizer):
+    # Without these the stage-1 model missed every depth-0 cell (needle right after BOS) by one digit.
+    opening = [tiny.retrieval_ids(tokenizer, 1024, seed=s)[1:4] for s in range(200)]
+    needle_start = tokenizer(tiny.needle("Paris", "1")[:14], add_special_tokens=False)["input_ids"][:3]
+    share = sum(o == needle_start for o in opening) / len(opening)
+    assert 0.04 < share < 0.2
