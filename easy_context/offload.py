@@ -2,13 +2,14 @@
 its recompute (its inputs: hidden [B, S_local, H] per layer) wait in pinned host memory from forward to backward.
 
 ``OffloadedCheckpoint`` is a drop-in ``gradient_checkpointing_func``: ``torch.utils.checkpoint`` (non-reentrant)
-run under saved-tensor hooks, which see exactly what the checkpoint saves outside the layer, its inputs.
+run under saved-tensor hooks, which see exactly what the checkpoint saves outside the layer, its tensor inputs
+(the hidden states, and whatever else the transformers version passes positionally).
 Forward: each input is copied to pinned host memory on a side CUDA stream once the compute stream has made
 it, so the copy overlaps the next layers; the allocator keeps the device block until the copy is done, then
-the block is free. Backward: when a layer's recompute asks for its input, the compute stream waits for that
-input's host-to-device copy and the copy of the input saved just before it (the next layer that backward
-reaches) starts on the side stream, overlapping this layer's recompute and backward. Exact: values are
-copied, never converted.
+the block is free. Backward: when a layer's recompute asks for one of its inputs, all of that layer's inputs are on their
+way back (the compute stream waits for the copy), and the copies of the inputs of the layer checkpointed just
+before it (the next one backward reaches) start on the side stream, overlapping this layer's recompute and
+backward. Exact: values are copied, never converted.
 
 Parameters are never offloaded (DeepSpeed ZeRO-3 gathers them around module calls, inside the recompute).
 Other devices than CUDA GPUs copy synchronously; tensors on the CPU are copied on the CPU (no gain there; it
@@ -31,10 +32,10 @@ Tensor = torch.Tensor
 class _Offloaded:
     """A saved tensor's host copy; ``on_device`` holds it back on its device once fetched (until unpacked)."""
 
-    __slots__ = ("host", "device", "ready", "on_device", "unpacked", "__weakref__")
+    __slots__ = ("host", "device", "ready", "on_device", "unpacked", "call", "__weakref__")
 
-    def __init__(self, host: Tensor, device: torch.device, ready):
-        self.host, self.device, self.ready = host, device, ready
+    def __init__(self, host: Tensor, device: torch.device, ready, call: int):
+        self.host, self.device, self.ready, self.call = host, device, ready, call
         self.on_device: Tensor | None = None
         self.unpacked = False
 
@@ -52,10 +53,12 @@ class OffloadedCheckpoint:
         self.checkpoint_kwargs = checkpoint_kwargs
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._order: list[weakref.ref] = []  # saved inputs in forward order (dead once backward freed them)
+        self._calls = 0  # checkpointed calls so far: the inputs saved by one call are fetched together
 
     def __call__(self, function: Callable, *args, **kwargs) -> Any:
         if kwargs.pop("use_reentrant", False):
             raise ValueError("OffloadedCheckpoint runs non-reentrant checkpointing only (use_reentrant=False)")
+        self._calls += 1
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(function, *args, use_reentrant=False, **{**self.checkpoint_kwargs, **kwargs})
 
@@ -65,7 +68,7 @@ class OffloadedCheckpoint:
         return self._streams[device]
 
     def _pack(self, t: Tensor):
-        if isinstance(t, torch.nn.Parameter):
+        if isinstance(t, torch.nn.Parameter) or t.numel() == 0:  # torch <= 2.11 also saves checkpoint's empty marker
             return t
         ready = None
         with torch.no_grad():
@@ -80,7 +83,7 @@ class OffloadedCheckpoint:
                 t.record_stream(side)  # t's block is not reused before the copy has read it
             else:  # a plain synchronous copy (a CPU tensor is cloned)
                 host = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-        saved = _Offloaded(host, t.device, ready)
+        saved = _Offloaded(host, t.device, ready, self._calls)
         self._order = [r for r in self._order if r() is not None]
         self._order.append(weakref.ref(saved))
         return saved
@@ -98,27 +101,28 @@ class OffloadedCheckpoint:
             saved.ready = torch.cuda.Event()
             saved.ready.record(side)
 
-    def _prefetch_before(self, saved: _Offloaded) -> None:
-        """Fetch the nearest input saved before ``saved`` that backward has not used yet."""
-        refs = [r() for r in self._order]
-        if saved not in refs:
-            return
-        for prev in reversed(refs[:refs.index(saved)]):
-            if prev is not None and not prev.unpacked:
-                self._fetch(prev)
-                return
+    def _fetch_call_of(self, saved: _Offloaded) -> None:
+        """Fetch ``saved`` and the other inputs its checkpointed call saved, then those of the nearest earlier
+        call that backward has not used yet."""
+        live = [s for s in (r() for r in self._order) if s is not None and not s.unpacked]
+        for s in live:
+            if s.call == saved.call:
+                self._fetch(s)
+        earlier = [s.call for s in live if s.call < saved.call]
+        for s in live:
+            if earlier and s.call == max(earlier):
+                self._fetch(s)
 
     def _unpack(self, saved) -> Tensor:
         if not isinstance(saved, _Offloaded):
             return saved
+        self._fetch_call_of(saved)
         saved.unpacked = True
-        self._fetch(saved)
         t, saved.on_device = saved.on_device, None
         if saved.ready is not None:
             compute = torch.cuda.current_stream(saved.device)
             compute.wait_event(saved.ready)
             t.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
-        self._prefetch_before(saved)
         return t
 
 

@@ -16,7 +16,7 @@ import zero3
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch, causal_lm_loss
 from easy_context.inputs import prepare_seq_parallel_inputs
-from easy_context.offload import OffloadedCheckpoint, enable_offloaded_checkpointing
+from easy_context.offload import OffloadedCheckpoint, _Offloaded, enable_offloaded_checkpointing
 from easy_context.tiled_mlp import apply_tiled_mlp
 from reference import rel_err
 from tiny_models import batch, tiny_model
@@ -102,30 +102,76 @@ def test_layer_inputs_are_released_after_forward(device, offload, every_n_layers
     loss.backward()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_prefetches_each_layer_input(device, seed):
-    layers = 4
-    model = _checkpointed("llama", seed, True, device, num_hidden_layers=layers)
-    func = model.model.layers[0]._gradient_checkpointing_func
-    packed, unpacked = [], []  # forward order; (index in forward order, already on its device) in backward
+def _spy(func: OffloadedCheckpoint) -> tuple[list, list]:
+    """Record what ``func`` packs (forward order) and, per unpack in backward, (its checkpointed call, whether
+    its copy back had already been started)."""
+    packed, unpacked = [], []
     pack, unpack = func._pack, func._unpack
 
     def spy_pack(t):
         saved = pack(t)
-        packed.append(saved)
+        if isinstance(saved, _Offloaded):  # not a parameter
+            packed.append(saved)
         return saved
 
     def spy_unpack(saved):
-        unpacked.append((packed.index(saved), saved.on_device is not None))
+        if isinstance(saved, _Offloaded):
+            unpacked.append((saved.call, saved.on_device is not None))
         return unpack(saved)
 
     func._pack, func._unpack = spy_pack, spy_unpack
+    return packed, unpacked
+
+
+def _assert_prefetched(packed: list, unpacked: list, calls: int, device: str) -> None:
+    assert sorted({s.call for s in packed}) == list(range(1, calls + 1))
+    assert all(s.host.device.type == "cpu" and (device == "cpu" or s.host.is_pinned()) for s in packed)
+    assert len(unpacked) == len(packed)
+    assert [c for c, _ in unpacked] == sorted((c for c, _ in unpacked), reverse=True)  # last layer first
+    assert [on for _, on in unpacked] == [False] + [True] * (len(unpacked) - 1)  # all but the first prefetched
+    assert all(s.on_device is None for s in packed)  # nothing left on the device once backward used it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_prefetches_each_layer_input(device, seed):
+    layers = 4
+    model = _checkpointed("llama", seed, True, device, num_hidden_layers=layers)
+    packed, unpacked = _spy(model.model.layers[0]._gradient_checkpointing_func)
     ids, labels = batch(seed, 1, SEQ)
     model(input_ids=ids.to(device), labels=labels.to(device)).loss.backward()
-    assert len(packed) == layers  # one saved input (the hidden states) per checkpointed layer
-    assert all(s.host.device.type == "cpu" and (device == "cpu" or s.host.is_pinned()) for s in packed)
-    assert unpacked == [(layers - 1, False)] + [(i, True) for i in reversed(range(layers - 1))]
-    assert all(s.on_device is None for s in packed)  # nothing left on the device once backward used it
+    hidden = (1, SEQ, model.config.hidden_size)
+    assert [sum(s.call == c and tuple(s.host.shape) == hidden for s in packed) for c in range(1, layers + 1)] == [1] * layers
+    _assert_prefetched(packed, unpacked, layers, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_inputs_of_a_call_come_back_together(device, seed):
+    # A layer may get several tensor inputs (which ones depends on the transformers version): backward fetches
+    # them as one, and prefetches all of the layer before.
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.nn.Parameter(torch.randn(8, 8, generator=g).to(device)) for _ in range(3)]
+    scale = torch.rand(5, 8, generator=g).to(device)
+
+    def layer(h, s, w):
+        return torch.tanh(h @ w) * s
+
+    def run(func):
+        h = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed)).to(device).requires_grad_()
+        out = h
+        for w in weights:
+            out = func(layer, out, scale + 0, w)
+        out.square().sum().backward()
+        return [w.grad.clone() for w in weights] + [h.grad]
+
+    expected = run(lambda f, *a: f(*a))
+    for w in weights:
+        w.grad = None
+    func = OffloadedCheckpoint()
+    packed, unpacked = _spy(func)
+    got = run(func)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(packed) == 2 * len(weights)  # h and s per call (parameters are never offloaded)
+    _assert_prefetched(packed, unpacked, len(weights), device)
 
 
 @pytest.mark.gpu
