@@ -12,6 +12,7 @@ same GPU is printed next to it. Results: a table on stdout and ``--json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -53,12 +54,17 @@ def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
 
 
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
-        timeout: float) -> dict:
-    """One train.py launch; returns its per-step log records (empty on failure) and the tail of its output."""
+        timeout: float, profile_step: int = 0) -> dict:
+    """One train.py launch (under profile_step.py if ``profile_step``); returns its per-step log records
+    (empty on failure), the tail of its output and rank 0's profile of that step (or None)."""
     out = tempfile.mkdtemp(prefix="bench_train_")
+    script = [os.path.join(REPO, "train.py")]
+    if profile_step:
+        script = [os.path.join(REPO, "benchmarks", "profile_step.py"), "--step", str(profile_step),
+                  "--out", os.path.join(out, "profile.json"), "--"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(REPO, "accelerate_configs", config + ".yaml"), "--num_processes", str(gpus),
-           os.path.join(REPO, "train.py"), "--model", model, "--dataset", "random", "--seq-length", str(seq),
+           *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
     launched = time.time()
     try:
@@ -72,7 +78,9 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     # launch to the start of the first step: process start, model build, DeepSpeed engine, data workers
     startup = records[0]["time"] - records[0]["step_s"] - launched if records and "time" in records[0] else None
-    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd), "startup_s": startup}
+    prof = os.path.join(out, "profile.rank0.json")
+    profile = json.load(open(prof)) if os.path.exists(prof) else None
+    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd), "startup_s": startup, "profile": profile}
 
 
 def main() -> None:
@@ -85,38 +93,47 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=540)
-    p.add_argument("--extra", default="", help="more train.py flags, e.g. '--tiled-mlp'")
+    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--tiled-mlp 8192'")
+    p.add_argument("--variants", default="", help="train.py flags per variant, separated by |, each run in turn "
+                   "(e.g. --variants='|--keep-attention': without and with)")
+    p.add_argument("--profile-step", type=int, default=0, help="profile this step (use the last; it is not "
+                   "timed) with benchmarks/profile_step.py")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     ceiling = matmul_ceiling()
     print(f"bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s ({ceiling / PEAK:.1%} of {PEAK / 1e12:.0f})", flush=True)
     rows = []
-    for config in args.configs.split(","):
-        for seq in map(int, args.seqlens.split(",")):
-            for backend in args.backends.split(","):
-                r = run(args.gpus, config, args.model, seq, backend, args.steps, args.extra.split(), args.timeout)
-                timed = r["records"][args.warmup:]
-                flops, n = model_flops_per_token(args.model, seq)
-                row = {"config": config, "seq": seq, "backend": backend, "ok": r["ok"], "cmd": r["cmd"],
-                       "params": n, "steps_timed": len(timed), "startup_s": r["startup_s"]}
-                if timed:
-                    tps = sum(x["tokens_per_s"] for x in timed) / len(timed)
-                    row.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / args.gpus,
-                               mfu=flops * tps / (args.gpus * PEAK), step_s=sum(x["step_s"] for x in timed) / len(timed),
-                               peak_gpu_gib=max(x["peak_gpu_gib"] for x in timed),
-                               host_rss_gib=max(x["host_rss_gib"] for x in timed))
-                else:
-                    row["error"] = r["tail"]
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in ("cmd",)}), flush=True)
-    print("\n| config | S | backend | tok/s/GPU | MFU | step s | peak GPU GiB | host RSS GiB/rank |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "mfu" in r:
-            print(f"| {r['config']} | {r['seq']} | {r['backend']} | {r['tokens_per_s_per_gpu']:.0f} | {r['mfu']:.1%} | "
-                  f"{r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+    for config, seq, backend, variant in itertools.product(args.configs.split(","), map(int, args.seqlens.split(",")),
+                                                           args.backends.split(","), args.variants.split("|")):
+        r = run(args.gpus, config, args.model, seq, backend, args.steps, args.extra.split() + variant.split(),
+                args.timeout, args.profile_step)
+        timed = [x for x in r["records"][args.warmup:] if x["step"] != args.profile_step]
+        flops, n = model_flops_per_token(args.model, seq)
+        row = {"config": config, "seq": seq, "backend": backend, "variant": variant, "ok": r["ok"], "cmd": r["cmd"],
+               "params": n, "steps_timed": len(timed), "startup_s": r["startup_s"], "profile": r["profile"]}
+        if timed:
+            tps = sum(x["tokens_per_s"] for x in timed) / len(timed)
+            row.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / args.gpus, mfu=flops * tps / (args.gpus * PEAK),
+                       step_s=sum(x["step_s"] for x in timed) / len(timed),
+                       peak_gpu_gib=max(x["peak_gpu_gib"] for x in timed),
+                       host_rss_gib=max(x["host_rss_gib"] for x in timed))
         else:
-            print(f"| {r['config']} | {r['seq']} | {r['backend']} | failed | | | | |")
+            row["error"] = r["tail"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("cmd",)}), flush=True)
+    print("\n| config | S | backend | flags | tok/s/GPU | MFU | step s | peak GPU GiB | host RSS GiB/rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        head = f"| {r['config']} | {r['seq']} | {r['backend']} | {r['variant'] or '-'} |"
+        print(f"{head} {r['tokens_per_s_per_gpu']:.0f} | {r['mfu']:.1%} | {r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} | "
+              f"{r['host_rss_gib']:.1f} |" if "mfu" in r else f"{head} failed | | | | |")
+    for r in rows:
+        if r["profile"]:
+            prof = r["profile"]
+            print(f"\nprofile of step {prof['step']} (rank 0), {r['backend']} {r['variant'] or '-'}: wall "
+                  f"{prof['wall_s']:.2f} s, no compute kernel running {prof['no_compute_s']:.2f} s")
+            for k, v in prof["kinds"].items():
+                print(f"  {k:10s} {v['union_s']:8.2f} s (kernels summed {v['sum_s']:.2f} s, {v['count']} calls)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceiling_flops": ceiling, "peak": PEAK, "rows": rows}, f, indent=1)

@@ -1,0 +1,111 @@
+"""Run train.py with torch.profiler over one optimizer step and sum the GPU time by kind of kernel.
+
+  accelerate launch ... benchmarks/profile_step.py --step 4 --out prof.json -- <train.py flags>
+
+The profiler starts at the forward of step ``--step`` and stops when train.py logs that step, so the window
+is exactly one step: forward, backward (with the checkpoint recompute), ZeRO-3 gathers and reduce-scatters,
+optimizer. Each rank writes ``OUT`` with its rank before the suffix (``prof.rank0.json``): the step's wall
+time, per kind the summed kernel time and its union over streams, and the time no compute kernel ran.
+Use the last step: stopping the profiler takes seconds, which would land in the next step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import runpy
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# first match wins: attention kernels (cuDNN, flash, efficient) before the generic GEMM names
+KINDS = [("nccl", r"nccl"), ("attention", r"fmha|flash|attention|sdpa|cudnn"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_"), ("optimizer", r"adam|multi_tensor"),
+         ("memcpy", r"^memcpy|^memset")]
+
+
+def kind(name: str) -> str:
+    """The kind of a GPU kernel by its name: one of KINDS' names, else "other"."""
+    low = name.lower()
+    return next((k for k, pattern in KINDS if re.search(pattern, low)), "other")
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
+    """Per kind: summed kernel seconds, the union of their intervals, count; plus the seconds in which no
+    compute kernel (anything but NCCL) ran. ``kernels``: (name, start_us, end_us)."""
+    by_kind: dict[str, list[tuple[float, float]]] = {}
+    for name, a, b in kernels:
+        by_kind.setdefault(kind(name), []).append((a, b))
+    kinds = {k: {"sum_s": sum(b - a for a, b in v) / 1e6, "union_s": union_us(v) / 1e6, "count": len(v)}
+             for k, v in sorted(by_kind.items())}
+    compute = [iv for k, v in by_kind.items() if k != "nccl" for iv in v]
+    busy = union_us(compute) / 1e6
+    return {"wall_s": wall_s, "compute_busy_s": busy, "no_compute_s": wall_s - busy, "kinds": kinds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", type=int, required=True, help="optimizer step to profile (1-based; use the last)")
+    p.add_argument("--out", required=True, help="JSON path; each rank inserts .rankN before the suffix")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.py's flags")
+    args = p.parse_args()
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from easy_context import hf, recipe
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof, forwards, started = profile(activities=activities), [0], [0.0]
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_forward(module, inputs):
+        if isinstance(module, hf.CausalLMWithLoss):
+            forwards[0] += 1
+            if forwards[0] == args.step:
+                sync()
+                started[0] = time.perf_counter()
+                prof.start()
+
+    write = recipe.RunLog.write
+
+    def on_log(self, record):
+        if record["step"] == args.step and started[0]:
+            sync()
+            wall = time.perf_counter() - started[0]
+            prof.stop()
+            kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type != torch.autograd.DeviceType.CPU]
+            rank = int(os.environ.get("RANK", "0"))
+            root, ext = os.path.splitext(args.out)
+            with open(f"{root}.rank{rank}{ext or '.json'}", "w") as f:
+                json.dump({"step": args.step, "rank": rank, **summarize(kernels, wall)}, f, indent=1)
+        return write(self, record)
+
+    torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    recipe.RunLog.write = on_log
+    sys.argv = [os.path.join(REPO, "train.py"), *train_args]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""benchmarks/profile_step.py: GPU kernels are sorted into kinds by name and their time is counted once."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import profile_step  # noqa: E402
+
+
+def test_kernel_names_are_sorted_into_kinds():
+    assert profile_step.kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert profile_step.kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert profile_step.kind("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_NNT") == "matmul"
+    assert profile_step.kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+    assert profile_step.kind("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
+    assert profile_step.kind("Memcpy HtoD (Pinned -> Device)") == "memcpy"
+    assert profile_step.kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor>") == "other"
+
+
+def test_overlapping_kernels_are_counted_once_and_idle_time_is_what_no_compute_kernel_covers():
+    kernels = [("nvjet_a", 0, 400_000), ("nvjet_b", 300_000, 500_000),  # two streams overlap by 0.1 s
+               ("cudnn_sdpa", 600_000, 900_000), ("ncclDevKernel_x", 0, 1_000_000)]
+    s = profile_step.summarize(kernels, wall_s=1.0)
+    assert s["kinds"]["matmul"] == {"sum_s": 0.6, "union_s": 0.5, "count": 2}
+    assert abs(s["compute_busy_s"] - 0.8) < 1e-12 and abs(s["no_compute_s"] - 0.2) < 1e-12
+    assert s["kinds"]["nccl"]["union_s"] == 1.0
