@@ -15,12 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${GPUS:-${NPROC:-2}} > 0 ? $(nproc) / ${GPUS:-${NPROC:-2}} : 1 ))} TOKENIZERS_PARALLELISM=false
-# Stages are LENGTH:BATCH:STEPS. The GPU step counts are those of the measured run (about 7 + 5 minutes on H200).
+# Stages are LENGTH:BATCH:STEPS. A stage whose model is already in $OUT is skipped (resume after a failure,
+# or put a trained short model in $OUT/grow<LEN>/model to extend only).
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
   PRESET=${PRESET:-small} LONG=${LONG:-32768} SAMPLES=${SAMPLES:-2} WORKERS=${WORKERS:-6}
   GROW=${GROW:-"256:128:1700 512:64:1400 1024:32:1300 2048:32:700"}
-  EXTEND=${EXTEND:-"2048:32:600 8192:8:500 32768:2:350"}
+  EXTEND=${EXTEND:-"8192:8:400 32768:2:300"}
   LENGTHS=${LENGTHS:-"1024 2048 4096 8192 16384 32768"}
 else
   NPROC=${NPROC:-2}
@@ -28,6 +29,8 @@ else
   GROW=${GROW:-"256:16:300"} EXTEND=${EXTEND:-"256:16:30 1024:4:20 4096:1:10"} LENGTHS=${LENGTHS:-"256 512 1024 2048 4096"}
 fi
 OUT=${OUT:-output/demo}
+# A tenth of stage 1's 1e-3: the model already retrieves under YaRN before any training; keep what it knows.
+EXTEND_LR=${EXTEND_LR:-1e-4}
 # Loss on every answer and on 5% of the other tokens: the answers are the signal, the rest teaches the prose
 # (for the perplexity plot). DATA=tiny puts it on every token (retrieval was not learned that way).
 DATA=${DATA:-tiny:answers+0.05}
@@ -51,7 +54,7 @@ if [ -n "${THETA:-}" ]; then ROPE=(--rope-theta "$THETA"); else ROPE=(--rope-sca
 for s in $EXTEND; do
   IFS=: read -r LEN BATCH STEPS <<< "$s"
   [ -d "$OUT/extend$LEN/model" ] || "${LAUNCH[@]}" train.py --model "$MODEL" --seq-length "$LEN" "${ROPE[@]}" \
-    --backend zigzag_ring --batch-size "$BATCH" --lr 3e-4 --warmup-steps 20 --max-steps "$STEPS" "${COMMON[@]}" \
+    --backend zigzag_ring --batch-size "$BATCH" --lr "$EXTEND_LR" --warmup-steps 20 --max-steps "$STEPS" "${COMMON[@]}" \
     --output-dir "$OUT/extend$LEN"
   MODEL="$OUT/extend$LEN/model"; mark "extended to $MODEL at $LEN tokens (${ROPE[*]}, zigzag ring)"; ROPE=()
 done
