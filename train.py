@@ -53,6 +53,7 @@ p.add_argument("--resume", action="store_true", help="continue from the newest c
 p.add_argument("--wandb", default=None, help="wandb project (optional)")
 p.add_argument("--no-gradient-checkpointing", action="store_true")
 p.add_argument("--keep-attention", action="store_true", help="keep attention outputs through the recompute (keep.py)")
+p.add_argument("--fuse-pointwise", action="store_true", help="compiled RMSNorm, SwiGLU and RoPE kernels (fused.py)")
 p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
 p.add_argument("--tiled-mlp", type=int, default=0, help="run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
 p.add_argument("--offload-activations", type=int, nargs="?", const=-1, default=0, metavar="N",
@@ -63,10 +64,8 @@ p.add_argument("--lora-alpha", type=float, default=16.0)
 p.add_argument("--lora-keep-adapter", action="store_true", help="save the adapter instead of merging it")
 p.add_argument("--pose-target", type=int, default=None, help="PoSE: spread positions over this longer window")
 p.add_argument("--no-save", action="store_true", help="skip the final model (benchmarks)")
-p.add_argument("--time-limit", type=float, default=None, help="minutes: stop after the step that passes it and "
-               "save as at the end (the schedule still follows --max-steps)")
-p.add_argument("--data-workers", type=int, default=2 if torch.cuda.is_available() else 0,
-               help="DataLoader worker processes (generated data is made on the fly)")
+p.add_argument("--time-limit", type=float, default=None, help="minutes: stop after the step that passes it, then save")
+p.add_argument("--data-workers", type=int, default=2 if torch.cuda.is_available() else 0, help="DataLoader workers")
 args = p.parse_args()
 
 # --- process groups and cheap checks: all before any model weights are loaded -------------------------
@@ -122,6 +121,8 @@ elif not args.no_gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if args.keep_attention:
     ec.keep_attention_outputs(model)
+if args.fuse_pointwise:
+    ec.fuse_pointwise(model)
 if args.tiled_mlp:
     ec.apply_tiled_mlp(model, args.tiled_mlp)
 if args.lora_rank:

@@ -6,6 +6,7 @@ Self-contained: copy this folder into another codebase; it imports only torch at
 
 from .backends import BACKENDS, Backend, backend_layout, get_backend
 from .dist_flash import dist_flash_attention
+from .fused import fuse_pointwise
 from .groups import ParallelGroups, attention_group, init_groups
 from .hf import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
                  register_all, register_attention, self_check, self_check_config)
@@ -40,6 +41,7 @@ __all__ = [
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
     "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing", "keep_attention_outputs",
+    "fuse_pointwise",
     "NeedleTask", "NeedleResults", "answer_predictions", "haystack_tokens",
     "evaluate_perplexity", "sequence_nll", "load_eval_model",
 ]

@@ -154,3 +154,9 @@ def test_kept_attention_outputs_train_exactly_like_recompute(reference, tmp_path
     out = str(tmp_path / "keep")
     train(out, "--backend", "zigzag_ring", *TINY_ARGS, *STEPS, "--keep-attention", procs=2)
     assert_same_run(out, reference)
+
+
+def test_fused_pointwise_ops_train_like_eager(reference, tmp_path):
+    out = str(tmp_path / "fused")
+    train(out, "--backend", "zigzag_ring", *TINY_ARGS, *STEPS, "--keep-attention", "--fuse-pointwise", procs=2)
+    assert_same_run(out, reference)
