@@ -62,9 +62,9 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
     if profile_step:
         script = [os.path.join(REPO, "benchmarks", "profile_step.py"), "--step", str(profile_step),
                   "--out", os.path.join(out, "profile.json"), "--"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(REPO, "accelerate_configs", config + ".yaml"), "--num_processes", str(gpus),
-           *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
+    config_file = config if config.endswith(".yaml") else os.path.join(REPO, "accelerate_configs", config + ".yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+           "--num_processes", str(gpus), *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
     launched = time.time()
     try:
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--model", default="shape:llama2-7b")
     p.add_argument("--seqlens", default="65536,131072")
     p.add_argument("--backends", default="zigzag_ring,ulysses,usp")
-    p.add_argument("--configs", default="zero3_offload,zero3")
+    p.add_argument("--configs", default="zero3_offload,zero3", help="names in accelerate_configs/ or .yaml paths")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=540)
@@ -125,8 +125,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['config']} | {r['seq']} | {r['backend']} | {r['variant'] or '-'} |"
-        print(f"{head} {r['tokens_per_s_per_gpu']:.0f} | {r['mfu']:.1%} | {r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} | "
-              f"{r['host_rss_gib']:.1f} |" if "mfu" in r else f"{head} failed | | | | |")
+        print(f"{head} {r['tokens_per_s_per_gpu']:.0f} | {r['mfu']:.1%} | {r['step_s']:.1f} | "
+              f"{r['peak_gpu_gib']:.1f} | {r['host_rss_gib']:.1f} |" if "mfu" in r else f"{head} failed | | | | |")
     for r in rows:
         if r["profile"]:
             prof = r["profile"]
