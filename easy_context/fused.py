@@ -109,38 +109,37 @@ def _rope_module(attention: torch.nn.Module):
     """The modeling module whose ``apply_rotary_pos_emb`` this attention calls, if it is rotate-half RoPE."""
     mod = sys.modules.get(type(attention).__module__)
     ref = getattr(mod, "apply_rotary_pos_emb", None)
-    if ref is None or ref is apply_rope:
-        return mod if ref is apply_rope else None
-    ok = _same(lambda q, k, c, s: ref(q, k, c, s), lambda q, k, c, s: _rope(q, k, c, s),
-               (1, 2, 5, 8), (1, 2, 5, 8), (1, 5, 8), (1, 5, 8))
-    return mod if ok else None
+    if ref is apply_rope:  # already replaced
+        return mod
+    if ref is None or not _same(lambda q, k, c, s: ref(q, k, c, s), lambda q, k, c, s: _rope(q, k, c, s),
+                                (1, 2, 5, 8), (1, 2, 5, 8), (1, 5, 8), (1, 5, 8)):
+        return None
+    return mod
 
 
 def fuse_pointwise(model: torch.nn.Module) -> dict[str, int]:
     """Replace, in place, every Llama-style RMSNorm's forward with ``rms_norm``, every SwiGLU MLP's with one that
     calls ``silu_mul``, and the RoPE function of each attention's modeling module with ``apply_rope``; returns
-    how many of each were replaced ({"rms_norm": n, "swiglu": n, "rope": n}). Applying again changes nothing.
-    ValueError if nothing in the model matched (it would run unfused while the caller believes otherwise)."""
-    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
-    rope_modules = set()
-    for m in model.modules():
-        if getattr(m, _ATTR, False):
-            counts["rms_norm" if hasattr(m, "variance_epsilon") else "swiglu"] += 1
-        elif _is_rms_norm(m):
-            m.forward = types.MethodType(_norm_forward, m)
-            setattr(m, _ATTR, True)
-            counts["rms_norm"] += 1
-        elif _is_swiglu(m):
-            m.forward = types.MethodType(_mlp_forward, m)
-            setattr(m, _ATTR, True)
-            counts["swiglu"] += 1
-        if hasattr(m, "q_proj") and hasattr(m, "k_proj"):
-            mod = _rope_module(m)
-            if mod is not None:
-                mod.apply_rotary_pos_emb = apply_rope
-                rope_modules.add(mod.__name__)
-    counts["rope"] = len(rope_modules)
-    if not any(counts.values()):
+    how many of each the model now runs fused ({"rms_norm": n, "swiglu": n, "rope": n}). Applying again changes
+    nothing. ValueError, before anything is replaced, if nothing in the model matched (it would run unfused while
+    the caller believes otherwise) or if a matching module's forward was already wrapped (call this first)."""
+    done = [m for m in model.modules() if getattr(m, _ATTR, False)]
+    fresh = [m for m in model.modules() if not getattr(m, _ATTR, False)]
+    norms, mlps = [m for m in fresh if _is_rms_norm(m)], [m for m in fresh if _is_swiglu(m)]
+    ropes = {mod for mod in (_rope_module(m) for m in fresh if hasattr(m, "q_proj") and hasattr(m, "k_proj")) if mod}
+    wrapped = [type(m).__name__ for m in norms + mlps if "forward" in vars(m)]
+    if wrapped:
+        raise ValueError(f"fuse_pointwise: {wrapped[0]}'s forward is already replaced (e.g. by apply_tiled_mlp); "
+                         "call fuse_pointwise first, so that the other wrapper calls the fused forward")
+    if not (done or norms or mlps or ropes):
         raise ValueError(f"fuse_pointwise: nothing in {type(model).__name__} is a Llama-style RMSNorm, SwiGLU MLP "
                          "or rotate-half RoPE; leave the option off for this model")
-    return counts
+    for modules, forward in ((norms, _norm_forward), (mlps, _mlp_forward)):
+        for m in modules:
+            m.forward = types.MethodType(forward, m)
+            setattr(m, _ATTR, True)
+    for mod in ropes:
+        mod.apply_rotary_pos_emb = apply_rope
+    fused = done + norms + mlps
+    return {"rms_norm": sum(hasattr(m, "variance_epsilon") for m in fused),
+            "swiglu": sum(not hasattr(m, "variance_epsilon") for m in fused), "rope": len(ropes)}

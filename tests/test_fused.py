@@ -66,3 +66,27 @@ def test_the_caller_random_stream_is_untouched(seed):
     torch.manual_seed(seed)
     fuse_pointwise(model)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_fusing_after_another_forward_wrapper_is_refused_before_anything_changes(seed):
+    from easy_context.tiled_mlp import apply_tiled_mlp
+
+    model = tiny_model("llama", seed)
+    apply_tiled_mlp(model, tile_tokens=8)
+    with pytest.raises(ValueError, match="call fuse_pointwise first"):
+        fuse_pointwise(model)
+    assert not any(getattr(m, "_easy_context_fused", False) for m in model.modules())
+
+
+def test_fused_then_tiled_mlp_trains_like_eager(seed):
+    from easy_context.tiled_mlp import apply_tiled_mlp
+
+    ids, labels = batch(seed, 2, 29)
+    ref_loss, ref_grads = _loss_and_grads(tiny_model("llama", seed), ids, labels)
+    model = tiny_model("llama", seed)
+    fuse_pointwise(model)
+    apply_tiled_mlp(model, tile_tokens=10)
+    loss, grads = _loss_and_grads(model, ids, labels)
+    assert rel_err(loss, ref_loss) < 1e-6
+    for n, g in ref_grads.items():
+        assert rel_err(grads[n], g) < 1e-5, n
