@@ -10,7 +10,8 @@ running() { [ -f "$R/pid" ] && kill -0 "$(cat "$R/pid")" 2>/dev/null; }
 wait_part() { while running && [ $(( $(date +%s) - T0 )) -lt "$WAIT" ]; do sleep 5; done; }
 wait_part
 if [ "$PART" != - ] && ! running; then
-  setsid bash "benchmarks/sessions/gpu4_$PART.sh" > "$R/$PART.out" 2>&1 < /dev/null &
+  SCRIPT=benchmarks/sessions/gpu4_$PART.sh; [ -f "$PART" ] && SCRIPT=$PART && PART=$(basename "$PART" .sh)
+  setsid bash "$SCRIPT" > "$R/$PART.out" 2>&1 < /dev/null &
   echo $! > "$R/pid"; echo "started $PART at $(date +%T)"
   wait_part
 fi
