@@ -105,16 +105,13 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
                      lambda x: probe.down_proj(_silu_mul(probe.gate_proj(x), probe.up_proj(x))), (3, 8))
 
 
-def _rope_module(attention: torch.nn.Module):
-    """The modeling module whose ``apply_rotary_pos_emb`` this attention calls, if it is rotate-half RoPE."""
-    mod = sys.modules.get(type(attention).__module__)
+def _is_rope_module(mod) -> bool:
+    """Whether the modeling module's ``apply_rotary_pos_emb`` (what its attention calls) is rotate-half RoPE."""
     ref = getattr(mod, "apply_rotary_pos_emb", None)
     if ref is apply_rope:  # already replaced
-        return mod
-    if ref is None or not _same(lambda q, k, c, s: ref(q, k, c, s), lambda q, k, c, s: _rope(q, k, c, s),
-                                (1, 2, 5, 8), (1, 2, 5, 8), (1, 5, 8), (1, 5, 8)):
-        return None
-    return mod
+        return True
+    return ref is not None and _same(lambda q, k, c, s: ref(q, k, c, s), lambda q, k, c, s: _rope(q, k, c, s),
+                                     (1, 2, 5, 8), (1, 2, 5, 8), (1, 5, 8), (1, 5, 8))
 
 
 def fuse_pointwise(model: torch.nn.Module) -> dict[str, int]:
@@ -126,7 +123,10 @@ def fuse_pointwise(model: torch.nn.Module) -> dict[str, int]:
     done = [m for m in model.modules() if getattr(m, _ATTR, False)]
     fresh = [m for m in model.modules() if not getattr(m, _ATTR, False)]
     norms, mlps = [m for m in fresh if _is_rms_norm(m)], [m for m in fresh if _is_swiglu(m)]
-    ropes = {mod for mod in (_rope_module(m) for m in fresh if hasattr(m, "q_proj") and hasattr(m, "k_proj")) if mod}
+    # one check per modeling module, not per layer
+    attention_modules = {sys.modules.get(type(m).__module__) for m in fresh
+                         if hasattr(m, "q_proj") and hasattr(m, "k_proj")}
+    ropes = {mod for mod in attention_modules if _is_rope_module(mod)}
     wrapped = [type(m).__name__ for m in norms + mlps if "forward" in vars(m)]
     if wrapped:
         raise ValueError(f"fuse_pointwise: {wrapped[0]}'s forward is already replaced (e.g. by apply_tiled_mlp); "
