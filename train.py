@@ -180,8 +180,7 @@ for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size,
                                                          device=accelerator.device), "mean").tolist()
     dt, t0 = time.perf_counter() - t0, time.perf_counter()
     record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen, "step_s": dt,
-              "tokens_per_s": tokens_per_step / dt, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
-              if torch.cuda.is_available() else 0.0, "host_rss_gib": launch.host_rss_gib(), "time": time.time()}
+              "tokens_per_s": tokens_per_step / dt, **launch.memory_stats(), "time": time.time()}
     run_log.write(record)
     if accelerator.is_main_process:
         bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -5,8 +5,9 @@
 
 Each (option set, length) launches train.py (accelerate, DeepSpeed config ``--config``) for ``--steps`` steps
 on random tokens; a run that fails (out of memory, or over ``--timeout``) ends that option's sweep.
-``--search START,STOP,STEP`` sweeps lengths upward instead. Prints peak GPU memory (torch allocator, rank 0),
-peak host RSS per rank and the step time; writes ``--json`` and a length-vs-peak-memory plot ``--plot``.
+``--search START,STOP,STEP`` sweeps lengths upward instead. Prints peak GPU memory (torch allocator, rank 0:
+allocated and reserved), host RSS per rank at the step's end and its peak, and the step time; writes
+``--json`` and a length-vs-peak-memory plot ``--plot``.
 """
 
 from __future__ import annotations
@@ -66,19 +67,21 @@ def main() -> None:
             row = {"option": name, "flags": " ".join(flags), "seq": seq, "ok": bool(r["records"]), "cmd": r["cmd"]}
             if r["records"]:
                 last = r["records"][-1]
-                row.update(step_s=last["step_s"], peak_gpu_gib=max(x["peak_gpu_gib"] for x in r["records"]),
-                           host_rss_gib=max(x["host_rss_gib"] for x in r["records"]), loss=last["loss"])
+                row.update(step_s=last["step_s"], loss=last["loss"], **{
+                    key: max(x.get(key, 0.0) for x in r["records"])
+                    for key in ("peak_gpu_gib", "reserved_gpu_gib", "host_rss_gib", "host_peak_gib")})
             else:
                 row.update(failure=failure(r["tail"]), tail=r["tail"][-1500:])
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("cmd", "tail")}), flush=True)
             if not r["records"]:
                 break
-    print("\n| option | S | step s | peak GPU GiB | host RSS GiB/rank | result |")
+    print("\n| option | S | step s | peak GPU GiB (reserved) | host RSS GiB/rank (peak) | result |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["ok"]:
-            print(f"| {r['option']} | {r['seq']} | {r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} | {r['host_rss_gib']:.1f} | ok |")
+            print(f"| {r['option']} | {r['seq']} | {r['step_s']:.1f} | {r['peak_gpu_gib']:.1f} "
+                  f"({r['reserved_gpu_gib']:.1f}) | {r['host_rss_gib']:.1f} ({r['host_peak_gib']:.1f}) | ok |")
         else:
             print(f"| {r['option']} | {r['seq']} | | | | {r['failure']} |")
     if args.json:

@@ -39,8 +39,28 @@ def sum_kv_groups(dx: Tensor, n_kv_heads: int) -> Tensor:
     return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2)
 
 
+# Largest q block (elements) one kernel call gets: longer blocks run as several calls over groups of heads.
+# At 1M tokens over 2 GPUs a call's q holds 2^31 elements; split, the k/v heads repeated for GQA, the kernel's
+# float32 dq workspace and the call's outputs stay a fraction of the layer's activations. Every call at the
+# 128K-over-2-GPUs scale of a 7B model (2^28) still runs whole.
+MAX_CALL_ELEMENTS = 2 ** 28
+
+
+def head_chunks(q: Tensor, k: Tensor, max_elements: int | None = None) -> list[tuple[slice, slice]]:
+    """(q heads, kv heads) slices of whole kv-head groups whose q part holds at most ``max_elements``
+    (default ``MAX_CALL_ELEMENTS``) elements, or one group when a single group is larger."""
+    limit = MAX_CALL_ELEMENTS if max_elements is None else max_elements
+    h, h_kv = q.shape[1], k.shape[1]
+    n_rep = h // h_kv
+    per_kv_head = q.numel() // h_kv
+    step = max(1, min(h_kv, limit // max(per_kv_head, 1)))
+    return [(slice(g * n_rep, min(g + step, h_kv) * n_rep), slice(g, min(g + step, h_kv)))
+            for g in range(0, h_kv, step)]
+
+
 class AttentionKernel:
-    """Base class: handles GQA by repeating k/v heads; subclasses implement equal-head blocks."""
+    """Base class: handles GQA by repeating k/v heads and splits long blocks over head groups
+    (``head_chunks``); subclasses implement single calls on equal-head blocks."""
 
     name = "base"
     native_gqa = False
@@ -50,16 +70,39 @@ class AttentionKernel:
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-        n_rep = q.shape[1] // k.shape[1]
-        if not self.native_gqa:
-            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        return self._forward(q, k, v, causal, scale)
+        chunks = head_chunks(q, k)
+        if len(chunks) == 1:
+            return self._forward_gqa(q, k, v, causal, scale)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
+        for hq, hk in chunks:
+            o, l = self._forward_gqa(q[:, hq], k[:, hk], v[:, hk], causal, scale)
+            out[:, hq] = o
+            lse[:, hq] = l
+        return out, lse
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        h_kv = k.shape[1]
-        n_rep = q.shape[1] // h_kv
+        chunks = head_chunks(q, k)
+        if len(chunks) == 1:
+            return self._backward_gqa(dout, q, k, v, out, lse, causal, scale)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for hq, hk in chunks:
+            dq[:, hq], dk[:, hk], dv[:, hk] = self._backward_gqa(dout[:, hq], q[:, hq], k[:, hk], v[:, hk],
+                                                                 out[:, hq], lse[:, hq], causal, scale)
+        return dq, dk, dv
+
+    def _forward_gqa(self, q, k, v, causal, scale):
         if not self.native_gqa:
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        return self._forward(q, k, v, causal, scale)
+
+    def _backward_gqa(self, dout, q, k, v, out, lse, causal, scale):
+        h_kv = k.shape[1]
+        if not self.native_gqa:
+            n_rep = q.shape[1] // h_kv
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
         if not self.native_gqa:
@@ -182,9 +225,8 @@ class CudnnKernel(AttentionKernel):
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         aux = self._aux.get(q)
         cum_q, cum_k, seed, offset = aux[2], aux[3], aux[6], aux[7]
-        # cuDNN wants dO strided like O.
-        dout = dout.contiguous()
-        out = out.contiguous()
+        if dout.stride() != out.stride() or out.stride(-1) != 1:  # cuDNN wants dO strided like O
+            dout, out = dout.contiguous(), out.contiguous()
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)

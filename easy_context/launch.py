@@ -53,6 +53,18 @@ def host_rss_gib() -> float:
         return 0.0
 
 
+def memory_stats() -> dict[str, float]:
+    """GiB: the CUDA allocator's peak allocated and peak reserved (0.0 without CUDA), this process's host
+    memory now (``host_rss_gib``, pinned buffers included) and its peak since start (``host_peak_gib``)."""
+    import resource
+
+    cuda = torch.cuda.is_available()
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "reserved_gpu_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+            "host_rss_gib": host_rss_gib(),
+            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
+
+
 def finish() -> None:
     """End a distributed script: close the process group and exit 0 without running C++ destructors.
 

@@ -61,7 +61,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, gr
     rank, world = rank_and_size(group)
     comm = RingComm(group) if world > 1 else None
     acc = _acc_dtype(q.dtype)
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    # Strided like q: HF hands q as a [B, S, H, D] buffer viewed [B, H, S, D], so the output comes back in
+    # that memory order and the model's o_proj input is a view of it rather than a second copy.
+    out = torch.empty_like(q, dtype=acc)
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
     seq = q.shape[2]
     for step in range(world):

@@ -29,12 +29,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_against_full(attn, rank: int, world: int, layout: str, *, causal: bool, heads: int, kv_heads: int,
                        head_dim: int, chunk: int, dtype: torch.dtype, device: str, seed: int,
-                       tol: dict[str, float], batch: int = 2, group=None, **attn_kwargs) -> dict[str, float]:
+                       tol: dict[str, float], batch: int = 2, group=None, bshd: bool = False,
+                       **attn_kwargs) -> dict[str, float]:
     """Run ``attn`` on this rank's ``layout`` shard of random inputs; assert out/lse/dq/dk/dv match full attention.
 
     ``attn(q, k, v, causal=..., return_lse=True, group=..., **attn_kwargs)`` is any sequence-parallel
     backend. Inputs are drawn from ``seed`` identically on every rank; ``tol`` maps each of
-    out/lse/dq/dk/dv to the largest relative error (||x - ref|| / ||ref||) allowed. Returns the errors.
+    out/lse/dq/dk/dv to the largest relative error (||x - ref|| / ||ref||) allowed. ``bshd``: the local
+    q/k/v/dout are [B, S, H, D] buffers viewed as [B, H, S, D], as a Hugging Face model hands them over.
+    Returns the errors.
     """
     from easy_context.layouts import num_chunks, shard
 
@@ -47,7 +50,8 @@ def check_against_full(attn, rank: int, world: int, layout: str, *, causal: bool
     ref = dict(zip(("out", "lse", "dq", "dk", "dv"), full_attention(q, k, v, dout, causal)))
 
     def local(t):
-        return shard(t, layout, rank, world, dim=2).to(device=device, dtype=dtype)
+        t = shard(t, layout, rank, world, dim=2).to(device=device, dtype=dtype)
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if bshd else t
 
     lq, lk, lv = (local(t).requires_grad_(True) for t in (q, k, v))
     out, lse = attn(lq, lk, lv, causal=causal, return_lse=True, group=group, **attn_kwargs)

@@ -83,22 +83,25 @@ def test_single_process_without_distributed_is_plain_attention(seed):
 
 
 def _gpu_worker(rank, world, seed, results):
-    from easy_context.kernels import available_kernels
+    from easy_context import kernels
     probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
     tol = {"out": 2e-2, "lse": 1e-3, "dq": 3e-2, "dk": 3e-2, "dv": 3e-2}
     failures = []
-    for kernel in [k for k in available_kernels(probe, probe) if k != "reference"]:
-        for (layout, attn), causal, (h, hkv, d) in itertools.product(
-                BACKENDS.items(), (True, False), [(8, 8, 128), (8, 2, 64)]):
+    # The last case feeds [B, S, H, D] buffers (as HF does) and splits every call over head groups.
+    cases = [(8, 8, 128, False, None), (8, 2, 64, False, None), (8, 2, 128, True, 2 * 1024 * 128)]
+    for kernel in [k for k in kernels.available_kernels(probe, probe) if k != "reference"]:
+        for (layout, attn), causal, (h, hkv, d, bshd, max_call) in itertools.product(
+                BACKENDS.items(), (True, False), cases):
+            kernels.MAX_CALL_ELEMENTS = max_call or 2 ** 28
             try:
                 errs = check_against_full(attn, rank, world, layout, causal=causal, heads=h, kv_heads=hkv,
                                           head_dim=d, chunk=512, batch=1, dtype=torch.bfloat16, device="cuda",
-                                          seed=seed, tol=tol, kernel=kernel)
+                                          seed=seed, tol=tol, kernel=kernel, bshd=bshd)
             except AssertionError as e:  # report every kernel/layout, then fail
                 failures.append(str(e))
                 continue
             if rank == 0:
-                print(f"GPU {kernel:10s} {layout:10s} causal={causal!s:5s} H={h} Hkv={hkv} D={d} " +
+                print(f"GPU {kernel:10s} {layout:10s} causal={causal!s:5s} H={h} Hkv={hkv} D={d} bshd={bshd} " +
                       " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
     assert not failures, "\n".join(failures)
 
