@@ -51,7 +51,8 @@ p.add_argument("--checkpoint-every", type=int, default=0, help="save full traini
 p.add_argument("--keep-checkpoints", type=int, default=2)
 p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 p.add_argument("--wandb", default=None, help="wandb project (optional)")
-p.add_argument("--no-gradient-checkpointing", action="store_true")
+p.add_argument("--no-gradient-checkpointing", type=int, nargs="?", const=-1, default=0, metavar="N",
+               help="activation checkpointing off (N: off for the last N layers only: speed for memory)")
 p.add_argument("--keep-attention", action="store_true", help="keep attention outputs through the recompute (keep.py)")
 p.add_argument("--fuse-pointwise", action="store_true", help="compiled RMSNorm, SwiGLU and RoPE kernels (fused.py)")
 p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk of the loss")
@@ -94,6 +95,8 @@ config = models.load_config(args.model, rope_theta=args.rope_theta, rope_scaling
                             max_position_embeddings=args.seq_length)
 if sp_backend:
     ec.check_model_fits_backend(layout_backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
+ec.offload.check_layer_counts(config.num_hidden_layers, offload=args.offload_activations,
+                              skip_last=args.no_gradient_checkpointing)
 tokenizer = None if models.is_shape(args.model) else models.load_tokenizer(args.model)
 if args.dataset == "random" or tokenizer is None:  # benchmarks: uniform random tokens, no tokenizer needed
     dataset = data.RandomTokens(config.vocab_size, args.seq_length, seed=args.seed)
@@ -115,10 +118,7 @@ dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torc
 if args.tiled_mlp and ds is None and world > 1:
     raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
 model = models.load_model(args.model, config=config, dtype=dtype)
-if args.offload_activations:
-    ec.enable_offloaded_checkpointing(model, layers=None if args.offload_activations < 0 else args.offload_activations)
-elif not args.no_gradient_checkpointing:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+ec.offload.setup_checkpointing(model, offload=args.offload_activations, skip_last=args.no_gradient_checkpointing)
 if args.keep_attention:
     ec.keep_attention_outputs(model)
 if args.fuse_pointwise:

@@ -18,7 +18,7 @@ from .lora import apply_lora_plus, load_lora_model, save_lora_model
 from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .merge import merge_
 from .needle import NeedleResults, NeedleTask, answer_predictions, haystack_tokens
-from .offload import OffloadedCheckpoint, enable_offloaded_checkpointing
+from .offload import OffloadedCheckpoint, enable_offloaded_checkpointing, setup_checkpointing, skip_checkpointing
 from .perplexity import evaluate_perplexity, load_eval_model, sequence_nll
 from .pose import pose_position_ids
 from .ring import ring_attention
@@ -40,7 +40,8 @@ __all__ = [
     "apply_lora_plus", "save_lora_model", "load_lora_model",
     "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
-    "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing", "keep_attention_outputs",
+    "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing",
+    "setup_checkpointing", "skip_checkpointing", "keep_attention_outputs",
     "fuse_pointwise",
     "NeedleTask", "NeedleResults", "answer_predictions", "haystack_tokens",
     "evaluate_perplexity", "sequence_nll", "load_eval_model",

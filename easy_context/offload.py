@@ -95,11 +95,17 @@ class OffloadedCheckpoint:
         if saved.ready is None:  # not CUDA: copy back synchronously (a CPU tensor: no copy)
             saved.on_device = saved.host.to(saved.device)
             return
-        side = self._side_stream(saved.device)
+        # Allocated from the compute stream's pool, where it is used and freed: a block allocated on the side
+        # stream would return to the side stream's pool, which the compute stream never reuses (GiBs at 1M).
+        side, compute = self._side_stream(saved.device), torch.cuda.current_stream(saved.device)
+        on_device = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
+        side.wait_stream(compute)  # the block may be memory that queued compute work still uses
         with torch.cuda.stream(side):
-            saved.on_device = saved.host.to(saved.device, non_blocking=True)
+            on_device.copy_(saved.host, non_blocking=True)
             saved.ready = torch.cuda.Event()
             saved.ready.record(side)
+        on_device.record_stream(side)
+        saved.on_device = on_device
 
     def _fetch_call_of(self, saved: _Offloaded) -> None:
         """Fetch ``saved`` and the other inputs its checkpointed call saved, then those of the nearest earlier
@@ -120,9 +126,7 @@ class OffloadedCheckpoint:
         saved.unpacked = True
         t, saved.on_device = saved.on_device, None
         if saved.ready is not None:
-            compute = torch.cuda.current_stream(saved.device)
-            compute.wait_event(saved.ready)
-            t.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
+            torch.cuda.current_stream(saved.device).wait_event(saved.ready)
         return t
 
 
@@ -147,12 +151,54 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: in
     # Every transformers 5.x calls `module._gradient_checkpointing_func(...)` in each module that has the
     # `gradient_checkpointing` flag; replace the function it just set, keeping the flags.
     flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-    # The checkpointed layers themselves, in forward order (not a model that carries the flag around them).
-    offloaded = [m for m in flagged if m.gradient_checkpointing is True
-                 and not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
-    for m in offloaded[:layers] if layers is not None else flagged:
+    for m in checkpointed_layers(model)[:layers] if layers is not None else flagged:
         m._gradient_checkpointing_func = func
     if not any(m.gradient_checkpointing is True for m in flagged):
         raise ValueError(f"enable_offloaded_checkpointing: no module of {type(model).__name__} turned gradient "
                          "checkpointing on, so nothing would be offloaded")
     return func
+
+
+def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a transformers model checkpoints one by one (its decoder layers), in forward order; not
+    an outer module that carries the flag around them."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True
+            and not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
+
+
+def skip_checkpointing(model: torch.nn.Module, last: int) -> list[torch.nn.Module]:
+    """Turn gradient checkpointing off for the ``last`` checkpointed layers (0: none), trading their full
+    activations (kept from forward to backward) for their recompute; returns those layers. The last layers
+    are the ones backward reaches first, so their activations are freed before the others are rebuilt."""
+    if last < 0:
+        raise ValueError(f"skip_checkpointing: last must be >= 0, got {last}")
+    layers = checkpointed_layers(model)
+    if last > len(layers):
+        raise ValueError(f"skip_checkpointing: the model checkpoints {len(layers)} layers, cannot skip {last}")
+    skipped = layers[len(layers) - last:] if last else []
+    for m in skipped:
+        m.gradient_checkpointing = False
+    return skipped
+
+
+def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0) -> None:
+    """Before any weights load: ``offload`` (-1: all) and ``skip_last`` (-1: no checkpointing at all) must name
+    at most ``num_layers`` layers, and offloading needs checkpointing on."""
+    for n, what in ((offload, "offload the inputs of"), (skip_last, "leave uncheckpointed")):
+        if n > num_layers:
+            raise ValueError(f"the model has {num_layers} layers: cannot {what} {n}; choose at most {num_layers}")
+    if offload and skip_last < 0:
+        raise ValueError("offloading activations needs gradient checkpointing: drop one of the two options")
+
+
+def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0) -> None:
+    """Gradient checkpointing for a transformers model as the recipe's flags say: ``skip_last`` -1 turns it
+    off, N > 0 leaves the last N layers uncheckpointed; ``offload`` N > 0 keeps the first N layers' saved
+    inputs in pinned host memory (-1: every layer's), 0 keeps them on the device."""
+    if skip_last < 0:
+        return
+    if offload:
+        enable_offloaded_checkpointing(model, layers=None if offload < 0 else offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    skip_checkpointing(model, skip_last)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import RingComm, check_same_across_ranks, rank_and_size
-from .kernels import AttentionKernel, check_inputs, select_kernel
+from .kernels import AttentionKernel, check_inputs, head_chunks, select_kernel
 from .keep import kept
 from .merge import merge_
 
@@ -57,7 +57,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group, kernel: AttentionKernel,
                  schedule: Schedule) -> tuple[Tensor, Tensor]:
-    """Local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] of attention over the whole ring."""
+    """Local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] of attention over the whole ring.
+
+    Heads are independent, so a long sequence runs the whole ring once per group of heads
+    (``kernels.head_chunks``): the float32 accumulators and the K/V in flight are then that group's only.
+    """
+    chunks = head_chunks(q, k)
+    if len(chunks) == 1:
+        return _ring_forward(q, k, v, causal, scale, group, kernel, schedule)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=_acc_dtype(q.dtype), device=q.device)
+    for hq, hk in chunks:
+        out[:, hq], lse[:, hq] = _ring_forward(q[:, hq], k[:, hk], v[:, hk], causal, scale, group, kernel, schedule)
+    return out, lse
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group, kernel: AttentionKernel,
+                  schedule: Schedule) -> tuple[Tensor, Tensor]:
     rank, world = rank_and_size(group)
     comm = RingComm(group) if world > 1 else None
     acc = _acc_dtype(q.dtype)
@@ -107,12 +123,24 @@ def _backward_blocks(blocks, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                   scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of the local shards, given the final local out and lse.
+    """dq, dk, dv of the local shards, given the final local out and lse (a ring per head group, as forward).
 
     The local block is split around the ring (``split_local_blocks``) so that both the first K/V hop
     and the last dk/dv hop overlap compute. The float32 dk/dv accumulator of rank j's K/V starts at
     rank j+1 and reaches j after P-1 hops, where j adds its own local part.
     """
+    chunks = head_chunks(q, k)
+    if len(chunks) == 1:
+        return _ring_backward(dout, q, k, v, out, lse, causal, scale, group, kernel, schedule)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for hq, hk in chunks:
+        dq[:, hq], dk[:, hk], dv[:, hk] = _ring_backward(dout[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq],
+                                                         lse[:, hq], causal, scale, group, kernel, schedule)
+    return dq, dk, dv
+
+
+def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                   scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
     rank, world = rank_and_size(group)
     acc = _acc_dtype(q.dtype)
     seq = q.shape[2]

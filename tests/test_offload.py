@@ -16,7 +16,8 @@ import zero3
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch, causal_lm_loss
 from easy_context.inputs import prepare_seq_parallel_inputs
-from easy_context.offload import OffloadedCheckpoint, _Offloaded, enable_offloaded_checkpointing
+from easy_context.offload import (OffloadedCheckpoint, _Offloaded, check_layer_counts, enable_offloaded_checkpointing,
+                                  setup_checkpointing, skip_checkpointing)
 from easy_context.tiled_mlp import apply_tiled_mlp
 from reference import rel_err
 from tiny_models import batch, tiny_model
@@ -267,3 +268,40 @@ def test_only_the_first_n_layers_are_offloaded(offloaded_layers, seed):
 def _grads_after(loss, model):
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _count_layer_calls(model) -> list[int]:
+    """Forward calls per decoder layer (a checkpointed layer runs twice: forward and recompute), counted at its
+    MLP: transformers >= 5.2x checkpoints the layer's ``forward``, so hooks on the layer itself run once."""
+    calls = [0] * len(model.model.layers)
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("offload,skip_last", [(0, 0), (0, 2), (-1, 1), (2, 4), (0, -1)])
+def test_setup_checkpointing_skips_the_last_layers_exactly(offload, skip_last, seed):
+    layers = 4
+    model = tiny_model("llama", seed, num_hidden_layers=layers)
+    setup_checkpointing(model, offload=offload, skip_last=skip_last)
+    model.train()
+    calls = _count_layer_calls(model)
+    ids, labels = batch(seed, 2, SEQ)
+    got = _loss_and_grads(model, ids, labels)
+    # Layers with checkpointing run forward twice (the recompute), the last `skip_last` (or all for -1) once.
+    plain = 0 if skip_last < 0 else layers - skip_last
+    assert calls == [2] * plain + [1] * (layers - plain)
+    _assert_equal(got, _loss_and_grads(_checkpointed("llama", seed, False, num_hidden_layers=layers), ids, labels),
+                  f"offload={offload} skip_last={skip_last}")
+
+
+def test_layer_counts_are_checked_before_the_model_loads():
+    check_layer_counts(32, offload=28, skip_last=4)
+    with pytest.raises(ValueError, match="at most 32"):
+        check_layer_counts(32, offload=33)
+    with pytest.raises(ValueError, match="at most 32"):
+        check_layer_counts(32, skip_last=40)
+    with pytest.raises(ValueError, match="needs gradient checkpointing"):
+        check_layer_counts(32, offload=-1, skip_last=-1)
+    with pytest.raises(ValueError, match="cannot skip 5"):
+        skip_checkpointing(_checkpointed("llama", 0, False, num_hidden_layers=4), 5)

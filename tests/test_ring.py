@@ -34,6 +34,20 @@ def test_matches_full_attention_cpu(world, seed):
     run_distributed(_exactness_worker, world, seed, [("cpu_flash", torch.float32), ("reference", torch.float64)])
 
 
+def _head_group_worker(rank, world, seed):
+    from easy_context import kernels
+    kernels.MAX_CALL_ELEMENTS = 1  # every ring runs once per kv head (the 1M-token configuration, in small)
+    for i, ((layout, attn), bshd, (h, hkv, d)) in enumerate(itertools.product(BACKENDS.items(), (False, True),
+                                                                                SHAPES)):
+        check_against_full(attn, rank, world, layout, causal=True, heads=h, kv_heads=hkv, head_dim=d, chunk=4,
+                           dtype=torch.float64, device="cpu", seed=seed + i, tol=TOL[torch.float64], bshd=bshd)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_ring_per_head_group_matches_full_attention(world, seed):
+    run_distributed(_head_group_worker, world, seed)
+
+
 def _subgroup_worker(rank, world, seed):
     # Two independent rings of 2 ranks each ({0, 1} and {2, 3}), as data x sequence parallelism will use.
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
