@@ -69,7 +69,8 @@ def main() -> None:
                 last = r["records"][-1]
                 row.update(step_s=last["step_s"], loss=last["loss"], **{
                     key: max(x.get(key, 0.0) for x in r["records"])
-                    for key in ("peak_gpu_gib", "reserved_gpu_gib", "host_rss_gib", "host_peak_gib")})
+                    for key in ("peak_gpu_gib", "reserved_gpu_gib", "split_free_gpu_gib", "alloc_retries",
+                                "host_rss_gib", "host_peak_gib")})
             else:
                 row.update(failure=failure(r["tail"]), tail=r["tail"][-1500:])
             rows.append(row)

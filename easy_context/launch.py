@@ -59,8 +59,12 @@ def memory_stats() -> dict[str, float]:
     import resource
 
     cuda = torch.cuda.is_available()
+    stats = torch.cuda.memory_stats() if cuda else {}
     return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "reserved_gpu_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+            # fragmentation: cached but unusable pieces of split blocks at their peak, and allocator retries
+            "split_free_gpu_gib": stats.get("inactive_split_bytes.all.peak", 0) / 2**30,
+            "alloc_retries": stats.get("num_alloc_retries", 0),
             "host_rss_gib": host_rss_gib(),
             "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
 
