@@ -24,15 +24,20 @@ def global_rank(group: ProcessGroup | None, group_rank: int) -> int:
 
 
 class Exchange:
-    """Tensors in flight: ``wait()`` returns the received ones once the transfer completes."""
+    """Tensors in flight: ``wait()`` returns the received ones once the transfer completes.
 
-    def __init__(self, reqs: list, received: list[Tensor]):
-        self._reqs, self._received = reqs, received
+    It also holds the buffers being sent until then: a send buffer that only the op referenced (a
+    ``.contiguous()`` copy, or a result the caller dropped) could otherwise go back to the allocator and be
+    overwritten by the compute stream while the communication stream still reads it.
+    """
+
+    def __init__(self, reqs: list, received: list[Tensor], sending: list[Tensor] | None = None):
+        self._reqs, self._received, self._sending = reqs, received, sending or []
 
     def wait(self) -> list[Tensor]:
         for r in self._reqs:
-            r.wait()
-        self._reqs = []
+            r.wait()  # on CUDA: the current stream waits for the transfer, so the buffers may be freed after
+        self._reqs, self._sending = [], []
         return self._received
 
 
@@ -57,12 +62,13 @@ class RingComm:
 def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group: ProcessGroup | None,
         tag: int = 0) -> Exchange:
     """Issue isend/irecv pairs (global peer ranks) as one batch; returns the pending exchange."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group, tag) for t, peer in sends]
+    sending = [t.contiguous() for t, _ in sends]
+    ops = [dist.P2POp(dist.isend, t, peer, group, tag) for t, (_, peer) in zip(sending, sends)]
     ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, peer in recvs]
     if not ops:
         return Exchange([], [])
     reqs = dist.batch_isend_irecv(ops)
-    return Exchange(reqs, [t for t, _ in recvs])
+    return Exchange(reqs, [t for t, _ in recvs], sending)
 
 
 def check_same_across_ranks(values: list[int], names: list[str], group: ProcessGroup | None,

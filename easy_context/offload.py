@@ -142,12 +142,7 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: in
     Use it when host memory cannot hold every layer's input. None: all.
     """
     func = OffloadedCheckpoint(**checkpoint_kwargs)
-    options = {"use_reentrant": False}
-    extra = {} if every_n_layers == 1 else {"every_n_layers": every_n_layers}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **extra)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
+    _enable_checkpointing(model, every_n_layers)
     # Every transformers 5.x calls `module._gradient_checkpointing_func(...)` in each module that has the
     # `gradient_checkpointing` flag; replace the function it just set, keeping the flags.
     flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -157,6 +152,16 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, *, every_n_layers: in
         raise ValueError(f"enable_offloaded_checkpointing: no module of {type(model).__name__} turned gradient "
                          "checkpointing on, so nothing would be offloaded")
     return func
+
+
+def _enable_checkpointing(model: torch.nn.Module, every_n_layers: int = 1) -> None:
+    """transformers' own non-reentrant gradient checkpointing, under either name of its switch."""
+    options = {"use_reentrant": False}
+    extra = {} if every_n_layers == 1 else {"every_n_layers": every_n_layers}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **extra)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -200,5 +205,5 @@ def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: 
     if offload:
         enable_offloaded_checkpointing(model, layers=None if offload < 0 else offload)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     skip_checkpointing(model, skip_last)
