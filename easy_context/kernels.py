@@ -58,6 +58,34 @@ def head_chunks(q: Tensor, k: Tensor, max_elements: int | None = None) -> list[t
             for g in range(0, h_kv, step)]
 
 
+def forward_by_head_groups(fn: Callable, q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """``fn(q, k, v, *args) -> (out, lse)`` run once per ``head_chunks`` group, the results assembled
+    (out like q, lse float32 or float64 [B, H, S]); a single call when one group holds everything."""
+    chunks = head_chunks(q, k)
+    if len(chunks) == 1:
+        return fn(q, k, v, *args)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    for hq, hk in chunks:
+        out[:, hq], lse[:, hq] = fn(q[:, hq], k[:, hk], v[:, hk], *args)
+    return out, lse
+
+
+def backward_by_head_groups(fn: Callable, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """``fn(dout, q, k, v, out, lse, *args) -> (dq, dk, dv)`` run once per ``head_chunks`` group, the
+    gradients assembled like q, k, v; a single call when one group holds everything."""
+    chunks = head_chunks(q, k)
+    if len(chunks) == 1:
+        return fn(dout, q, k, v, out, lse, *args)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for hq, hk in chunks:
+        dq[:, hq], dk[:, hk], dv[:, hk] = fn(dout[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq], lse[:, hq],
+                                             *args)
+    return dq, dk, dv
+
+
 class AttentionKernel:
     """Base class: handles GQA by repeating k/v heads and splits long blocks over head groups
     (``head_chunks``); subclasses implement single calls on equal-head blocks."""
@@ -70,28 +98,11 @@ class AttentionKernel:
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-        chunks = head_chunks(q, k)
-        if len(chunks) == 1:
-            return self._forward_gqa(q, k, v, causal, scale)
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)
-        for hq, hk in chunks:
-            o, l = self._forward_gqa(q[:, hq], k[:, hk], v[:, hk], causal, scale)
-            out[:, hq] = o
-            lse[:, hq] = l
-        return out, lse
+        return forward_by_head_groups(self._forward_gqa, q, k, v, causal, scale)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        chunks = head_chunks(q, k)
-        if len(chunks) == 1:
-            return self._backward_gqa(dout, q, k, v, out, lse, causal, scale)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for hq, hk in chunks:
-            dq[:, hq], dk[:, hk], dv[:, hk] = self._backward_gqa(dout[:, hq], q[:, hq], k[:, hk], v[:, hk],
-                                                                 out[:, hq], lse[:, hq], causal, scale)
-        return dq, dk, dv
+        return backward_by_head_groups(self._backward_gqa, dout, q, k, v, out, lse, causal, scale)
 
     def _forward_gqa(self, q, k, v, causal, scale):
         if not self.native_gqa:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import RingComm, check_same_across_ranks, rank_and_size
-from .kernels import AttentionKernel, check_inputs, head_chunks, select_kernel
+from .kernels import (AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups,
+                      select_kernel)
 from .keep import kept
 from .merge import merge_
 
@@ -62,14 +63,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, gr
     Heads are independent, so a long sequence runs the whole ring once per group of heads
     (``kernels.head_chunks``): the float32 accumulators and the K/V in flight are then that group's only.
     """
-    chunks = head_chunks(q, k)
-    if len(chunks) == 1:
-        return _ring_forward(q, k, v, causal, scale, group, kernel, schedule)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=_acc_dtype(q.dtype), device=q.device)
-    for hq, hk in chunks:
-        out[:, hq], lse[:, hq] = _ring_forward(q[:, hq], k[:, hk], v[:, hk], causal, scale, group, kernel, schedule)
-    return out, lse
+    return forward_by_head_groups(_ring_forward, q, k, v, causal, scale, group, kernel, schedule)
 
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group, kernel: AttentionKernel,
@@ -129,14 +123,7 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     and the last dk/dv hop overlap compute. The float32 dk/dv accumulator of rank j's K/V starts at
     rank j+1 and reaches j after P-1 hops, where j adds its own local part.
     """
-    chunks = head_chunks(q, k)
-    if len(chunks) == 1:
-        return _ring_backward(dout, q, k, v, out, lse, causal, scale, group, kernel, schedule)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for hq, hk in chunks:
-        dq[:, hq], dk[:, hk], dv[:, hk] = _ring_backward(dout[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq],
-                                                         lse[:, hq], causal, scale, group, kernel, schedule)
-    return dq, dk, dv
+    return backward_by_head_groups(_ring_backward, dout, q, k, v, out, lse, causal, scale, group, kernel, schedule)
 
 
 def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
