@@ -58,10 +58,9 @@ def memory_stats() -> dict[str, float]:
     memory now (``host_rss_gib``, pinned buffers included) and its peak since start (``host_peak_gib``)."""
     import resource
 
-    cuda = torch.cuda.is_available()
-    stats = torch.cuda.memory_stats() if cuda else {}
-    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "reserved_gpu_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    return {"peak_gpu_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,  # = max_memory_allocated()
+            "reserved_gpu_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,  # = max_memory_reserved()
             # fragmentation: cached but unusable pieces of split blocks at their peak, and allocator retries
             "split_free_gpu_gib": stats.get("inactive_split_bytes.all.peak", 0) / 2**30,
             "alloc_retries": stats.get("num_alloc_retries", 0),
