@@ -119,7 +119,7 @@ def dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group,
     """Causal local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] with the balanced schedule."""
     rank, world = rank_and_size(group)
     acc = _acc_dtype(q.dtype)
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    out = torch.empty_like(q, dtype=acc)  # q's memory order, which cuDNN's backward then takes as is
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
 
     def local():

@@ -206,6 +206,22 @@ def _bshd(x: Tensor) -> Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def strided_like_q(x: Tensor, q: Tensor) -> Tensor:
+    """``x`` (O or dO, shaped like q) with exactly q's strides: itself when it has them, else a copy.
+
+    PyTorch caches each cuDNN backward graph under q/k/v's sizes and strides only, but the graph also
+    bakes in O's and dO's strides. A later call with the same q/k/v and O/dO strided otherwise would
+    run the cached graph on them and return wrong gradients without an error (seen on H200 with torch
+    2.11: a second sequence-parallel backend in one process got 0.5 relative gradient error). Tying
+    O/dO's strides to q's makes the cache key decide the whole graph.
+    """
+    if x.shape != q.shape:  # head_dim of v differs from q's: one fixed layout still decides the graph
+        return x.contiguous()
+    if x.stride() == q.stride():
+        return x
+    return torch.empty_strided(q.shape, q.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
 class CudnnKernel(AttentionKernel):
     """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper)."""
 
@@ -236,8 +252,7 @@ class CudnnKernel(AttentionKernel):
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         aux = self._aux.get(q)
         cum_q, cum_k, seed, offset = aux[2], aux[3], aux[6], aux[7]
-        if dout.stride() != out.stride() or out.stride(-1) != 1:  # cuDNN wants dO strided like O
-            dout, out = dout.contiguous(), out.contiguous()
+        dout, out = strided_like_q(dout, q), strided_like_q(out, q)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)

@@ -70,3 +70,40 @@ def test_ring_output_is_strided_like_its_query():
     assert out.transpose(1, 2).is_contiguous()
     ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_gets_output_and_its_gradient_in_the_query_strides():
+    # PyTorch keys its cuDNN backward graphs by q/k/v strides only, so O and dO must follow q's strides.
+    q = torch.randn(1, 10, 4, 8).transpose(1, 2)  # HF's [B, S, H, D] buffer viewed [B, H, S, D]
+    same = torch.empty_like(q).copy_(q)
+    assert kernels.strided_like_q(same, q) is same  # already right: no copy
+    for x in (q.contiguous(), q.contiguous().transpose(2, 3).contiguous().transpose(2, 3)):
+        y = kernels.strided_like_q(x, q)
+        assert y.stride() == q.stride() and torch.equal(y, x)
+    q_group = q[:, 1:3]  # one head group of it: not dense, the strides still follow q
+    y = kernels.strided_like_q(q_group.contiguous(), q_group)
+    assert y.stride() == q_group.stride() and torch.equal(y, q_group)
+    wide = torch.randn(1, 10, 4, 16).transpose(1, 2)  # v's head_dim 16, not q's 8: one fixed layout
+    assert kernels.strided_like_q(wide, q).is_contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_backward_right_whatever_output_layouts_come_in_one_process():
+    # The failure this guards against: one backward with contiguous O/dO caches a cuDNN graph, and a later
+    # backward with the same q/k/v but [B, S, H, D]-strided O/dO replays it (0.5 relative gradient error).
+    kernel = get_kernel("cudnn")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def bshd(h):  # a length used by no other test, so that this test builds the cached graph itself
+        return torch.randn(1, 1234, h, 64, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+
+    q, k, v, dout = bshd(8), bshd(2), bshd(2), bshd(8)
+    ref = get_kernel("reference")
+    r_out, r_lse = ref.forward(q.float(), k.float(), v.float(), True, 0.125)
+    r_grads = ref.backward(dout.float(), q.float(), k.float(), v.float(), r_out, r_lse, True, 0.125)
+    out, lse = kernel.forward(q, k, v, True, 0.125)
+    for o, do in ((out.contiguous(), dout.contiguous()), (out, dout), (out.contiguous(), dout)):
+        for name, got, want in zip(("dq", "dk", "dv"), kernel.backward(do, q, k, v, o, lse, True, 0.125), r_grads):
+            err = ((got.float() - want).norm() / want.norm()).item()
+            assert err < 2e-2, f"{name}: relative error {err:.2e} with O strides {o.stride()}"
