@@ -7,7 +7,7 @@ Each (option set, length) launches train.py (accelerate, DeepSpeed config ``--co
 on random tokens; a run that fails (out of memory, or over ``--timeout``) ends that option's sweep.
 ``--search START,STOP,STEP`` sweeps lengths upward instead. Prints peak GPU memory (torch allocator, rank 0:
 allocated and reserved), host RSS per rank at the step's end and its peak, and the step time; writes
-``--json`` and a length-vs-peak-memory plot ``--plot``.
+``--json`` and a length-vs-peak-memory plot ``--plot``; ``--from-json`` re-plots earlier ``--json`` files together.
 """
 
 from __future__ import annotations
@@ -54,7 +54,16 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=590)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--from-json", default=None, metavar="A.json,B.json",
+                   help="run nothing: merge the rows of earlier --json files into one table and --plot")
     args = p.parse_args()
+    if args.from_json:
+        loaded = [json.load(open(path)) for path in args.from_json.split(",")]
+        rows = [r for d in loaded for r in d["rows"]]
+        print_table(rows)
+        if args.plot:
+            plot(rows, args.plot, f"{loaded[0]['model']} on {loaded[0]['gpus']} GPUs, one training step")
+        return
     if args.search:
         start, stop, step = map(int, args.search.split(","))
         lengths = list(range(start, stop + 1, step))
@@ -77,6 +86,15 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k not in ("cmd", "tail")}), flush=True)
             if not r["records"]:
                 break
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, f"{args.model} on {args.gpus} GPUs, one training step")
+
+
+def print_table(rows: list[dict]) -> None:
     print("\n| option | S | step s | peak GPU GiB (reserved) | host RSS GiB/rank (peak) | result |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -85,27 +103,36 @@ def main() -> None:
                   f"({r['reserved_gpu_gib']:.1f}) | {r['host_rss_gib']:.1f} ({r['host_peak_gib']:.1f}) | ok |")
         else:
             print(f"| {r['option']} | {r['seq']} | | | | {r['failure']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "rows": rows}, f, indent=1)
-    if args.plot:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, _ in parse_options(args.options):
-            pts = [(r["seq"] / 1024, r["peak_gpu_gib"]) for r in rows if r["option"] == name and r["ok"]]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xlabel("sequence length (K tokens, whole sequence over all GPUs)")
-        ax.set_ylabel("peak GPU memory per GPU (GiB)")
-        ax.set_title(f"{args.model} on {args.gpus} GPUs, one training step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Peak allocated (filled) and reserved (hollow) GPU memory against length, one series per option."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["option"] for r in rows):
+        ok = [r for r in rows if r["option"] == name and r["ok"]]
+        if not ok:
+            continue
+        xs = [r["seq"] / 1024 for r in ok]
+        line, = ax.plot(xs, [r["peak_gpu_gib"] for r in ok], marker="o", label=f"{name}: allocated")
+        ax.plot(xs, [r["reserved_gpu_gib"] for r in ok], marker="o", ls="--", mfc="none", color=line.get_color(),
+                label=f"{name}: reserved")
+        for x, r in zip(xs, ok):
+            ax.annotate(f"{r['step_s']:.0f} s/step", (x, r["peak_gpu_gib"]), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("sequence length (K tokens, whole sequence over all GPUs)")
+    ax.set_ylabel("peak GPU memory per GPU (GiB)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
