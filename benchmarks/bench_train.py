@@ -134,6 +134,12 @@ def main() -> None:
                   f"{prof['wall_s']:.2f} s, no compute kernel running {prof['no_compute_s']:.2f} s")
             for k, v in prof["kinds"].items():
                 print(f"  {k:10s} {v['union_s']:8.2f} s (kernels summed {v['sum_s']:.2f} s, {v['count']} calls)")
+            print("  top kernels (summed s, calls, kind, name):")
+            for t in prof.get("top_kernels", []):
+                print(f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}")
+            print("  top aten ops by self GPU time (s, calls, op, input shapes):")
+            for t in prof.get("top_ops", []):
+                print(f"    {t['self_s']:7.3f} {t['count']:6d} {t['op']} {t['shapes']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceiling_flops": ceiling, "peak": PEAK, "rows": rows}, f, indent=1)

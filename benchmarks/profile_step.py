@@ -5,7 +5,8 @@
 The profiler starts at the forward of step ``--step`` and stops when train.py logs that step, so the window
 is exactly one step: forward, backward (with the checkpoint recompute), ZeRO-3 gathers and reduce-scatters,
 optimizer. Each rank writes ``OUT`` with its rank before the suffix (``prof.rank0.json``): the step's wall
-time, per kind the summed kernel time and its union over streams, and the time no compute kernel ran.
+time, per kind the summed kernel time and its union over streams, the time no compute kernel ran, the kernels
+and the aten ops (with input shapes, by self GPU time) that took the most time.
 Use the last step: stopping the profiler takes seconds, which would land in the next step's time.
 """
 
@@ -59,6 +60,27 @@ def summarize(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
     return {"wall_s": wall_s, "compute_busy_s": busy, "no_compute_s": wall_s - busy, "kinds": kinds}
 
 
+def top_kernels(kernels: list[tuple[str, float, float]], n: int = 30) -> list[dict]:
+    """The ``n`` kernel names with the most summed seconds: name (cut to 120 characters), kind, seconds, count."""
+    by_name: dict[str, list[float]] = {}
+    for name, a, b in kernels:
+        acc = by_name.setdefault(name, [0.0, 0])
+        acc[0] += (b - a) / 1e6
+        acc[1] += 1
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:n]
+    return [{"name": name[:120], "kind": kind(name), "sum_s": t, "count": c} for name, (t, c) in top]
+
+
+def top_ops(prof, n: int = 30) -> list[dict]:
+    """The ``n`` (aten op, input shapes) pairs with the most self GPU time: which code the kernels came from."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "self_s": t / 1e6, "count": e.count})
+    return sorted(rows, key=lambda r: -r["self_s"])[:n]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int, required=True, help="optimizer step to profile (1-based; use the last)")
@@ -72,7 +94,7 @@ def main() -> None:
     from easy_context import hf, recipe
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof, forwards, started = profile(activities=activities), [0], [0.0]
+    prof, forwards, started = profile(activities=activities, record_shapes=True), [0], [0.0]
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -98,7 +120,8 @@ def main() -> None:
             rank = int(os.environ.get("RANK", "0"))
             root, ext = os.path.splitext(args.out)
             with open(f"{root}.rank{rank}{ext or '.json'}", "w") as f:
-                json.dump({"step": args.step, "rank": rank, **summarize(kernels, wall)}, f, indent=1)
+                json.dump({"step": args.step, "rank": rank, **summarize(kernels, wall),
+                           "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof)}, f, indent=1)
         return write(self, record)
 
     torch.nn.modules.module.register_module_forward_pre_hook(on_forward)

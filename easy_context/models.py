@@ -96,7 +96,12 @@ def shape_config(name: str, **overrides):
         overrides.setdefault(k, json.loads(v))
     if key not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}: use one of {', '.join(SHAPE_PREFIX + s for s in SHAPES)}")
-    return LlamaConfig(**{**SHAPES[key], **overrides})
+    config = LlamaConfig(**{**SHAPES[key], **overrides})
+    heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    if heads % kv_heads or hidden % heads:
+        raise ValueError(f"model shape {name!r}: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads}) and divide hidden_size ({hidden}); change the overrides")
+    return config
 
 
 def load_config(name_or_path: str, *, rope_theta: float | None = None, rope_scaling: str | dict | None = None,
@@ -130,7 +135,12 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, rope_t
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a hub name or local path, with no length limit (long-context use) and a pad token."""
+    """The tokenizer of a hub name or local path ("tiny": the built-in one, e.g. beside a random ``shape:``
+    model), with no length limit (long-context use) and a pad token."""
+    if name_or_path == TINY:
+        from .tiny import build_tokenizer
+
+        return build_tokenizer()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path)

@@ -81,6 +81,18 @@ def test_eval_needle_1_and_2_processes_and_resume(world):
     _is_png(world / "needle2" / "r.png")
 
 
+def test_eval_needle_runs_a_random_shape_model_with_the_built_in_tokenizer(world):
+    # What a fit test at 1M tokens runs on GPUs (no weights to download): a named shape, random init.
+    out_json = world / "needle_shape" / "r.json"
+    shape = ("shape:llama3-8b,num_hidden_layers=1,hidden_size=128,intermediate_size=256,num_attention_heads=4,"
+             "num_key_value_heads=2")
+    out = _run(["eval_needle.py", "--model", shape, "--tokenizer", "tiny", "--lengths", "512", "--depths", "50",
+                "--samples", "1", "--output", str(out_json)], procs=2)
+    assert "1 of 1 samples to score (2 process(es)" in out.stdout
+    (cell,) = _cells(out_json).values()
+    assert cell["length"] == 512 and len(cell["number"]) == 7
+
+
 def test_eval_needle_refuses_lengths_above_the_position_limit(world):
     out = _run(["eval_needle.py", "--model", str(world / "world"), "--lengths", "4096",
                 "--output", str(world / "bad" / "r.json")], ok=False)

@@ -29,6 +29,8 @@ def test_rope_scaling_errors_and_shape_overrides():
         models.parse_rope_scaling("linear")
     with pytest.raises(ValueError, match="unknown model shape"):
         models.shape_config("shape:gpt5")
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(8\)"):
+        models.shape_config("shape:llama3-8b,num_attention_heads=4")  # before any weights exist
     config = models.shape_config("shape:llama3-8b,num_hidden_layers=2")
     assert config.num_hidden_layers == 2 and config.num_key_value_heads == 8 and config.vocab_size == 128256
 
@@ -40,3 +42,12 @@ def test_saved_model_loads_with_new_theta(tmp_path):
     model = models.load_model(path, dtype=torch.float32, rope_theta=1e6)
     assert model.config.rope_parameters["rope_theta"] == 1e6
     assert models.load_tokenizer(path).eos_token == "</s>"
+
+
+def test_tiny_tokenizer_by_name_is_the_one_saved_with_the_tiny_world(tmp_path):
+    from easy_context import tiny
+
+    saved = models.load_tokenizer(tiny.build_world(str(tmp_path / "w")))
+    built = models.load_tokenizer(models.TINY)
+    text = "The special magic Singapore number is 4072913."
+    assert built(text).input_ids == saved(text).input_ids and built.pad_token == saved.pad_token

@@ -25,3 +25,11 @@ def test_overlapping_kernels_are_counted_once_and_idle_time_is_what_no_compute_k
     assert s["kinds"]["matmul"] == {"sum_s": 0.6, "union_s": 0.5, "count": 2}
     assert abs(s["compute_busy_s"] - 0.8) < 1e-12 and abs(s["no_compute_s"] - 0.2) < 1e-12
     assert s["kinds"]["nccl"]["union_s"] == 1.0
+
+
+def test_top_kernels_rank_names_by_summed_time():
+    kernels = [("fill", 0, 100_000), ("nvjet_a", 0, 300_000), ("fill", 200_000, 500_000), ("x" * 200, 0, 10)]
+    top = profile_step.top_kernels(kernels, n=2)
+    assert [(t["name"], t["kind"], t["count"]) for t in top] == [("fill", "other", 2), ("nvjet_a", "matmul", 1)]
+    assert abs(top[0]["sum_s"] - 0.4) < 1e-12
+    assert len(profile_step.top_kernels(kernels)[2]["name"]) == 120

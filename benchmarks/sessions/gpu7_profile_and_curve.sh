@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Prepared in session 6 for the next 2x H200 session (not yet run). About 17 minutes of device time:
+#   bash benchmarks/sessions/gpu4_run.sh benchmarks/sessions/gpu7_profile_and_curve.sh 560     (carry .whl)
+# then `bash benchmarks/sessions/gpu4_run.sh - 560` calls, each issued at once.
+# 1. Issue 8: the 128K Llama-2-7B step with the default settings (keep + fuse, 5e8 buckets), profiled on its
+#    last step, now with the top kernels and aten ops (with shapes) behind the "other" time. Alone: it is timed.
+# 2. Session 6's cuDNN fix on GPU: the GPU tests (the new cache test among them) and the HF check in its
+#    default order (dist_flash after zigzag: 0.47 before the fix, about 1.3e-2 expected), beside part 3.
+# 3. Issue 9's curve at full depth: one 256K step of the Llama-3-8B shape with each memory option on and off
+#    (`--fuse-pointwise` off in all four: it does not change memory and its compile would lengthen each run).
+PART=profile_and_curve; source benchmarks/sessions/gpu4_env.sh
+python benchmarks/bench_train.py --gpus 2 --model shape:llama2-7b --seqlens 131072 --backends zigzag_ring \
+  --configs zero3 --variants="--keep-attention --fuse-pointwise" --steps 4 --warmup 1 --profile-step 4 \
+  --timeout 400 --json "$R/bench_train_profile.json" > "$R/bench_train_profile.log" 2>&1
+mark "128K profile: exit $?"; grep -E "^\| zero3|ceiling|no compute" "$R/bench_train_profile.log" | cut -c1-200
+
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+( python -m pytest -q -m gpu tests/ > "$R/gpu_tests.log" 2>&1; mark "gpu tests: exit $?: $(tail -n 1 "$R/gpu_tests.log")"
+  torchrun --nproc_per_node=2 --master_port 29615 benchmarks/check_hf_gpu.py --seq 8192 > "$R/check_hf_gpu.log" 2>&1
+  mark "check_hf_gpu: exit $?"; grep -E "grad rel err" "$R/check_hf_gpu.log" | cut -c1-120 >> "$R/timings.txt" ) &
+python benchmarks/bench_memory.py --gpus 2 --model shape:llama3-8b --config zero3 --lengths 262144 --timeout 420 \
+  --options "checkpointing=;tiled=--tiled-mlp 4096;offload=--offload-activations;tiled+offload=--tiled-mlp 4096 --offload-activations" \
+  --json "$R/memory_256k_options.json" --plot "$R/memory_256k_options.png" > "$R/memory_256k_options.log" 2>&1
+mark "256K with each option: exit $?"; grep -E "^\| " "$R/memory_256k_options.log" | cut -c1-200
+wait
