@@ -96,7 +96,8 @@ config = models.load_config(args.model, rope_theta=args.rope_theta, rope_scaling
 if sp_backend:
     ec.check_model_fits_backend(layout_backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
 ec.offload.check_layer_counts(config.num_hidden_layers, offload=args.offload_activations,
-                              skip_last=args.no_gradient_checkpointing)
+                              skip_last=args.no_gradient_checkpointing,  # hidden states: bf16 under DeepSpeed
+                              input_bytes=(2 if use_ds else 4) * config.hidden_size * args.batch_size * args.seq_length // sp_size)
 tokenizer = None if models.is_shape(args.model) else models.load_tokenizer(args.model)
 if args.dataset == "random" or tokenizer is None:  # benchmarks: uniform random tokens, no tokenizer needed
     dataset = data.RandomTokens(config.vocab_size, args.seq_length, seed=args.seed)

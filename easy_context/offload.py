@@ -20,6 +20,7 @@ Host memory: layers x B x S_local x H elements per GPU (at Llama-3-8B's 32 layer
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any, Callable
 
@@ -186,14 +187,48 @@ def skip_checkpointing(model: torch.nn.Module, last: int) -> list[torch.nn.Modul
     return skipped
 
 
-def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0) -> None:
+def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0, input_bytes: int = 0) -> None:
     """Before any weights load: ``offload`` (-1: all) and ``skip_last`` (-1: no checkpointing at all) must name
-    at most ``num_layers`` layers, and offloading needs checkpointing on."""
+    at most ``num_layers`` layers, and offloading needs checkpointing on. With CUDA and ``input_bytes`` (one
+    layer input per GPU), the offloaded inputs of this machine's processes must fit its available host memory."""
     for n, what in ((offload, "offload the inputs of"), (skip_last, "leave uncheckpointed")):
         if n > num_layers:
             raise ValueError(f"the model has {num_layers} layers: cannot {what} {n}; choose at most {num_layers}")
     if offload and skip_last < 0:
         raise ValueError("offloading activations needs gradient checkpointing: drop one of the two options")
+    if offload and input_bytes and torch.cuda.is_available():
+        check_host_memory(num_layers if offload < 0 else offload, input_bytes,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def pinned_bytes(input_bytes: int) -> int:
+    """Pinned host memory one offloaded input takes: PyTorch's pinned allocator rounds blocks up to a power of 2."""
+    return 1 << (input_bytes - 1).bit_length() if input_bytes > 1 else input_bytes
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_host_memory(layers: int, input_bytes: int, processes: int, available: int | None = None) -> None:
+    """Raise ValueError, saying what to change, unless ``layers`` offloaded inputs of ``input_bytes`` for each of
+    ``processes`` fit ``available`` host bytes (default: MemAvailable; no check where unknown)."""
+    available = host_available_bytes() if available is None else available
+    need = layers * pinned_bytes(input_bytes) * processes
+    if available is not None and need > available:
+        gib = 2 ** 30
+        raise ValueError(
+            f"--offload-activations: {layers} layer inputs of {input_bytes / gib:.2f} GiB (pinned as "
+            f"{pinned_bytes(input_bytes) / gib:.2f} GiB) for each of {processes} processes need "
+            f"{need / gib:.1f} GiB of host memory, and {available / gib:.1f} GiB are available: offload at most "
+            f"{available // (pinned_bytes(input_bytes) * processes)} layers (--offload-activations N keeps the rest "
+            f"on the GPU), or train on shorter sequences")
 
 
 def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0) -> None:

@@ -16,8 +16,8 @@ import zero3
 from distributed import run_distributed
 from easy_context.hf import apply_seq_parallel_monkey_patch, causal_lm_loss
 from easy_context.inputs import prepare_seq_parallel_inputs
-from easy_context.offload import (OffloadedCheckpoint, _Offloaded, check_layer_counts, enable_offloaded_checkpointing,
-                                  setup_checkpointing, skip_checkpointing)
+from easy_context.offload import (OffloadedCheckpoint, _Offloaded, check_host_memory, check_layer_counts,
+                                  enable_offloaded_checkpointing, pinned_bytes, setup_checkpointing, skip_checkpointing)
 from easy_context.tiled_mlp import apply_tiled_mlp
 from reference import rel_err
 from tiny_models import batch, tiny_model
@@ -305,3 +305,16 @@ def test_layer_counts_are_checked_before_the_model_loads():
         check_layer_counts(32, offload=-1, skip_last=-1)
     with pytest.raises(ValueError, match="cannot skip 5"):
         skip_checkpointing(_checkpointed("llama", 0, False, num_hidden_layers=4), 5)
+
+
+def test_offload_that_cannot_fit_host_memory_is_refused_with_the_layers_that_would():
+    gib = 2 ** 30
+    assert pinned_bytes(4 * gib) == 4 * gib and pinned_bytes(int(2.67 * gib)) == 4 * gib
+    # session 6's 1M run: 28 inputs of 4 GiB on each of 2 processes, 251 GiB host: fits
+    check_host_memory(28, 4 * gib, 2, available=251 * gib)
+    with pytest.raises(ValueError, match=r"need 256.0 GiB of host memory, and 251.0 GiB are available: offload "
+                                         r"at most 31 layers"):
+        check_host_memory(32, 4 * gib, 2, available=251 * gib)
+    # 350K local tokens x 4096 x 2 bytes = 2.67 GiB, pinned as 4 GiB: the rounding is what does not fit
+    with pytest.raises(ValueError, match=r"pinned as 4.00 GiB"):
+        check_host_memory(32, 350 * 1024 * 4096 * 2, 1, available=100 * gib)
