@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from .comm import global_rank, p2p, rank_and_size
 from .kernels import AttentionKernel
-from .merge import merge_
-from .ring import BlockwiseAttention, _acc_dtype, prepare_call, ring_schedule, run_ring
+from .merge import RowSum, merge_
+from .ring import ALL, BlockwiseAttention, _acc_dtype, prepare_call, ring_schedule, run_ring
 
 Tensor = torch.Tensor
 _TAG = 13
@@ -147,30 +147,30 @@ def dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     """dq, dk, dv of the local shards for causal attention, given the final local out and lse."""
     rank, world = rank_and_size(group)
     acc = _acc_dtype(q.dtype)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    dq, dk, dv = (RowSum(t, acc) for t in (q, k, v))
 
     def local():
         for acc_t, g in zip((dq, dk, dv), kernel.backward(dout, q, k, v, out, lse, True, scale)):
-            acc_t += g
+            acc_t.add(ALL, g)
 
     def compute(kind, got):
         if kind == "kv":  # own queries, their K/V: keep dq, return dk/dv
             b_dq, b_dk, b_dv = kernel.backward(dout, q, got[0], got[1], out, lse, False, scale)
-            dq.add_(b_dq)
+            dq.add(ALL, b_dq)
             return [b_dk, b_dv]
         o_q, o_dout, o_out, o_lse = got  # their queries, own K/V: keep dk/dv, return dq
         b_dq, b_dk, b_dv = kernel.backward(o_dout, o_q, k, v, o_out, o_lse, False, scale)
-        dk.add_(b_dk)
-        dv.add_(b_dv)
+        dk.add(ALL, b_dk)
+        dv.add(ALL, b_dv)
         return [b_dq]
 
     def absorb(kind, got):
         for acc_t, g in zip((dk, dv) if kind == "kv" else (dq,), got):
-            acc_t += g
+            acc_t.add(ALL, g)
 
     _run_steps(rank, world, group, payload={"kv": [k, v], "q": [q, dout, out, lse]},
                result_like={"kv": [k, v], "q": [q]}, local=local, compute=compute, absorb=absorb)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.result().to(q.dtype), dk.result().to(k.dtype), dv.result().to(v.dtype)
 
 
 def dist_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,

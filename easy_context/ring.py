@@ -23,7 +23,7 @@ from .comm import RingComm, check_same_across_ranks, rank_and_size
 from .kernels import (AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups,
                       select_kernel)
 from .keep import kept
-from .merge import merge_
+from .merge import RowSum, merge_
 
 Tensor = torch.Tensor
 ALL = slice(None)
@@ -110,9 +110,9 @@ def _backward_blocks(blocks, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
     for blk in blocks:
         b_dq, b_dk, b_dv = kernel.backward(dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
                                            out[:, :, blk.q], lse[:, :, blk.q], blk.causal, scale)
-        dq[:, :, blk.q] += b_dq
-        dk[:, :, blk.k] += b_dk
-        dv[:, :, blk.k] += b_dv
+        dq.add(blk.q, b_dq)
+        dk.add(blk.k, b_dk)
+        dv.add(blk.k, b_dv)
 
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
@@ -131,9 +131,7 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     rank, world = rank_and_size(group)
     acc = _acc_dtype(q.dtype)
     seq = q.shape[2]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dq, dk, dv = RowSum(q, acc), RowSum(k, acc), RowSum(v, acc)
     early, late = split_local_blocks(schedule(0, rank, world, seq, causal), seq)
     comm = RingComm(group) if world > 1 else None
     kv_pending = comm.start([k, v], tag=_KV_TAG) if world > 1 else None
@@ -143,18 +141,18 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         k_cur, v_cur = kv_pending.wait()
         kv_pending = comm.start([k_cur, v_cur], tag=_KV_TAG) if step + 1 < world else None
         if step == 1:
-            dk_acc, dv_acc = torch.zeros_like(dk), torch.zeros_like(dv)
+            dk_acc, dv_acc = RowSum(k, acc), RowSum(v, acc)
         else:  # the accumulator that belongs to the K/V we hold now, from the previous rank
-            dk_acc, dv_acc = dkv_pending.wait()
+            dk_acc, dv_acc = map(RowSum.of, dkv_pending.wait())
         _backward_blocks(schedule(step, rank, world, seq, causal), dout, q, k_cur, v_cur, out, lse, scale,
                          kernel, dq, dk_acc, dv_acc)
-        dkv_pending = comm.start([dk_acc, dv_acc], tag=_DKV_TAG)
+        dkv_pending = comm.start([dk_acc.result(), dv_acc.result()], tag=_DKV_TAG)
     _backward_blocks(late, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
-    if dkv_pending is not None:
-        dk_in, dv_in = dkv_pending.wait()
-        dk += dk_in
-        dv += dv_in
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if dkv_pending is None:
+        return dq.result().to(q.dtype), dk.result().to(k.dtype), dv.result().to(v.dtype)
+    dk_in, dv_in = dkv_pending.wait()  # the rest of our K/V's gradient: added and rounded in one pass
+    return (dq.result().to(q.dtype), torch.add(dk.result(), dk_in, out=torch.empty_like(k)),
+            torch.add(dv.result(), dv_in, out=torch.empty_like(v)))
 
 
 class BlockwiseAttention(torch.autograd.Function):
