@@ -79,7 +79,8 @@ def main() -> None:
                 row.update(step_s=last["step_s"], loss=last["loss"], **{
                     key: max(x.get(key, 0.0) for x in r["records"])
                     for key in ("peak_gpu_gib", "reserved_gpu_gib", "split_free_gpu_gib", "alloc_retries",
-                                "host_rss_gib", "host_peak_gib")})
+                                "cached_gpu_gib_compute", "cached_gpu_gib_other_streams", "host_rss_gib",
+                                "host_peak_gib")})
             else:
                 row.update(failure=failure(r["tail"]), tail=r["tail"][-1500:])
             rows.append(row)

@@ -8,6 +8,8 @@
 #    default order (dist_flash after zigzag: 0.47 before the fix, about 1.3e-2 expected), beside part 3.
 # 3. Issue 9's curve at full depth: one 256K step of the Llama-3-8B shape with each memory option on and off
 #    (`--fuse-pointwise` off in all four: it does not change memory and its compile would lengthen each run).
+#    Each row now also logs the allocator's cached memory in the compute stream's pool vs other streams': where
+#    the 2-GPU reserved-vs-allocated gap (32 GiB at 1M) sits.
 PART=profile_and_curve; source benchmarks/sessions/gpu4_env.sh
 python benchmarks/bench_train.py --gpus 2 --model shape:llama2-7b --seqlens 131072 --backends zigzag_ring \
   --configs zero3 --variants="--keep-attention --fuse-pointwise" --steps 4 --warmup 1 --profile-step 4 \
