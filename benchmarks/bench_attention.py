@@ -7,6 +7,12 @@ sequence on one GPU (T1), each of our backends on P GPUs, and PyTorch's native `
 (head-tail load balancing on, same SDPA kernel forced). Efficiency = T1 / (P * T_parallel).
 It also prints the kernel-only time of the zigzag schedule on one rank (no communication, no merge),
 so a shortfall can be split into "smaller kernel calls" and "everything else".
+
+    python benchmarks/bench_attention.py --emulate-world 8 --seqlens 524288 --skip-single   # one GPU
+
+``--emulate-world P`` runs rank ``--emulate-rank`` of a P-GPU run on one GPU, every collective and send/recv
+a no-op (PyTorch's fake process group): the rank's own kernels, merges and copies, without communication
+time. torch's context_parallel is skipped there. ``--skip-single`` skips T1 (and so the efficiencies).
 """
 
 from __future__ import annotations
@@ -139,17 +145,30 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write all rows to this file (rank 0)")
+    p.add_argument("--emulate-world", type=int, default=0, metavar="P",
+                   help="one process on one GPU plays one rank of P; communication is a no-op (not timed)")
+    p.add_argument("--emulate-rank", type=int, default=0)
+    p.add_argument("--skip-single", action="store_true", help="do not time the kernel on the full sequence")
     a = p.parse_args()
 
-    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300))
+    if a.emulate_world:
+        if not 0 <= a.emulate_rank < a.emulate_world:
+            p.error(f"--emulate-rank must be in [0, {a.emulate_world})")
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=a.emulate_rank, world_size=a.emulate_world)
+        a.no_torch_cp = True
+    else:
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(0 if a.emulate_world else int(os.environ.get("LOCAL_RANK", rank)))
+    nan = float("nan")
     rows = []
     for kernel_name in a.kernels.split(","):
         for s in map(int, a.seqlens.split(",")):
             q, k, v, dout = make_inputs(1, a.heads, s, a.head_dim)
             it = max(2, a.iters if s <= 131072 else a.iters // 2)
-            t1 = time_single(kernel_name, q, k, v, dout, a.warmup, it)
+            t1 = nan if a.skip_single else time_single(kernel_name, q, k, v, dout, a.warmup, it)
             res = {"kernel": kernel_name, "S": s, "P": world, "T1_ms": t1}
             for be in a.backends.split(","):
                 res[be] = time_backend(be, kernel_name, q, k, v, dout, rank, world, a.warmup, it)
@@ -160,7 +179,7 @@ def main():
                     res["torch_cp"] = time_torch_cp(kernel_name, q, k, v, dout, world, a.warmup, it)
                 except Exception as e:  # a prototype API: report, keep the rest of the table
                     print(f"rank {rank}: torch context_parallel failed: {type(e).__name__}: {e}", flush=True)
-                    res["torch_cp"] = float("nan")
+                    res["torch_cp"] = nan
             # the slowest rank sets the pace of a parallel step
             for key in res:
                 if key not in ("kernel", "S", "P"):
@@ -168,22 +187,22 @@ def main():
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
                     res[key] = t.item()
             rows.append(res)
-            if rank == 0:
+            if rank == (a.emulate_rank if a.emulate_world else 0):
                 eff = {k2: res["T1_ms"] / (world * v2) for k2, v2 in res.items()
                        if k2 not in ("kernel", "S", "P", "T1_ms")}
                 print(f"{kernel_name:6s} S={s:7d} T1={t1:9.1f} ms  " +
                       "  ".join(f"{k2}={res[k2]:8.1f} ms (eff {e:.3f})" for k2, e in eff.items()), flush=True)
             del q, k, v, dout
             torch.cuda.empty_cache()
-    if rank == 0:
+    if rank == (a.emulate_rank if a.emulate_world else 0):
         print("\n| kernel | S | T1 (1 GPU) ms | " + " | ".join(
             f"{k2} ms (eff)" for k2 in rows[0] if k2 not in ("kernel", "S", "P", "T1_ms")) + " |")
         for r in rows:
             print(f"| {r['kernel']} | {r['S']} | {r['T1_ms']:.1f} | " + " | ".join(
                 f"{r[k2]:.1f} ({r['T1_ms'] / (world * r[k2]):.3f})" for k2 in r
                 if k2 not in ("kernel", "S", "P", "T1_ms")) + " |")
-        print(f"device: {torch.cuda.get_device_name()} x{world}, torch {torch.__version__}, "
-              f"{datetime.date.today()}")
+        gpus = f"x1 emulating rank {rank} of {world} (no communication)" if a.emulate_world else f"x{world}"
+        print(f"device: {torch.cuda.get_device_name()} {gpus}, torch {torch.__version__}, {datetime.date.today()}")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)
