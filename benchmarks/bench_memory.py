@@ -8,6 +8,8 @@ on random tokens; a run that fails (out of memory, or over ``--timeout``) ends t
 ``--search START,STOP,STEP`` sweeps lengths upward instead. Prints peak GPU memory (torch allocator, rank 0:
 allocated and reserved), host RSS per rank at the step's end and its peak, and the step time; writes
 ``--json`` and a length-vs-peak-memory plot ``--plot``; ``--from-json`` re-plots earlier ``--json`` files together.
+``--emulate`` runs rank 0 of ``--gpus`` on one GPU (benchmarks/emulate_rank.py): the same allocations, no
+communication.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     p.add_argument("--options", default="tiled+offload=--tiled-mlp 4096 --offload-activations")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--timeout", type=float, default=590)
+    p.add_argument("--emulate", action="store_true", help="run rank 0 of --gpus on one GPU "
+                   "(benchmarks/emulate_rank.py): its memory; the step time is compute only")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--from-json", default=None, metavar="A.json,B.json",
@@ -72,8 +76,10 @@ def main() -> None:
     rows = []
     for name, flags in parse_options(args.options):
         for seq in lengths:
-            r = run(args.gpus, args.config, args.model, seq, args.backend, args.steps, flags, args.timeout)
-            row = {"option": name, "flags": " ".join(flags), "seq": seq, "ok": bool(r["records"]), "cmd": r["cmd"]}
+            r = run(args.gpus, args.config, args.model, seq, args.backend, args.steps, flags, args.timeout,
+                    emulate=args.emulate)
+            row = {"option": name, "flags": " ".join(flags), "seq": seq, "ok": bool(r["records"]), "cmd": r["cmd"],
+                   "emulated": args.emulate}
             if r["records"]:
                 last = r["records"][-1]
                 row.update(step_s=last["step_s"], loss=last["loss"], **{
@@ -90,9 +96,11 @@ def main() -> None:
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "emulated": args.emulate,
+                   "rows": rows}, f, indent=1)
     if args.plot:
-        plot(rows, args.plot, f"{args.model} on {args.gpus} GPUs, one training step")
+        where = f"rank 0 of {args.gpus} emulated on one GPU" if args.emulate else f"on {args.gpus} GPUs"
+        plot(rows, args.plot, f"{args.model} {where}, one training step")
 
 
 def print_table(rows: list[dict]) -> None:

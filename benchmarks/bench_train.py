@@ -7,6 +7,8 @@ Each config runs train.py on random tokens for ``--steps`` optimizer steps; the 
 dropped. MFU = (6 N + 6 L d S) x tokens/s / (GPUs x peak), N parameters, L layers, d hidden size, S
 sequence length, peak 989 TFLOP/s (dense bf16, H100/H200 SXM). The measured bf16 matmul ceiling of the
 same GPU is printed next to it. Results: a table on stdout and ``--json``.
+``--emulate`` runs rank 0 of ``--gpus`` on one GPU (benchmarks/emulate_rank.py): the rank's compute time with
+no communication, so its MFU is an upper bound that the real run's communication cost is measured against.
 """
 
 from __future__ import annotations
@@ -54,17 +56,20 @@ def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
 
 
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
-        timeout: float, profile_step: int = 0) -> dict:
+        timeout: float, profile_step: int = 0, emulate: bool = False) -> dict:
     """One train.py launch (under profile_step.py if ``profile_step``); returns its per-step log records
-    (empty on failure), the tail of its output and rank 0's profile of that step (or None)."""
+    (empty on failure), the tail of its output and rank 0's profile of that step (or None).
+    ``emulate``: one process plays rank 0 of ``gpus`` (benchmarks/emulate_rank.py): its memory, compute only."""
     out = tempfile.mkdtemp(prefix="bench_train_")
     script = [os.path.join(REPO, "train.py")]
     if profile_step:
         script = [os.path.join(REPO, "benchmarks", "profile_step.py"), "--step", str(profile_step),
                   "--out", os.path.join(out, "profile.json"), "--"]
+    if emulate:
+        script = [os.path.join(REPO, "benchmarks", "emulate_rank.py"), "--world", str(gpus), "--", *script]
     config_file = config if config.endswith(".yaml") else os.path.join(REPO, "accelerate_configs", config + ".yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-           "--num_processes", str(gpus), *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
+           "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
     launched = time.time()
     try:
@@ -98,6 +103,9 @@ def main() -> None:
                    "(e.g. --variants='|--keep-attention': without and with)")
     p.add_argument("--profile-step", type=int, default=0, help="profile this step (use the last; it is not "
                    "timed) with benchmarks/profile_step.py")
+    p.add_argument("--emulate", action="store_true", help="run rank 0 of --gpus on one GPU "
+                   "(benchmarks/emulate_rank.py): its memory and compute time, no communication; MFU is then "
+                   "an upper bound")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     ceiling = matmul_ceiling()
@@ -106,10 +114,11 @@ def main() -> None:
     for config, seq, backend, variant in itertools.product(args.configs.split(","), map(int, args.seqlens.split(",")),
                                                            args.backends.split(","), args.variants.split("|")):
         r = run(args.gpus, config, args.model, seq, backend, args.steps, args.extra.split() + variant.split(),
-                args.timeout, args.profile_step)
+                args.timeout, args.profile_step, args.emulate)
         timed = [x for x in r["records"][args.warmup:] if x["step"] != args.profile_step]
         flops, n = model_flops_per_token(args.model, seq)
-        row = {"config": config, "seq": seq, "backend": backend, "variant": variant, "ok": r["ok"], "cmd": r["cmd"],
+        row = {"config": config, "seq": seq, "backend": backend, "variant": variant, "emulated": args.emulate,
+               "ok": r["ok"], "cmd": r["cmd"],
                "params": n, "steps_timed": len(timed), "startup_s": r["startup_s"], "profile": r["profile"]}
         if timed:
             tps = sum(x["tokens_per_s"] for x in timed) / len(timed)
