@@ -66,7 +66,7 @@ def main() -> None:
         rows = [r for d in loaded for r in d["rows"]]
         print_table(rows)
         if args.plot:
-            plot(rows, args.plot, f"{loaded[0]['model']} on {loaded[0]['gpus']} GPUs, one training step")
+            plot(rows, args.plot, title(loaded[0]["model"], loaded[0]["gpus"], loaded[0].get("emulated", False)))
         return
     if args.search:
         start, stop, step = map(int, args.search.split(","))
@@ -99,8 +99,12 @@ def main() -> None:
             json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "emulated": args.emulate,
                    "rows": rows}, f, indent=1)
     if args.plot:
-        where = f"rank 0 of {args.gpus} emulated on one GPU" if args.emulate else f"on {args.gpus} GPUs"
-        plot(rows, args.plot, f"{args.model} {where}, one training step")
+        plot(rows, args.plot, title(args.model, args.gpus, args.emulate))
+
+
+def title(model: str, gpus: int, emulated: bool) -> str:
+    where = f"rank 0 of {gpus} emulated on one GPU" if emulated else f"on {gpus} GPUs"
+    return f"{model} {where}, one training step"
 
 
 def print_table(rows: list[dict]) -> None:
