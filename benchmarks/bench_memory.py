@@ -21,6 +21,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
 from bench_train import run  # noqa: E402
 
 
@@ -58,21 +59,28 @@ def main() -> None:
                    "(benchmarks/emulate_rank.py): its memory; the step time is compute only")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--gpu-gib", type=float, default=None, help="the GPU's memory, drawn as a line in the plot "
+                   "(default: this machine's GPU, or what the --from-json files recorded)")
     p.add_argument("--from-json", default=None, metavar="A.json,B.json",
                    help="run nothing: merge the rows of earlier --json files into one table and --plot")
     args = p.parse_args()
     if args.from_json:
         loaded = [json.load(open(path)) for path in args.from_json.split(",")]
-        rows = [r for d in loaded for r in d["rows"]]
+        rows = [dict(r, emulated=r.get("emulated", d.get("emulated", False))) for d in loaded for r in d["rows"]]
         print_table(rows)
         if args.plot:
-            plot(rows, args.plot, title(loaded[0]["model"], loaded[0]["gpus"], loaded[0].get("emulated", False)))
+            kinds = {r["emulated"] for r in rows}
+            gpu_gib = args.gpu_gib or max((d.get("gpu_gib") or 0 for d in loaded), default=0) or None
+            plot(rows, args.plot, title(loaded[0]["model"], loaded[0]["gpus"], kinds.pop() if len(kinds) == 1
+                                        else None), gpu_gib)
         return
     if args.search:
         start, stop, step = map(int, args.search.split(","))
         lengths = list(range(start, stop + 1, step))
     else:
         lengths = [int(x) for x in args.lengths.split(",")]
+    gpu_gib = args.gpu_gib or (torch.cuda.get_device_properties(0).total_memory / 2**30
+                                if torch.cuda.is_available() else None)
     rows = []
     for name, flags in parse_options(args.options):
         for seq in lengths:
@@ -88,23 +96,33 @@ def main() -> None:
                                 "cached_gpu_gib_compute", "cached_gpu_gib_other_streams", "host_rss_gib",
                                 "host_peak_gib")})
             else:
-                row.update(failure=failure(r["tail"]), tail=r["tail"][-1500:])
+                row.update(failure=failure(r["tail"]), tail=r["tail"])
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("cmd", "tail")}), flush=True)
+            if not row["ok"]:
+                print(r["tail"].split("\n...\n")[0][-800:], flush=True)  # its exception lines, or the tail's start
+            if args.json:  # after every row: a sweep cut off (a device's time limit) keeps what it measured
+                save(args.json, {"model": args.model, "gpus": args.gpus, "config": args.config,
+                                 "emulated": args.emulate, "gpu_gib": gpu_gib, "rows": rows})
             if not r["records"]:
                 break
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "gpus": args.gpus, "config": args.config, "emulated": args.emulate,
-                   "rows": rows}, f, indent=1)
     if args.plot:
-        plot(rows, args.plot, title(args.model, args.gpus, args.emulate))
+        plot(rows, args.plot, title(args.model, args.gpus, args.emulate), gpu_gib)
 
 
-def title(model: str, gpus: int, emulated: bool) -> str:
-    where = f"rank 0 of {gpus} emulated on one GPU" if emulated else f"on {gpus} GPUs"
-    return f"{model} {where}, one training step"
+def save(path: str, content: dict) -> None:
+    """Write ``content`` as JSON through a temporary file, so ``path`` is always a whole earlier or later table."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def title(model: str, gpus: int, emulated: bool | None) -> str:
+    """``emulated``: True, False, or None for a plot that mixes emulated and real runs."""
+    where = {True: f"rank 0 of {gpus} emulated on one GPU", False: f"on {gpus} GPUs",
+             None: f"on {gpus} GPUs (real) and rank 0 of {gpus} emulated on one GPU"}[emulated]
+    return f"{model}, one training step\n{where}"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -118,31 +136,47 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {r['option']} | {r['seq']} | | | | {r['failure']} |")
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-    """Peak allocated (filled) and reserved (hollow) GPU memory against length, one series per option."""
+def plot(rows: list[dict], path: str, title: str, gpu_gib: float | None = None) -> None:
+    """Peak allocated (filled) and reserved (hollow) GPU memory against length, one series per option (and per
+    real/emulated where both are present); a failed length is an x on the GPU's capacity line ``gpu_gib``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in dict.fromkeys(r["option"] for r in rows):
-        ok = [r for r in rows if r["option"] == name and r["ok"]]
+    mixed = len({bool(r.get("emulated")) for r in rows}) > 1
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if gpu_gib:
+        ax.axhline(gpu_gib, color="gray", lw=1)
+        ax.annotate(f"GPU memory {gpu_gib:.0f} GiB", (0, gpu_gib), textcoords="offset points", xytext=(4, 3),
+                    fontsize=8, color="gray")
+    failed = []
+    for key in dict.fromkeys((r["option"], bool(r.get("emulated"))) for r in rows):
+        name = f"{key[0]} ({'emulated' if key[1] else 'real'})" if mixed else key[0]
+        mine = [r for r in rows if (r["option"], bool(r.get("emulated"))) == key]
+        ok = [r for r in mine if r["ok"]]
+        failed += [(name, r) for r in mine if not r["ok"]]
         if not ok:
             continue
         xs = [r["seq"] / 1024 for r in ok]
-        line, = ax.plot(xs, [r["peak_gpu_gib"] for r in ok], marker="o", label=f"{name}: allocated")
+        line, = ax.plot(xs, [r["peak_gpu_gib"] for r in ok], marker="o" if key[1] or not mixed else "s",
+                        ms=5 if key[1] or not mixed else 8, label=f"{name}: allocated")
         ax.plot(xs, [r["reserved_gpu_gib"] for r in ok], marker="o", ls="--", mfc="none", color=line.get_color(),
                 label=f"{name}: reserved")
         for x, r in zip(xs, ok):
-            ax.annotate(f"{r['step_s']:.0f} s/step", (x, r["peak_gpu_gib"]), textcoords="offset points",
-                        xytext=(6, -12), fontsize=8)
+            ax.annotate(f"{r['step_s']:.0f} s", (x, r["peak_gpu_gib"]), textcoords="offset points",
+                        xytext=(5, -11), fontsize=7)
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], (gpu_gib or 0) * 1.08))
+    for name, r in failed:
+        y = gpu_gib or ax.get_ylim()[1]
+        ax.plot([r["seq"] / 1024], [y], marker="x", ms=10, mew=2, color="red", ls="none")
+        ax.annotate(f"{name}: {r.get('failure', 'failed')}", (r["seq"] / 1024, y), textcoords="offset points",
+                    xytext=(-60, 6), fontsize=7, color="red")
     ax.set_xlabel("sequence length (K tokens, whole sequence over all GPUs)")
     ax.set_ylabel("peak GPU memory per GPU (GiB)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,14 @@ def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
     return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq, n
 
 
+def error_tail(output: str, chars: int = 2500) -> str:
+    """The last ``chars`` of a run's output, led by its last few exception lines wherever they were: a launcher's
+    own traceback can push the child's error (say a CUDA out-of-memory) out of a plain tail."""
+    errors = [line for line in output.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b|.*out of memory", line)]
+    head = "\n".join(errors[-5:])
+    return (head + "\n...\n" if head else "") + output[-chars:]
+
+
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
         timeout: float, profile_step: int = 0, emulate: bool = False) -> dict:
     """One train.py launch (under profile_step.py if ``profile_step``); returns its per-step log records
@@ -76,7 +85,7 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
         # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        tail, ok = (res.stdout + res.stderr)[-2500:], res.returncode == 0
+        tail, ok = error_tail(res.stdout + res.stderr), res.returncode == 0
     except subprocess.TimeoutExpired as e:
         tail, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
     path = os.path.join(out, "log.jsonl")
