@@ -81,10 +81,42 @@ def top_ops(prof, n: int = 30) -> list[dict]:
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 
 
+def python_stack(event, depth: int) -> list[str]:
+    """The innermost ``depth`` Python frames (``file.py(line): function``) that called a profiled op: from the
+    event's own stack where the profiler filled it, else from its Python-function parents (newer PyTorch)."""
+    if event.stack:
+        return list(event.stack[:depth])
+    frames, parent = [], event.cpu_parent
+    while parent is not None and len(frames) < depth:
+        if ".py(" in parent.name or parent.name.startswith("<string>("):
+            frames.append(parent.name)
+        parent = parent.cpu_parent
+    return frames
+
+
+def top_op_stacks(prof, ops: tuple[str, ...] = ("aten::copy_", "aten::add", "aten::add_"), n: int = 20,
+                  depth: int = 8) -> list[dict]:
+    """The ``n`` (op in ``ops``, Python call stack) pairs with the most self GPU time (CPU time without a GPU):
+    which lines cause the layout copies. Needs a profile taken with ``with_stack=True``."""
+    acc: dict[tuple, list] = {}
+    for e in prof.events():
+        if e.name not in ops:
+            continue
+        t = e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
+        row = acc.setdefault((e.name, tuple(python_stack(e, depth))), [0.0, 0])
+        row[0] += t
+        row[1] += 1
+    rows = [{"op": op, "self_s": t / 1e6, "count": c, "stack": list(stack)}
+            for (op, stack), (t, c) in acc.items() if t > 0]
+    return sorted(rows, key=lambda r: -r["self_s"])[:n]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int, required=True, help="optimizer step to profile (1-based; use the last)")
     p.add_argument("--out", required=True, help="JSON path; each rank inserts .rankN before the suffix")
+    p.add_argument("--stacks", action="store_true", help="also record Python stacks (slower CPU side) and "
+                   "list which lines the copy/add ops with the most GPU time come from")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.py's flags")
     args = p.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
@@ -94,7 +126,8 @@ def main() -> None:
     from easy_context import hf, recipe
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof, forwards, started = profile(activities=activities, record_shapes=True), [0], [0.0]
+    prof = profile(activities=activities, record_shapes=True, with_stack=args.stacks)
+    forwards, started = [0], [0.0]
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -121,7 +154,8 @@ def main() -> None:
             root, ext = os.path.splitext(args.out)
             with open(f"{root}.rank{rank}{ext or '.json'}", "w") as f:
                 json.dump({"step": args.step, "rank": rank, **summarize(kernels, wall),
-                           "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof)}, f, indent=1)
+                           "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof),
+                           **({"op_stacks": top_op_stacks(prof)} if args.stacks else {})}, f, indent=1)
         return write(self, record)
 
     torch.nn.modules.module.register_module_forward_pre_hook(on_forward)

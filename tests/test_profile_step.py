@@ -33,3 +33,20 @@ def test_top_kernels_rank_names_by_summed_time():
     assert [(t["name"], t["kind"], t["count"]) for t in top] == [("fill", "other", 2), ("nvjet_a", "matmul", 1)]
     assert abs(top[0]["sum_s"] - 0.4) < 1e-12
     assert len(profile_step.top_kernels(kernels)[2]["name"]) == 120
+
+
+def _layout_copy(x):
+    return x.transpose(0, 1).contiguous()
+
+
+def test_op_stacks_name_the_line_that_made_a_copy():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(512, 512)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        _layout_copy(x)
+        x.add(1.0)
+    rows = profile_step.top_op_stacks(prof, ops=("aten::copy_",))
+    assert rows and all(r["op"] == "aten::copy_" for r in rows)
+    assert any("_layout_copy" in frame for frame in rows[0]["stack"]), rows[0]["stack"]
