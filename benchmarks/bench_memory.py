@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from bench_train import run  # noqa: E402
+from bench_train import error_lines, run  # noqa: E402
 
 
 def parse_options(text: str) -> list[tuple[str, list[str]]]:
@@ -100,7 +100,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("cmd", "tail")}), flush=True)
             if not row["ok"]:
-                print(r["tail"].split("\n...\n")[0][-800:], flush=True)  # its exception lines, or the tail's start
+                print("\n".join(error_lines(r["tail"])) or r["tail"][-800:], flush=True)
             if args.json:  # after every row: a sweep cut off (a device's time limit) keeps what it measured
                 save(args.json, {"model": args.model, "gpus": args.gpus, "config": args.config,
                                  "emulated": args.emulate, "gpu_gib": gpu_gib, "rows": rows})

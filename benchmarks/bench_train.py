@@ -56,11 +56,16 @@ def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
     return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq, n
 
 
+def error_lines(output: str, n: int = 5) -> list[str]:
+    """The last ``n`` exception lines of a run's output ("torch.OutOfMemoryError: ...", "... out of memory")."""
+    return [line for line in output.splitlines()
+            if re.match(r"\s*[\w.]*(Error|Exception)\b|.*out of memory", line)][-n:]
+
+
 def error_tail(output: str, chars: int = 2500) -> str:
-    """The last ``chars`` of a run's output, led by its last few exception lines wherever they were: a launcher's
-    own traceback can push the child's error (say a CUDA out-of-memory) out of a plain tail."""
-    errors = [line for line in output.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b|.*out of memory", line)]
-    head = "\n".join(errors[-5:])
+    """The last ``chars`` of a run's output, led by its exception lines wherever they were: a launcher's own
+    traceback can push the child's error (say a CUDA out-of-memory) out of a plain tail."""
+    head = "\n".join(error_lines(output))
     return (head + "\n...\n" if head else "") + output[-chars:]
 
 
