@@ -144,23 +144,26 @@ def plot(rows: list[dict], path: str, title: str, gpu_gib: float | None = None) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mixed = len({bool(r.get("emulated")) for r in rows}) > 1
+    emulated = [bool(r.get("emulated")) for r in rows]
+    mixed = len(set(emulated)) > 1
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if gpu_gib:
         ax.axhline(gpu_gib, color="gray", lw=1)
         ax.annotate(f"GPU memory {gpu_gib:.0f} GiB", (0, gpu_gib), textcoords="offset points", xytext=(4, 3),
                     fontsize=8, color="gray")
     failed = []
-    for key in dict.fromkeys((r["option"], bool(r.get("emulated"))) for r in rows):
+    keys = [(r["option"], e) for r, e in zip(rows, emulated)]
+    for key in dict.fromkeys(keys):
         name = f"{key[0]} ({'emulated' if key[1] else 'real'})" if mixed else key[0]
-        mine = [r for r in rows if (r["option"], bool(r.get("emulated"))) == key]
+        real = mixed and not key[1]  # drawn as larger squares beside the emulated series
+        mine = [r for r, k in zip(rows, keys) if k == key]
         ok = [r for r in mine if r["ok"]]
         failed += [(name, r) for r in mine if not r["ok"]]
         if not ok:
             continue
         xs = [r["seq"] / 1024 for r in ok]
-        line, = ax.plot(xs, [r["peak_gpu_gib"] for r in ok], marker="o" if key[1] or not mixed else "s",
-                        ms=5 if key[1] or not mixed else 8, label=f"{name}: allocated")
+        line, = ax.plot(xs, [r["peak_gpu_gib"] for r in ok], marker="s" if real else "o",
+                        ms=8 if real else 5, label=f"{name}: allocated")
         ax.plot(xs, [r["reserved_gpu_gib"] for r in ok], marker="o", ls="--", mfc="none", color=line.get_color(),
                 label=f"{name}: reserved")
         for x, r in zip(xs, ok):
