@@ -27,7 +27,7 @@ class Exchange:
     """Tensors in flight: ``wait()`` returns the received ones once the transfer completes.
 
     It also holds the buffers being sent until then: a send buffer that only the op referenced (a
-    ``.contiguous()`` copy, or a result the caller dropped) could otherwise go back to the allocator and be
+    packed copy, or a result the caller dropped) could otherwise go back to the allocator and be
     overwritten by the compute stream while the communication stream still reads it.
     """
 
@@ -41,6 +41,36 @@ class Exchange:
         return self._received
 
 
+def memory_order(t: Tensor) -> list[int]:
+    """``t``'s dims from outermost to innermost in memory (by stride, ties by position); a [B, H, S, D] view of a
+    [B, S, H, D] buffer gives [0, 2, 1, 3]. Broadcast (stride-0) dims count as outermost, so that the innermost
+    dim of an expanded tensor stays innermost in a copy laid out in this order."""
+    return sorted(range(t.dim()), key=lambda d: (t.stride(d) != 0, -t.stride(d), d))
+
+
+def empty_in_order(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new dense tensor shaped like ``t`` with ``t``'s memory order (``memory_order``): a receive buffer
+    for what the peer sends of a tensor like ``t``."""
+    order = memory_order(t)
+    buf = torch.empty([t.shape[d] for d in order], dtype=dtype or t.dtype, device=t.device)
+    return buf.permute([order.index(d) for d in range(t.dim())])
+
+
+def in_order_of(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` (shaped like ``like``) laid out in ``like``'s memory order: itself when it already is, else a copy.
+    For sending a computed result (a kernel picks its own output layout) to a peer that receives it into
+    ``empty_in_order`` of its own ``like``."""
+    if memory_order(x) == memory_order(like):
+        return x
+    return empty_in_order(like, x.dtype).copy_(x)
+
+
+def packed(t: Tensor) -> Tensor:
+    """``t`` permuted into its memory order and contiguous: a view of ``t`` when it is dense (no copy, so a
+    [B, S, H, D] buffer viewed as [B, H, S, D] travels as is), else a copy in that order."""
+    return t.permute(memory_order(t)).contiguous()
+
+
 class RingComm:
     """Rotates tensors around a group: each rank sends to rank+1 and receives from rank-1."""
 
@@ -51,8 +81,9 @@ class RingComm:
         self.recv_peer = global_rank(group, (self.rank - offset) % self.world)
 
     def start(self, tensors: list[Tensor], tag: int = 0) -> Exchange:
-        """Begin sending ``tensors`` (made contiguous) forward and receiving same-shaped ones from behind."""
-        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        """Begin sending ``tensors`` forward and receiving same-shaped ones, in the same memory order, from
+        behind."""
+        received = [empty_in_order(t) for t in tensors]
         return p2p(
             sends=[(t, self.send_peer) for t in tensors],
             recvs=[(r, self.recv_peer) for r in received],
@@ -61,14 +92,25 @@ class RingComm:
 
 def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group: ProcessGroup | None,
         tag: int = 0) -> Exchange:
-    """Issue isend/irecv pairs (global peer ranks) as one batch; returns the pending exchange."""
-    sending = [t.contiguous() for t, _ in sends]
+    """Issue isend/irecv pairs (global peer ranks) as one batch; returns the pending exchange.
+
+    Tensors travel in their memory order (``packed``): a receive buffer gets its sender's values only
+    when it has the sent tensor's memory order, as ``empty_in_order`` of a same-strided tensor gives;
+    a buffer that is not dense (a slice) cannot receive in place and raises ValueError.
+    """
+    receiving = [r.permute(memory_order(r)) for r, _ in recvs]
+    for (r, _), view in zip(recvs, receiving):
+        if not view.is_contiguous():
+            raise ValueError(f"p2p: a receive buffer of shape {tuple(r.shape)} and strides {r.stride()} is not "
+                             "dense, so it cannot be received into in place; allocate it with "
+                             "comm.empty_in_order(like)")
+    sending = [packed(t) for t, _ in sends]
     ops = [dist.P2POp(dist.isend, t, peer, group, tag) for t, (_, peer) in zip(sending, sends)]
-    ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, peer in recvs]
+    ops += [dist.P2POp(dist.irecv, t, peer, group, tag) for t, (_, peer) in zip(receiving, recvs)]
     if not ops:
         return Exchange([], [])
     reqs = dist.batch_isend_irecv(ops)
-    return Exchange(reqs, [t for t, _ in recvs], sending)
+    return Exchange(reqs, [r for r, _ in recvs], sending)
 
 
 def check_same_across_ranks(values: list[int], names: list[str], group: ProcessGroup | None,

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .comm import global_rank, p2p, rank_and_size
+from .comm import empty_in_order, global_rank, in_order_of, p2p, rank_and_size
 from .kernels import AttentionKernel
 from .merge import RowSum, merge_
 from .ring import ALL, BlockwiseAttention, _acc_dtype, prepare_call, ring_schedule, run_ring
@@ -91,23 +91,22 @@ def _run_steps(rank: int, world: int, group, payload: dict[str, Tensors], result
             if out_kind:
                 sends += [(x, global_rank(group, dst)) for x in payload[out_kind]]
             if in_kind:
-                recvs += [(torch.empty_like(x, memory_format=torch.contiguous_format), global_rank(group, src))
-                          for x in payload[in_kind]]
+                recvs += [(empty_in_order(x), global_rank(group, src)) for x in payload[in_kind]]
         n_in = len(recvs)
         sends += outbox
         if t >= 2:  # results of what this rank sent for step t - 1
             dst = (rank + t - 1) % world
             back_kind = step_role(t - 1, dst, world)
             if back_kind:
-                recvs += [(torch.empty_like(x, memory_format=torch.contiguous_format), global_rank(group, dst))
-                          for x in result_like[back_kind]]
+                recvs += [(empty_in_order(x), global_rank(group, dst)) for x in result_like[back_kind]]
         pending = p2p(sends, recvs, group, tag=_TAG)
         outbox = []
         if t == 0:
             local()
         elif inbox is not None:
             peer = global_rank(group, (rank - t) % world)
-            outbox = [(x, peer) for x in compute(*inbox)]
+            # a kernel picks its outputs' layout; they travel in the layout the peer receives them in
+            outbox = [(in_order_of(x, like), peer) for x, like in zip(compute(*inbox), result_like[inbox[0]])]
         received = pending.wait()
         inbox = (in_kind, received[:n_in]) if in_kind else None
         if back_kind and result_like[back_kind]:

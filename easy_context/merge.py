@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .comm import empty_in_order
+
 Tensor = torch.Tensor
 
 
@@ -22,14 +24,16 @@ def merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
 
 
 class RowSum:
-    """The sum of gradient blocks, each over a range of rows (dim 2) of a [B, H, S, D] buffer, in ``dtype``.
+    """The sum of gradient blocks, each over a range of rows (dim 2) of a [B, H, S, D] buffer, in ``dtype`` and
+    in the memory order of the tensor it is the gradient of.
 
     A row's first block is copied in, later ones added, so the buffer is never zero-filled and never read
     before it is written; ``result()`` zeroes the rows no block reached.
     """
 
     def __init__(self, like: Tensor, dtype: torch.dtype):
-        self.buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+        # like's memory order: the gradient then comes back strided as its input was, with no layout copy
+        self.buf = empty_in_order(like, dtype)
         self._unwritten = [(0, like.shape[2])]  # sorted, disjoint row ranges
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .comm import RingComm, check_same_across_ranks, rank_and_size
+from .comm import RingComm, check_same_across_ranks, memory_order, rank_and_size
 from .kernels import (AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups,
                       select_kernel)
 from .keep import kept
@@ -186,8 +186,11 @@ def prepare_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | N
                          f"{q.shape[2]} and {k.shape[2]}")
     kern = select_kernel(q, k, kernel)
     if check:
-        meta = list(q.shape) + list(k.shape) + [int(causal), q.element_size()]
-        names = ["B", "H", "S", "D", "B_kv", "H_kv", "S_kv", "D_kv", "causal", "dtype_bytes"]
+        # memory orders too: K/V (and Q in dist-flash) travel in theirs, so the ranks' must agree
+        meta = (list(q.shape) + list(k.shape) + [int(causal), q.element_size()]
+                + memory_order(q) + memory_order(k) + memory_order(v))
+        names = ["B", "H", "S", "D", "B_kv", "H_kv", "S_kv", "D_kv", "causal", "dtype_bytes",
+                 *(f"{t}_order{i}" for t in "qkv" for i in range(4))]
         check_same_across_ranks(meta, names, group, q.device, name)
     return (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])), kern
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import Backend
-from .comm import Exchange, global_rank, p2p, rank_and_size
+from .comm import Exchange, empty_in_order, global_rank, in_order_of, p2p, rank_and_size
 from .kernels import AttentionKernel, repeat_kv
 from .merge import merge_
 from .ring import BlockwiseAttention, prepare_call, ring_attention
@@ -109,7 +109,7 @@ def _exchange_halo(k: Tensor, v: Tensor, seg: Segment, group, rank: int, world: 
     half = seg.size
     tail = [x[:, seg.kv_heads, -half:] for x in (k, v)]
     sends = [(t, nxt) for t in tail] if nxt is not None else []
-    recvs = [(torch.empty_like(t, memory_format=torch.contiguous_format), prev) for t in tail] if prev is not None else []
+    recvs = [(empty_in_order(t), prev) for t in tail] if prev is not None else []
     return p2p(sends, recvs, group, _HALO_TAG)
 
 
@@ -165,17 +165,16 @@ def s2_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         return dq, dk, dv
     halo = pending.wait()
     prev, nxt = _neighbours(group, rank, world)
+    tail = (slice(None), first.kv_heads, slice(k.shape[2] - first.size, k.shape[2]))
+    acc = _acc(k.dtype)
     sends = []
     if rank > 0:
         rows = (slice(None), first.heads, slice(0, first.size))
         h_dq, h_dk, h_dv = kernel.backward(dout[rows], q[rows], *halo, out[rows], lse[rows], False, scale)
         dq[rows] += h_dq
-        acc = _acc(k.dtype)
-        sends = [(h_dk.to(acc), prev), (h_dv.to(acc), prev)]
-    tail = (slice(None), first.kv_heads, slice(k.shape[2] - first.size, k.shape[2]))
-    recvs = []
-    if nxt is not None:
-        recvs = [(torch.empty(dk[tail].shape, dtype=_acc(k.dtype), device=k.device), nxt) for _ in range(2)]
+        # in the memory order the previous rank receives them in: that of its own dk/dv tail rows
+        sends = [(in_order_of(g.to(acc), d[tail]), prev) for g, d in ((h_dk, dk), (h_dv, dv))]
+    recvs = [(empty_in_order(d[tail], acc), nxt) for d in (dk, dv)] if nxt is not None else []
     d_halo = p2p(sends, recvs, group, _DHALO_TAG).wait()
     if nxt is not None:
         dk[tail] = (dk[tail].to(d_halo[0].dtype) + d_halo[0]).to(dk.dtype)

@@ -55,8 +55,13 @@ def check_against_full(attn, rank: int, world: int, layout: str, *, causal: bool
 
     lq, lk, lv = (local(t).requires_grad_(True) for t in (q, k, v))
     out, lse = attn(lq, lk, lv, causal=causal, return_lse=True, group=group, **attn_kwargs)
-    out.backward(local(dout))
-    got = {"out": out, "lse": lse, "dq": lq.grad, "dk": lk.grad, "dv": lv.grad}
+    # autograd.grad, not .backward: a leaf's .grad is restrided to the leaf's layout, hiding the backend's own
+    dq, dk, dv = torch.autograd.grad(out, (lq, lk, lv), local(dout))
+    got = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    if bshd:  # strided as their inputs: the model's transposes back to [B, S, H * D] then need no copy
+        strides = {n: (x.stride(), t.stride()) for n, x, t in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
+                                                                   (lq, lq, lk, lv))}
+        assert all(a == b for a, b in strides.values()), f"{layout}: (result, input) strides {strides}"
     errs = {}
     for name, x in got.items():
         r = shard(ref[name], layout, rank, world, dim=2)

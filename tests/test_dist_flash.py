@@ -52,7 +52,7 @@ def _worker(rank, world, seed):
     kernel = _CountingKernel()
     check_against_full(dist_flash_attention, rank, world, "contiguous", causal=True, heads=4, kv_heads=2, head_dim=8,
                        chunk=4, dtype=torch.float64, device="cpu", seed=seed - 1, tol=TOL[torch.float64],
-                       kernel=kernel)
+                       kernel=kernel, bshd=True)  # q, k, v and the results travel in [B, S, H, D] memory order
     mine = sum(row[rank] is not None for row in schedule_table(world))
     assert kernel.calls == {"forward": mine, "backward": mine}, (kernel.calls, mine)
     with pytest.raises(ValueError, match="same shapes"):
