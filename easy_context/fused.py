@@ -63,7 +63,13 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, **_) -> tuple[Tensor, Tensor]:
     """transformers' ``apply_rotary_pos_emb`` (rotate-half RoPE), compiled."""
-    return compiled(_rope)(q, k, cos, sin, unsqueeze_dim)
+    if unsqueeze_dim != 1 or cos.dim() != 3:
+        return compiled(_rope)(q, k, cos, sin, unsqueeze_dim)
+    # q/k [B, H, S, D] are views of [B, S, H, D] projections: the compiled kernels run on those, so their
+    # outputs and the gradients they return keep that memory order and the model's transposes and reshapes
+    # around them are views, not copies (two full [B, S, H, D] copies per layer otherwise).
+    q_rot, k_rot = compiled(_rope)(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
 
 
 def _norm_forward(self, hidden_states: Tensor) -> Tensor:

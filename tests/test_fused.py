@@ -90,3 +90,22 @@ def test_fused_then_tiled_mlp_trains_like_eager(seed):
     assert rel_err(loss, ref_loss) < 1e-6
     for n, g in ref_grads.items():
         assert rel_err(grads[n], g) < 1e-5, n
+
+
+def test_rope_keeps_the_projections_memory_order_in_outputs_and_gradients(seed):
+    import transformers.models.llama.modeling_llama as llama
+
+    g = torch.Generator().manual_seed(seed)
+    b, s, h, d = 2, 7, 4, 8
+    # q/k as the model hands them over: [B, S, H, D] projections viewed [B, H, S, D]
+    q, k = (torch.randn(b, s, h, d, generator=g).transpose(1, 2).requires_grad_(True) for _ in range(2))
+    angles = torch.randn(b, s, d // 2, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    dq_out, dk_out = (torch.randn(b, s, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    got = apply_rope(q, k, cos, sin)
+    want = llama.apply_rotary_pos_emb(q, k, cos, sin)
+    grads = torch.autograd.grad(got, (q, k), (dq_out, dk_out))
+    ref_grads = torch.autograd.grad(want, (q, k), (dq_out, dk_out))
+    for x, ref, like in zip(got + grads, want + ref_grads, (q, k, q, k)):
+        assert rel_err(x, ref) < 1e-6
+        assert x.stride() == like.stride()  # so the transposes and reshapes around it are views, not copies
