@@ -96,18 +96,20 @@ def python_stack(event, depth: int) -> list[str]:
 
 def top_op_stacks(prof, ops: tuple[str, ...] = ("aten::copy_", "aten::add", "aten::add_"), n: int = 20,
                   depth: int = 8) -> list[dict]:
-    """The ``n`` (op in ``ops``, Python call stack) pairs with the most self GPU time (CPU time without a GPU):
-    which lines cause the layout copies. Needs a profile taken with ``with_stack=True``."""
+    """The ``n`` (op in ``ops``, input shapes, Python call stack) triples with the most self GPU time (CPU time
+    without a GPU): which lines cause the layout copies. Needs a profile taken with ``with_stack=True`` (and
+    ``record_shapes=True`` for the shapes)."""
     acc: dict[tuple, list] = {}
     for e in prof.events():
         if e.name not in ops:
             continue
         t = e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
-        row = acc.setdefault((e.name, tuple(python_stack(e, depth))), [0.0, 0])
+        shapes = str(e.input_shapes)[:160]
+        row = acc.setdefault((e.name, shapes, tuple(python_stack(e, depth))), [0.0, 0])
         row[0] += t
         row[1] += 1
-    rows = [{"op": op, "self_s": t / 1e6, "count": c, "stack": list(stack)}
-            for (op, stack), (t, c) in acc.items() if t > 0]
+    rows = [{"op": op, "shapes": shapes, "self_s": t / 1e6, "count": c, "stack": list(stack)}
+            for (op, shapes, stack), (t, c) in acc.items() if t > 0]
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 
 

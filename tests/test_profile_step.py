@@ -44,9 +44,10 @@ def test_op_stacks_name_the_line_that_made_a_copy():
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(512, 512)
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
         _layout_copy(x)
         x.add(1.0)
     rows = profile_step.top_op_stacks(prof, ops=("aten::copy_",))
     assert rows and all(r["op"] == "aten::copy_" for r in rows)
     assert any("_layout_copy" in frame for frame in rows[0]["stack"]), rows[0]["stack"]
+    assert "512, 512" in rows[0]["shapes"], rows[0]["shapes"]
