@@ -57,9 +57,11 @@ def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
 
 
 def error_lines(output: str, n: int = 5) -> list[str]:
-    """The last ``n`` exception lines of a run's output ("torch.OutOfMemoryError: ...", "... out of memory")."""
+    """The last ``n`` exception lines of a run's output ("torch.OutOfMemoryError: ...", "[rank0]: ValueError: ...",
+    "... out of memory"); the launcher's own ChildFailedError, which names no cause, is left out."""
     return [line for line in output.splitlines()
-            if re.match(r"\s*[\w.]*(Error|Exception)\b|.*out of memory", line)][-n:]
+            if re.match(r"\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b|.*out of memory", line)
+            and "ChildFailedError" not in line][-n:]
 
 
 def error_tail(output: str, chars: int = 2500) -> str:

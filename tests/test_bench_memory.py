@@ -13,7 +13,7 @@ from launch import REPO
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import bench_memory  # noqa: E402
-from bench_train import error_tail  # noqa: E402
+from bench_train import error_lines, error_tail  # noqa: E402
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB."
 # what `accelerate launch` prints after its child died: long enough to push the child's error out of a tail
@@ -27,6 +27,13 @@ def test_an_out_of_memory_buried_under_the_launchers_traceback_is_still_named():
     tail = error_tail(output)
     assert bench_memory.failure(tail) == "OOM"
     assert tail.endswith(LAUNCHER[-2500:])
+
+
+def test_a_childs_rank_prefixed_error_is_named_ahead_of_the_launchers():
+    # torchrun prefixes a child's lines with its rank; the launcher's ChildFailedError names no cause
+    child = "[rank0]: ValueError: --offload-activations: 32 layer inputs ... need 128.0 GiB of host memory"
+    output = child + "\n" + "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" * 2 + LAUNCHER
+    assert error_lines(output) == [child, LAUNCHER.splitlines()[-1]]
 
 
 def test_a_run_without_exception_lines_keeps_its_plain_tail():

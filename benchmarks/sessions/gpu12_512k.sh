@@ -8,9 +8,12 @@
 # for its failure message (session 8 lost it), and activation offload alone at 384K and 512K.
 PART=512k; source benchmarks/sessions/gpu4_env.sh
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-for O in "tiled=--tiled-mlp 4096@524288" "checkpointing=@524288" "offload=--offload-activations@393216,524288"; do
+# Most informative first (session 9 had about 20 minutes of hold left for it): does 512K fit with tiling alone,
+# with offload alone; then the failure message without either; offload at 384K last.
+for O in "tiled=--tiled-mlp 4096@524288" "offload=--offload-activations@524288" "checkpointing=@524288" \
+         "offload384=--offload-activations@393216"; do
   N=${O%%=*}; L=${O##*@}; O=${O%@*}
   python benchmarks/bench_memory.py --emulate --gpus 2 --model shape:llama3-8b --config zero3 --lengths "$L" \
-    --options "$O" --timeout 560 --json "$R/curve_$N.json" > "$R/curve_$N.log" 2>&1
+    --options "${O/offload384=/offload=}" --timeout 560 --json "$R/curve_$N.json" > "$R/curve_$N.log" 2>&1
   mark "$N at $L: exit $?"; grep -E "^\| |Error|out of memory" "$R/curve_$N.log" | cut -c1-200
 done
