@@ -66,7 +66,8 @@ def main() -> None:
     args = p.parse_args()
     if args.from_json:
         loaded = [json.load(open(path)) for path in args.from_json.split(",")]
-        rows = [dict(r, emulated=r.get("emulated", d.get("emulated", False))) for d in loaded for r in d["rows"]]
+        rows = latest_rows([dict(r, emulated=r.get("emulated", d.get("emulated", False)))
+                            for d in loaded for r in d["rows"]])
         print_table(rows)
         if args.plot:
             kinds = {r["emulated"] for r in rows}
@@ -134,6 +135,14 @@ def print_table(rows: list[dict]) -> None:
                   f"({r['reserved_gpu_gib']:.1f}) | {r['host_rss_gib']:.1f} ({r['host_peak_gib']:.1f}) | ok |")
         else:
             print(f"| {r['option']} | {r['seq']} | | | | {r['failure']} |")
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per (option, length, real or emulated): a later file's measurement of a point replaces an
+    earlier one's (a run repeated to get its failure message, or one cut off and rerun), in first-seen order."""
+    last = {(r["option"], r["seq"], r["emulated"]): r for r in rows}
+    return list({(r["option"], r["seq"], r["emulated"]): last[(r["option"], r["seq"], r["emulated"])]
+                 for r in rows}.values())
 
 
 def plot(rows: list[dict], path: str, title: str, gpu_gib: float | None = None) -> None:

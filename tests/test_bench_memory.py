@@ -80,3 +80,11 @@ def test_the_title_says_which_runs_were_emulated():
     assert "emulated" in bench_memory.title("m", 2, True)
     assert "emulated" not in bench_memory.title("m", 2, False)
     assert "(real) and rank 0 of 2 emulated" in bench_memory.title("m", 2, None)
+
+
+def test_a_later_measurement_of_the_same_point_replaces_the_earlier_one():
+    first = [{"option": "a", "seq": 1, "emulated": True, "failure": "error"},
+             {"option": "a", "seq": 2, "emulated": True, "ok": True}]
+    rerun = {"option": "a", "seq": 1, "emulated": True, "failure": "OOM"}
+    real = {"option": "a", "seq": 1, "emulated": False, "ok": True}  # a real run is another point
+    assert bench_memory.latest_rows(first + [rerun, real]) == [rerun, first[1], real]
