@@ -140,9 +140,10 @@ def print_table(rows: list[dict]) -> None:
 def latest_rows(rows: list[dict]) -> list[dict]:
     """One row per (option, length, real or emulated): a later file's measurement of a point replaces an
     earlier one's (a run repeated to get its failure message, or one cut off and rerun), in first-seen order."""
-    last = {(r["option"], r["seq"], r["emulated"]): r for r in rows}
-    return list({(r["option"], r["seq"], r["emulated"]): last[(r["option"], r["seq"], r["emulated"])]
-                 for r in rows}.values())
+    latest: dict[tuple, dict] = {}
+    for r in rows:  # a key assigned again keeps its first position
+        latest[(r["option"], r["seq"], r["emulated"])] = r
+    return list(latest.values())
 
 
 def plot(rows: list[dict], path: str, title: str, gpu_gib: float | None = None) -> None:
