@@ -14,7 +14,7 @@ gathers and reduce-scatters, the DeepSpeed batch arithmetic. No NCCL or gloo gro
 Emulated, as rank r of P has them: shapes, allocations (``peak_gpu_gib`` and the other memory fields of
 log.jsonl, host memory of the offloaded partitions), the kernels that run and their compute time
 (``step_s``). Rank 0 of 2 emulated on one H200: peak 98.34 GiB, where the real 2x H200 run logged 98.3
-(RESULTS.md session 5: 7B shape, 128K, zigzag, zero3.yaml, --keep-attention --fuse-pointwise). Each log
+(docs/performance.md: 7B shape, 128K, zigzag, zero3.yaml, --keep-attention --fuse-pointwise). Each log
 record gets an ``emulate`` entry: rank and world as torch.distributed and accelerate see them, the fraction
 of parameters ZeRO-3 keeps here, the model's input shape and the position-id runs of its shard.
 

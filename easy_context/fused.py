@@ -1,7 +1,7 @@
 """Fused pointwise ops: a decoder layer's RMSNorms, SwiGLU product and RoPE, each compiled by torch.compile
 into a kernel or two in forward and in backward, instead of the 4-8 memory-bound kernels eager PyTorch runs per
 op chain (on a Llama-2-7B layer at 64K tokens on an H200: 50.5 -> 15.8 ms of such kernels per forward+backward,
-benchmarks/RESULTS.md). Matmuls and attention are untouched.
+docs/performance.md). Matmuls and attention are untouched.
 
 Each op is replaced only where the model's own code computes the same function, checked numerically on small
 random inputs with the module's own forward (so a Gemma-style ``1 + weight`` norm or a GELU MLP is left alone,

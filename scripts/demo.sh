@@ -8,7 +8,7 @@
 #     bash scripts/demo.sh                  # CPU: tiny model, 256 -> 4096 tokens (minutes)
 #     OUT=output/proof bash scripts/demo.sh  # GPUs: 26M-parameter model, 2K -> 32K tokens
 # Every setting below can be overridden from the environment. Outputs and timings go to $OUT.
-# Status (benchmarks/RESULTS.md, session 4): on 2 H200s, from the session-3 stage-1 model, the GPU defaults
+# Measured (docs/proof.md): on 2 H200s, from the 2K-token stage-1 model, the GPU defaults
 # below extended it from 2K to 32K in 3.5 minutes: needle exact match 47.0% -> 94.7% over 1K-32K, perplexity
 # at 32K 24.8 -> 4.3. A raised theta (THETA=1e6) broke this model's exact retrieval; YaRN keeps it.
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 1M-token sequences for an 8B model on 2 GPUs of 141 GB (H200): the settings measured to fit one full
 # training step of Llama-3-8B shape at 1,048,576 tokens (23.7 minutes per step, 80.7 GiB allocated per GPU,
-# 114 GiB of pinned host memory per rank; benchmarks/RESULTS.md, session 6). The host needs about 230 GiB free.
+# 114 GiB of pinned host memory per rank; docs/performance.md). The host needs about 230 GiB free.
 #   MODEL=<a model already trained at long context> DATA=<rows >= 1M tokens> THETA=<new RoPE base, optional> \
 #     bash scripts/train_1m_2gpu.sh
 # MODEL=shape:llama3-8b DATA=random STEPS=1 repeats the measurement (random init, no downloads).

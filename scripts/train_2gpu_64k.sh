@@ -11,11 +11,11 @@ DATA=${DATA:-PY007/slimpajama_llama_tokenized_upsample_4096_chunk_256K}
 OUT=${OUT:-output/2gpu_64k}
 STEPS=${STEPS:-200}
 # ZeRO-3 without offload: a 7B model's weights and AdamW state (~61 GB per GPU over 2) fit an H200 (141 GB) and
-# it measured 35.0% MFU at 128K, against 11.4% for ZeRO-3 offload at 64K (benchmarks/RESULTS.md). On 80 GB GPUs
+# it is the fastest measured 2-GPU setting (docs/performance.md); ZeRO-3 offload is far slower. On 80 GB GPUs
 # use CONFIG=accelerate_configs/zero3_offload.yaml.
 CONFIG=${CONFIG:-accelerate_configs/zero3.yaml}
-# The fastest measured settings (7B shape, 128K, 2x H200): 35.0% MFU plain, 41.4% keeping attention outputs
-# through the recompute (+16 GiB), 43.9% also fusing the pointwise ops. SPEED= turns them off.
+# The fastest measured settings (7B shape, 128K, 2x H200; docs/performance.md): keeping attention outputs
+# through the recompute (+16 GiB) and fusing the pointwise ops. SPEED= turns them off.
 SPEED=${SPEED---keep-attention --fuse-pointwise}
 run() {  # name, init, seq, theta
   [ -d "$OUT/$1/model" ] && { echo "stage $1 done"; return; }

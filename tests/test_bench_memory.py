@@ -23,7 +23,7 @@ LAUNCHER = "Traceback (most recent call last):\n" + '  File "accelerate/commands
 
 def test_an_out_of_memory_buried_under_the_launchers_traceback_is_still_named():
     output = "step 0\n" + OOM + "\n" + LAUNCHER
-    assert bench_memory.failure(output[-2500:]) == "error"  # what a plain tail said (session 8's 512K run)
+    assert bench_memory.failure(output[-2500:]) == "error"  # what a plain tail said
     tail = error_tail(output)
     assert bench_memory.failure(tail) == "OOM"
     assert tail.endswith(LAUNCHER[-2500:])

@@ -310,7 +310,7 @@ def test_layer_counts_are_checked_before_the_model_loads():
 def test_offload_that_cannot_fit_host_memory_is_refused_with_the_layers_that_would():
     gib = 2 ** 30
     assert pinned_bytes(4 * gib) == 4 * gib and pinned_bytes(int(2.67 * gib)) == 4 * gib
-    # session 6's 1M run: 28 inputs of 4 GiB on each of 2 processes, 251 GiB host: fits
+    # the measured 1M-token 2-GPU run: 28 inputs of 4 GiB on each of 2 processes, 251 GiB host: fits
     check_host_memory(28, 4 * gib, 2, available=251 * gib)
     with pytest.raises(ValueError, match=r"need 256.0 GiB of host memory, and 251.0 GiB are available: offload "
                                          r"at most 31 layers"):
