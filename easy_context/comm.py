@@ -113,21 +113,57 @@ def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group:
     return Exchange(reqs, [r for r, _ in recvs], sending)
 
 
-def check_same_across_ranks(values: list[int], names: list[str], group: ProcessGroup | None,
-                            device: torch.device, what: str) -> None:
-    """Collective: raise the same ValueError on every rank unless all ranks passed equal ``values``.
+def check_same_across_ranks(values: list[int] | None, names: list[str], group: ProcessGroup | None,
+                            device: torch.device, what: str, local_error: ValueError | None = None) -> None:
+    """Collective: raise a ValueError on every rank unless all ranks passed equal ``values`` and no local_error.
 
-    Costs one tiny all-gather; it turns a mismatch that would hang or corrupt a ring into an error.
+    ``local_error`` is this rank's own validation error, raised here on every rank of the group (one rank's
+    local raise would leave the others waiting in their next collective until the timeout); ``values`` (equal
+    length on every rank) may then be None. Costs one tiny all-gather when all is well.
     """
-    rank, world = rank_and_size(group)
+    _, world = rank_and_size(group)
     if world == 1:
+        if local_error is not None:
+            raise local_error
         return
+    text = b"" if local_error is None else str(local_error).removeprefix(f"{what}: ").encode()
+    header = [int(local_error is not None), len(text), int(values is not None)]
+    rows = _all_gather_ints(header + (list(values) if values is not None else [0] * len(names)), group, device)
+    failed = [i for i, r in enumerate(rows) if r[0]]
+    valid = [r[3:] for r in rows if r[2]]
+    differ = any(v != valid[0] for v in valid)
+    if not failed and not differ:
+        return
+    if len(failed) == world and not differ:
+        raise local_error  # every rank rejected its inputs: each stops with its own error
+    parts = []
+    if failed:  # every rank takes this branch together: the second all-gather is collective too
+        texts = _all_gather_text(text, [r[1] for r in rows], group, device)
+        by_text: dict[str, list[int]] = {}
+        for i in failed:
+            by_text.setdefault(texts[i], []).append(i)
+        parts += [f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} rejected "
+                  f"{'its' if len(ranks) == 1 else 'their'} inputs: {t}" for t, ranks in by_text.items()]
+    if differ:
+        table = "; ".join(f"rank {i}: " + (", ".join(f"{n}={x}" for n, x in zip(names, r[3:])) if r[2]
+                                          else "(see its error)") for i, r in enumerate(rows))
+        parts.append("every rank of the sequence-parallel group must pass the same shapes and options, "
+                     f"got {table}")
+    raise ValueError(f"{what}: " + "; and ".join(parts)) from local_error
+
+
+def _all_gather_ints(values: list[int], group: ProcessGroup | None, device: torch.device) -> list[list[int]]:
     mine = torch.tensor(values, dtype=torch.int64, device=device)
-    allv = [torch.empty_like(mine) for _ in range(world)]
+    allv = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(allv, mine, group=group)
-    rows = torch.stack(allv).tolist()
-    if any(r != rows[0] for r in rows):
-        table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={x}" for n, x in zip(names, r))
-                          for i, r in enumerate(rows))
-        raise ValueError(f"{what}: every rank of the sequence-parallel group must pass the same "
-                         f"shapes and options, got {table}")
+    return torch.stack(allv).tolist()
+
+
+def _all_gather_text(text: bytes, lengths: list[int], group: ProcessGroup | None,
+                     device: torch.device) -> list[str]:
+    """Every rank's ``text`` (``lengths``: each rank's length in bytes), decoded."""
+    buf = torch.zeros(max(max(lengths), 1), dtype=torch.uint8)
+    buf[:len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    allb = [torch.empty_like(buf, device=device) for _ in lengths]
+    dist.all_gather(allb, buf.to(device), group=group)
+    return [bytes(b[:n].cpu().tolist()).decode(errors="replace") for b, n in zip(allb, lengths)]

@@ -21,11 +21,12 @@ import re
 import torch
 import torch.distributed as dist
 
-from .comm import rank_and_size
+from .comm import check_same_across_ranks, rank_and_size
 
 Tensor = torch.Tensor
 LAYOUTS = ("contiguous", "zigzag", "usp{U}x{R}")
 _USP = re.compile(r"usp([1-9][0-9]*)x([1-9][0-9]*)")
+_MAX_DIMS = 8  # gather compares up to this many sizes across ranks (and the element count)
 
 
 def usp_degrees(layout: str) -> tuple[int, int] | None:
@@ -116,11 +117,31 @@ def unshard(pieces: list[Tensor], layout: str, dim: int = 1) -> Tensor:
     return torch.cat(chunks, dim=dim)
 
 
-def gather(x: Tensor, layout: str, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
-    """Collective: all-gather every rank's local piece and return the full tensor on every rank."""
+def gather(x: Tensor, layout: str, group: dist.ProcessGroup | None = None, dim: int = 1,
+           check: bool = True) -> Tensor:
+    """Collective: all-gather every rank's local piece and return the full tensor on every rank.
+
+    ``check`` first compares the pieces' shapes across ranks (one tiny collective), so that pieces that differ,
+    or that one rank cannot cut into the layout's chunks, raise the same ValueError on every rank.
+    """
     _, world = rank_and_size(group)
     if world == 1:
         return x
+    if check:
+        error = None
+        try:
+            per_rank = num_chunks(layout, world) // world
+            if not -x.dim() <= dim < x.dim():
+                raise ValueError(f"gather: dim {dim} is out of range for a piece of shape {tuple(x.shape)}")
+            if x.shape[dim] % per_rank:
+                raise ValueError(f"gather: a rank's piece of the {layout} layout is {per_rank} chunks, so its "
+                                 f"length (dim {dim}) must be a multiple of {per_rank}; got {x.shape[dim]}")
+        except ValueError as e:
+            error = e
+        shape = list(x.shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - min(x.dim(), _MAX_DIMS))
+        check_same_across_ranks([x.dim(), x.numel(), x.element_size(), *shape],
+                                ["dims", "numel", "dtype_bytes", *(f"size{i}" for i in range(_MAX_DIMS))],
+                                group, x.device, "gather", local_error=error)
     pieces = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(pieces, x.contiguous(), group=group)
     return unshard(pieces, layout, dim)

@@ -178,28 +178,41 @@ class BlockwiseAttention(torch.autograd.Function):
 
 
 def prepare_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, group,
-                 kernel: str | AttentionKernel | None, check: bool, name: str) -> tuple[float, AttentionKernel]:
-    """Validate inputs (locally, then across ranks when ``check``) and resolve scale and kernel."""
-    check_inputs(q, k, v)
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"{name}: causal attention needs equal local q and k lengths, got "
-                         f"{q.shape[2]} and {k.shape[2]}")
-    kern = select_kernel(q, k, kernel)
+                 kernel: str | AttentionKernel | None, check: bool, name: str,
+                 validate: Callable[[], None] | None = None) -> tuple[float, AttentionKernel]:
+    """Validate inputs (locally, plus the backend's ``validate()``, then across ranks when ``check``) and resolve
+    scale and kernel. With ``check`` a ValueError on any rank is raised on every rank of ``group``, so that no
+    rank waits alone in a collective that the failing rank never joins."""
+    error = kern = None
+    try:
+        check_inputs(q, k, v)
+        if causal and q.shape[2] != k.shape[2]:
+            raise ValueError(f"{name}: causal attention needs equal local q and k lengths, got "
+                             f"{q.shape[2]} and {k.shape[2]}")
+        if validate is not None:
+            validate()
+        kern = select_kernel(q, k, kernel)
+    except ValueError as e:
+        if not check:
+            raise
+        error = e
     if check:
         # memory orders too: K/V (and Q in dist-flash) travel in theirs, so the ranks' must agree
-        meta = (list(q.shape) + list(k.shape) + [int(causal), q.element_size()]
-                + memory_order(q) + memory_order(k) + memory_order(v))
+        meta = None  # not comparable unless 4-D (check_inputs then said why)
+        if q.dim() == k.dim() == v.dim() == 4:
+            meta = (list(q.shape) + list(k.shape) + [int(causal), q.element_size()]
+                    + memory_order(q) + memory_order(k) + memory_order(v))
         names = ["B", "H", "S", "D", "B_kv", "H_kv", "S_kv", "D_kv", "causal", "dtype_bytes",
                  *(f"{t}_order{i}" for t in "qkv" for i in range(4))]
-        check_same_across_ranks(meta, names, group, q.device, name)
+        check_same_across_ranks(meta, names, group, q.device, name, local_error=error)
     return (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])), kern
 
 
 def run_ring(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, group,
              kernel: str | AttentionKernel | None, schedule: Schedule, return_lse: bool, check: bool,
-             name: str):
+             name: str, validate: Callable[[], None] | None = None):
     """Shared entry of the ring-family backends (validation, then the autograd function)."""
-    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name, validate)
     out, lse = BlockwiseAttention.apply(q, k, v, ring_forward, ring_backward, causal, scale, group, kern,
                                         schedule)
     return (out, lse) if return_lse else out

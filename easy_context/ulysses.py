@@ -129,9 +129,12 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, s
     """
     name = "ulysses_attention"
     _, world = rank_and_size(group)
-    err = head_split_error(q.shape[1], world, "sequence-parallel group", name) if q.dim() == 4 else None
-    if err:
-        raise err
-    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
+
+    def heads_split() -> None:
+        err = head_split_error(q.shape[1], world, "sequence-parallel group", name)
+        if err:
+            raise err
+
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name, heads_split)
     out, lse = AllToAllAttention.apply(q, k, v, group, LocalAttention(kern, causal, scale))
     return (out, lse) if return_lse else out

@@ -55,20 +55,28 @@ def _check_degrees(ulysses_degree: int, ring_degree: int, sp_size: int) -> None:
                          f"choose degrees whose product is {sp_size}")
 
 
-def _all_sp_groups(ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | None,
-                   world: int) -> list[list[int]]:
+def _all_sp_groups(ulysses_degree: int, ring_degree: int, sp_ranks: list[int] | None, world: int,
+                   error: ValueError | None = None) -> list[list[int]]:
     """Collective: every SP group of the world in one order on all ranks, or the same ValueError on all
-    ranks when they passed inconsistent arguments (mismatched new_group calls would hang instead)."""
+    ranks when they passed inconsistent arguments (mismatched new_group calls would hang instead).
+    ``error``: this rank's own argument error, raised on every rank (alone it would leave the others waiting)."""
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, (ulysses_degree, ring_degree, None if sp_ranks is None else list(sp_ranks)))
-    if len({(u, r) for u, r, _ in everyone}) > 1 or len({s is None for _, _, s in everyone}) > 1:
-        table = "; ".join(f"rank {i}: {u}x{r} sp_ranks={s}" for i, (u, r, s) in enumerate(everyone))
+    dist.all_gather_object(everyone, (ulysses_degree, ring_degree, None if sp_ranks is None else list(sp_ranks),
+                                      None if error is None else str(error).removeprefix("new_usp_group: ")))
+    failed = [(i, e) for i, (*_, e) in enumerate(everyone) if e is not None]
+    if len(failed) == world:
+        raise error  # every rank rejected its arguments: each stops with its own error
+    if failed:
+        raise ValueError("new_usp_group: " + "; ".join(f"rank {i} rejected its arguments: {e}" for i, e in failed)
+                         + "; every rank must pass the same valid arguments") from error
+    if len({(u, r) for u, r, _, _ in everyone}) > 1 or len({s is None for _, _, s, _ in everyone}) > 1:
+        table = "; ".join(f"rank {i}: {u}x{r} sp_ranks={s}" for i, (u, r, s, _) in enumerate(everyone))
         raise ValueError("new_usp_group: every rank must pass the same ulysses_degree and ring_degree, and "
                          f"either all ranks or none pass sp_ranks; got {table}")
     if everyone[0][2] is None:
         return [list(range(world))]
     groups: list[list[int]] = []
-    for rank, (_, _, ranks) in enumerate(everyone):
+    for rank, (_, _, ranks, _) in enumerate(everyone):
         if rank not in ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < world for r in ranks):
             raise ValueError(f"new_usp_group: rank {rank} passed sp_ranks={ranks}; each rank must pass the "
                              f"distinct global ranks (0..{world - 1}) of its own SP group, itself included")
@@ -87,17 +95,21 @@ def new_usp_group(*, ulysses_degree: int, ring_degree: int, sp_ranks: list[int] 
     ``sp_ranks``: the global ranks of this rank's SP group in SP-rank order (None: the whole world is
     one SP group). With data parallelism every rank passes its own SP group (e.g. [0..3] on ranks 0-3
     and [4..7] on ranks 4-7); the lists are all-gathered so that all subgroups are created everywhere.
-    ``ulysses_degree * ring_degree`` must equal the SP group size (ValueError before any communication);
-    both are keyword-only so they cannot be swapped by position. Ranks that disagree on the arguments all
-    get the same ValueError.
+    ``ulysses_degree * ring_degree`` must equal the SP group size (ValueError before any group is created);
+    both are keyword-only so they cannot be swapped by position. A ValueError on any rank, also one rank's
+    own, is raised on all ranks.
     """
     if not (dist.is_available() and dist.is_initialized()):
         _check_degrees(ulysses_degree, ring_degree, len(sp_ranks) if sp_ranks is not None else 1)
         return USPGroup(ulysses_degree, ring_degree, None, None, None)
     rank, world = dist.get_rank(), dist.get_world_size()
-    _check_degrees(ulysses_degree, ring_degree, len(sp_ranks) if sp_ranks is not None else world)
+    error = None
+    try:
+        _check_degrees(ulysses_degree, ring_degree, len(sp_ranks) if sp_ranks is not None else world)
+    except ValueError as e:
+        error = e
     mine = {}
-    for sp in _all_sp_groups(ulysses_degree, ring_degree, sp_ranks, world):
+    for sp in _all_sp_groups(ulysses_degree, ring_degree, sp_ranks, world, error):
         # Same new_group calls in the same order on every rank; keep the ones this rank belongs to.
         created = {"sp": [sp] if sp_ranks is not None else [],
                    "ulysses": [sp[r * ulysses_degree:(r + 1) * ulysses_degree] for r in range(ring_degree)],
@@ -146,18 +158,20 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale
     """
     name = "usp_attention"
     usp = _resolve_group(group)
-    u_world, r_world = rank_and_size(usp.ulysses_group)[1], rank_and_size(usp.ring_group)[1]
-    if (u_world, r_world) != (usp.ulysses_degree, usp.ring_degree):
-        raise ValueError(f"{name}: the group object's subgroups have sizes {u_world} x {r_world}, not the "
-                         f"declared {usp.ulysses_degree} x {usp.ring_degree}; build it with new_usp_group")
-    if q.dim() == 4:
+
+    def usp_checks() -> None:
+        u_world, r_world = rank_and_size(usp.ulysses_group)[1], rank_and_size(usp.ring_group)[1]
+        if (u_world, r_world) != (usp.ulysses_degree, usp.ring_degree):
+            raise ValueError(f"{name}: the group object's subgroups have sizes {u_world} x {r_world}, not the "
+                             f"declared {usp.ulysses_degree} x {usp.ring_degree}; build it with new_usp_group")
         err = head_split_error(q.shape[1], usp.ulysses_degree, "Ulysses group (ulysses_degree)", name)
         if err:
             raise err
         if causal and usp.ring_degree > 1 and (q.shape[2] * usp.ulysses_degree) % 2:
             raise ValueError(f"{name}: local length {q.shape[2]} x ulysses_degree {usp.ulysses_degree} must be "
                              f"even (two zigzag chunks); shard with layouts.shard(..., '{usp.layout}', ...)")
-    scale, kern = prepare_call(q, k, v, causal, scale, usp.sp_group, kernel, check, name)
+
+    scale, kern = prepare_call(q, k, v, causal, scale, usp.sp_group, kernel, check, name, usp_checks)
     inner = _ZigzagRing(kern, causal, scale, usp.ring_group)
     out, lse = AllToAllAttention.apply(q, k, v, usp.ulysses_group, inner)
     return (out, lse) if return_lse else out

@@ -38,8 +38,10 @@ def zigzag_ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, 
 
     Same contract as ``ring.ring_attention``; the local length must be even (two equal chunks).
     """
-    if q.dim() == 4 and q.shape[2] % 2:
-        raise ValueError(f"zigzag_ring_attention: each rank holds two equal chunks, so the local length "
-                         f"must be even; got {q.shape[2]} (shard with layouts.shard(..., 'zigzag', ...))")
+    def even_length() -> None:
+        if q.shape[2] % 2:
+            raise ValueError(f"zigzag_ring_attention: each rank holds two equal chunks, so the local length "
+                             f"must be even; got {q.shape[2]} (shard with layouts.shard(..., 'zigzag', ...))")
+
     return run_ring(q, k, v, causal, scale, group, kernel, zigzag_schedule, return_lse, check,
-                    "zigzag_ring_attention")
+                    "zigzag_ring_attention", even_length)

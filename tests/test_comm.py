@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from easy_context.comm import RingComm, empty_in_order, memory_order, p2p, packed
+from easy_context.comm import RingComm, check_same_across_ranks, empty_in_order, memory_order, p2p, packed
 
 
 def _keepalive_worker(rank, world):
@@ -56,3 +56,28 @@ def _ring_worker(rank, world):
 
 def test_ring_rotates_tensors_in_their_memory_order():
     run_distributed(_ring_worker, 3)
+
+
+def _check_worker(rank, world):
+    names = ["a", "b"]
+    check_same_across_ranks([1, 2], names, None, torch.device("cpu"), "f")  # all equal: passes
+    # a local error on rank 1 only (its values unavailable): every rank raises it, naming the rank
+    err = ValueError("f: x must be even") if rank == 1 else None
+    with pytest.raises(ValueError, match=r"^f: rank 1 rejected its inputs: x must be even$") as e:
+        check_same_across_ranks(None if rank == 1 else [1, 2], names, None, torch.device("cpu"), "f", err)
+    assert e.value.__cause__ is err
+    # the same error on every rank: each raises its own, unchanged
+    err = ValueError(f"f: bad on {rank}")
+    with pytest.raises(ValueError) as e:
+        check_same_across_ranks([1, 2], names, None, torch.device("cpu"), "f", err)
+    assert e.value is err
+    # a local error and mismatched values: both reported, on every rank
+    err = ValueError("f: too long") if rank == 2 else None
+    with pytest.raises(ValueError, match=r"rank 2 rejected its inputs: too long; and every rank .* same shapes "
+                                         r"and options, got rank 0: a=1, b=2; rank 1: a=1, b=2; rank 2: a=1, b=3"):
+        check_same_across_ranks([1, 2 + (rank == 2)], names, None, torch.device("cpu"), "f", err)
+    check_same_across_ranks([3, 4], names, None, torch.device("cpu"), "f")  # still in step
+
+
+def test_local_errors_raise_on_every_rank():
+    run_distributed(_check_worker, 3, timeout_s=20)

@@ -64,6 +64,22 @@ def test_matches_full_attention_cpu(world, seed):
     run_distributed(_worker, world, seed)
 
 
+def _rank_local_error_worker(rank, world, seed):
+    # Only the last rank's call fails a local check: every rank must raise it, not hang in a collective.
+    bad = rank == world - 1
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        dist_flash_attention(q, q, q.double() if bad else q)
+    with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
+        dist_flash_attention(q, q, q, kernel="nope" if bad else None)
+    check_against_full(dist_flash_attention, rank, world, "contiguous", causal=True, heads=2, kv_heads=1, head_dim=8,
+                       chunk=3, dtype=torch.float64, device="cpu", seed=seed, tol=TOL[torch.float64])
+
+
+def test_rank_local_errors_raise_on_every_rank(seed):
+    run_distributed(_rank_local_error_worker, 3, seed, timeout_s=20)
+
+
 def test_single_process_is_plain_attention(seed):
     check_single_process(dist_flash_attention, "contiguous", seed)
 

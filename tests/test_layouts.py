@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distributed import run_distributed
 from easy_context import layouts
 from easy_context.backends import BACKENDS, backend_layout
 
@@ -69,6 +70,25 @@ def test_bad_lengths_and_names_raise():
     for bad in ("usp", "usp0x2", "usp2x", "usp2x2x2", "ulysses"):
         with pytest.raises(ValueError, match="unknown layout"):
             layouts.num_chunks(bad, 4)
+
+
+def _gather_worker(rank, world, seed):
+    full = torch.randn(2, 4 * world, 3, generator=torch.Generator().manual_seed(seed))
+    for layout in ("contiguous", "zigzag"):
+        assert torch.equal(layouts.gather(layouts.shard(full, layout, rank, world), layout), full)
+    # pieces that differ across ranks, or that cannot be cut into the layout's chunks on one rank only:
+    # every rank raises, rather than gloo aborting one process and handing the others a garbled tensor
+    with pytest.raises(ValueError, match="same shapes"):
+        layouts.gather(torch.zeros(1, 8 if rank == 0 else 6, 2), "contiguous")
+    with pytest.raises(ValueError, match=r"rank 1 rejected its inputs: .*zigzag layout is 2 chunks.*multiple of 2; got 7"):
+        layouts.gather(torch.zeros(1, 7 if rank == 1 else 8, 2), "zigzag")
+    with pytest.raises(ValueError, match="unknown layout 'nope'"):
+        layouts.gather(torch.zeros(1, 8, 2), "nope" if rank == 1 else "zigzag")
+    assert torch.equal(layouts.gather(layouts.shard(full, "zigzag", rank, world), "zigzag"), full)  # in step
+
+
+def test_gather_rebuilds_the_full_tensor_and_rejects_mismatched_pieces_on_every_rank(seed):
+    run_distributed(_gather_worker, 2, seed, timeout_s=20)
 
 
 def test_backend_layouts():

@@ -74,6 +74,43 @@ def test_mismatched_shapes_across_ranks_raise_not_hang():
     run_distributed(_mismatch_worker, 2, timeout_s=30)
 
 
+def _odd_length_on_one_rank_worker(rank, world, seed):
+    # Rank 1 holds an odd local length, its neighbours an even one: the odd rank fails a local check, and
+    # every rank must raise with it instead of waiting alone in the cross-rank check (a hang until timeout).
+    q = torch.randn(1, 2, 7 if rank == 1 else 8, 16)
+    with pytest.raises(ValueError, match="must be even; got 7"):
+        zigzag_ring_attention(q, q, q)
+    # the group is still in step: a correct call afterwards is exact
+    check_against_full(zigzag_ring_attention, rank, world, "zigzag", causal=True, heads=2, kv_heads=1, head_dim=8,
+                       chunk=3, dtype=torch.float64, device="cpu", seed=seed, tol=TOL[torch.float64])
+
+
+def test_zigzag_odd_length_on_some_ranks_raises_on_every_rank(seed):
+    run_distributed(_odd_length_on_one_rank_worker, 3, seed, timeout_s=20)
+
+
+def _rank_local_error_worker(rank, world, seed):
+    # The shapes agree across ranks, but the last rank's call fails a local check: every rank raises it.
+    bad = rank == world - 1
+    q = torch.randn(1, 2, 8, 16)
+    for attn in BACKENDS.values():
+        with pytest.raises(ValueError, match="dtypes differ"):
+            attn(q, q, q.double() if bad else q)
+        with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
+            attn(q, q, q, kernel="nope" if bad else None)
+        with pytest.raises(ValueError, match=r"must be \[batch, heads, seq, head_dim\]"):
+            attn(q[0] if bad else q, q, q)
+        with pytest.raises(ValueError, match="causal attention needs equal local q and k lengths"):
+            attn(q, q[:, :, :4] if bad else q, q[:, :, :4] if bad else q)
+        check_against_full(attn, rank, world, "zigzag" if attn is zigzag_ring_attention else "contiguous",
+                           causal=True, heads=2, kv_heads=1, head_dim=8, chunk=3, dtype=torch.float64,
+                           device="cpu", seed=seed, tol=TOL[torch.float64])
+
+
+def test_rank_local_errors_raise_on_every_rank(seed):
+    run_distributed(_rank_local_error_worker, 2, seed, timeout_s=20)
+
+
 def test_bad_local_inputs_raise():
     q = torch.randn(1, 4, 8, 16)
     with pytest.raises(ValueError, match="not supported on CPU"):

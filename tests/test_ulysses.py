@@ -33,6 +33,20 @@ def test_matches_full_attention_cpu(world, seed):
     run_distributed(_worker, world, seed)
 
 
+def _heads_differ_across_ranks_worker(rank, world, seed):
+    # Rank 1 has 3 heads (not divisible by 2 ranks), rank 0 has 4: rank 1 fails the local head check, and
+    # rank 0 must raise with it instead of waiting alone in the cross-rank check until the timeout.
+    q = torch.randn(1, 3 if rank == 1 else 4, 4, 16)
+    with pytest.raises(ValueError, match="3 q heads cannot be split evenly"):
+        ulysses_attention(q, q, q)
+    check_cases_cpu(ulysses_attention, rank, world, "contiguous", [(2, 1, 8)], seed, causals=(True,),
+                    kernels=[("reference", torch.float64)], chunk=3)  # still in step afterwards
+
+
+def test_heads_differing_across_ranks_raise_on_every_rank(seed):
+    run_distributed(_heads_differ_across_ranks_worker, 2, seed, timeout_s=20)
+
+
 def test_kv_replication_rule():
     assert kv_replication(8, 8, 4) == 1  # split kv heads like q heads
     assert kv_replication(8, 2, 4) == 2  # P > kv heads: each kv head on two ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -101,6 +102,31 @@ def _errors_and_data_parallel_worker(rank, world, seed):
 
 def test_errors_and_data_parallel_subgroups(seed):
     run_distributed(_errors_and_data_parallel_worker, 4, seed, timeout_s=60)
+
+
+def _rank_local_errors_worker(rank, world, seed):
+    # One rank's call fails a local check that the other passes: both must raise it, not hang in a collective.
+    g12, g21 = new_usp_group(ulysses_degree=1, ring_degree=2), new_usp_group(ulysses_degree=2, ring_degree=1)
+    q = torch.randn(1, 4, 3 if rank == 1 else 4, 16)  # odd length on rank 1 only
+    with pytest.raises(ValueError, match="local length 3 x ulysses_degree 1 must be even"):
+        usp_attention(q, q, q, group=g12)
+    q = torch.randn(1, 3 if rank == 1 else 4, 4, 16)  # heads that do not split over 2 ranks on rank 1 only
+    with pytest.raises(ValueError, match="3 q heads cannot be split evenly"):
+        usp_attention(q, q, q, group=g21)
+    q = torch.randn(1, 4, 4, 16)  # a hand-edited group object on rank 1 only
+    with pytest.raises(ValueError, match="subgroups have sizes 2 x 2, not the declared 2 x 1"):
+        usp_attention(q, q, q, group=dataclasses.replace(g21, ring_group=None) if rank == 1 else g21)
+    # degrees whose product is wrong on rank 1 only: rank 1's check must not leave rank 0 alone in the exchange
+    with pytest.raises(ValueError, match=r"rank 1 rejected its arguments: ulysses_degree \(2\) x ring_degree "
+                                         r"\(2\) = 4, but the sequence-parallel group has 2 ranks"):
+        new_usp_group(ulysses_degree=2, ring_degree=1 if rank == 0 else 2)
+    for g in (g12, g21, new_usp_group(ulysses_degree=2, ring_degree=1)):  # still in step afterwards
+        check_against_full(usp_attention, rank, world, g.layout, causal=True, heads=2, kv_heads=1, head_dim=8,
+                           chunk=3, seed=seed, group=g, **F64)
+
+
+def test_rank_local_errors_raise_on_every_rank(seed):
+    run_distributed(_rank_local_errors_worker, 2, seed, timeout_s=20)
 
 
 def _two_sp_groups_of_four_worker(rank, world, seed):
