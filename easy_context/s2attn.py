@@ -190,14 +190,20 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int | None = No
     The group size is ``group_size`` or ``int(ratio * full length)``; it must be even and divide every
     rank's shard. Returns out [B,H,S_local,D] (plus the float32 lse if ``return_lse``); differentiable.
     """
-    if not causal:
-        raise ValueError("s2_attention is LongLoRA's causal training attention; causal=False is not supported")
-    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, "s2_attention")
-    heads, kv_heads = q.shape[1], k.shape[1]
-    if heads % 2:
-        raise ValueError(f"S²-Attn shifts half of the heads, so the head count must be even; got {heads}")
     _, world = rank_and_size(group)
-    size = resolve_group_size(q.shape[2] * world, world, group_size, ratio)
+    size = 0
+
+    def s2_options() -> None:  # inside prepare_call: a rank failing alone raises on every rank, not in the halo
+        nonlocal size
+        if not causal:
+            raise ValueError("s2_attention is LongLoRA's causal training attention; causal=False is not supported")
+        if q.shape[1] % 2:
+            raise ValueError(f"S²-Attn shifts half of the heads, so the head count must be even; "
+                             f"got {q.shape[1]}")
+        size = resolve_group_size(q.shape[2] * world, world, group_size, ratio)
+
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, "s2_attention", s2_options)
+    heads, kv_heads = q.shape[1], k.shape[1]
     n_rep = heads // kv_heads
     if (heads // 2) % n_rep:  # an odd kv head count straddles the two halves: give each q head its own k/v
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)

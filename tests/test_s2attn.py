@@ -181,16 +181,7 @@ SP_CASES = [(4, 2, 16, 8), (4, 1, 16, 16), (2, 2, 8, 4)]  # heads, kv_heads, loc
 
 def _check_sp_attention(rank, world, seed):
     for heads, kv_heads, local, size in SP_CASES:
-        q, k, v, dout = _inputs(seed, 2, heads, kv_heads, local * world)
-        ref = _grads(lambda *x: reference_s2(*x, size), q, k, v, dout)
-
-        def sp(q_, k_, v_):
-            return s2_attention(q_, k_, v_, group_size=size, return_lse=True)
-
-        ours = _grads(sp, *(shard(x, "contiguous", rank, world, dim=2) for x in (q, k, v, dout)))
-        for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), ours, ref):
-            err = rel_err(x, shard(r, "contiguous", rank, world, dim=2))
-            assert err < TOL, f"rank {rank}/{world} {heads}/{kv_heads} heads G={size}: {name} off by {err:.1e}"
+        _check_sp_case(rank, world, seed, heads, kv_heads, local, size)
     q = torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="whole number of groups"):  # S = 24 is 2 groups of 12; shards are 8
         s2_attention(q, q, q, group_size=12)
@@ -222,3 +213,34 @@ def _sp_worker(rank, world, seed):
 
 def test_sequence_parallel_equals_reference(seed):
     run_distributed(_sp_worker, 3, seed)  # 3 ranks: a middle rank both sends and receives a halo
+
+
+def _check_sp_case(rank, world, seed, heads, kv_heads, local, size):
+    q, k, v, dout = _inputs(seed, 2, heads, kv_heads, local * world)
+    ref = _grads(lambda *x: reference_s2(*x, size), q, k, v, dout)
+
+    def sp(q_, k_, v_):
+        return s2_attention(q_, k_, v_, group_size=size, return_lse=True)
+
+    ours = _grads(sp, *(shard(x, "contiguous", rank, world, dim=2) for x in (q, k, v, dout)))
+    for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), ours, ref):
+        err = rel_err(x, shard(r, "contiguous", rank, world, dim=2))
+        assert err < TOL, f"rank {rank}/{world} {heads}/{kv_heads} heads G={size}: {name} off by {err:.1e}"
+
+
+def _rank_local_error_worker(rank, world, seed):
+    # Shapes agree across ranks but one rank's options fail its own checks (a different rank each time, the
+    # middle one included): every rank raises that error instead of waiting for the halo it never sends.
+    q = torch.randn(1, 4, 8, 8)  # 3 ranks: a sequence of 24, shards of 8
+    cases = [(dict(group_size=7), "even group size"), (dict(group_size=12), "whole number of groups"),
+             (dict(ratio=1.5), "ratio"), (dict(ratio=0.125), "even group size"),
+             (dict(causal=False), "causal=False")]
+    for i, (bad_kwargs, match) in enumerate(cases):
+        kwargs = bad_kwargs if rank == i % world else dict(group_size=8)
+        with pytest.raises(ValueError, match=match):
+            s2_attention(q, q[:, :2], q[:, :2], **kwargs)
+    _check_sp_case(rank, world, seed, 4, 2, 16, 8)  # the group is still in step: a correct call is exact
+
+
+def test_rank_local_errors_raise_on_every_rank(seed):
+    run_distributed(_rank_local_error_worker, 3, seed, timeout_s=20)
