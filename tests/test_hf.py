@@ -36,16 +36,17 @@ def _backends(world: int) -> list[tuple[str, object]]:
     return out
 
 
-def _reference(family: str, seed: int, ids, labels):
+def _reference(family: str, seed: int, ids, labels, **overrides):
     """Loss and parameter gradients of the unpatched model on the full sequence (HF's own loss)."""
-    model = tiny_model(family, seed)
+    model = tiny_model(family, seed, **overrides)
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _sp_loss(backend: str, group, family: str, seed: int, ids, labels, checkpointing: bool = False, **loss_kwargs):
-    model = tiny_model(family, seed)
+def _sp_loss(backend: str, group, family: str, seed: int, ids, labels, checkpointing: bool = False,
+             overrides: dict | None = None, **loss_kwargs):
+    model = tiny_model(family, seed, **(overrides or {}))
     if checkpointing:  # EasyContext always trained this way: attention reruns (with its ring) in backward
         model.gradient_checkpointing_enable()
         model.train()
