@@ -27,7 +27,8 @@ from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
 from easy_context.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
                                  haystack_tokens, score)
-from easy_context.perplexity import add_eval_model_args, check_lengths, eval_dtype, length_sweep, load_eval_model
+from easy_context.perplexity import (add_eval_model_args, check_lengths, eval_dtype, int_at_least, length_sweep,
+                                     load_eval_model)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,13 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: easy_context.haystack's needle/question/answer (what the embedded default model "
                         "is trained on); easycontext: EasyContext's 'long story book' wrapper, answer = the digits")
     p.add_argument("--key", default="Singapore", help="the needle's key: 'the special magic KEY number'")
-    p.add_argument("--digits", type=int, default=7, help="digits of the random number")
-    p.add_argument("--samples", type=int, default=5, help="random numbers per cell (the same in every cell)")
+    p.add_argument("--digits", type=int_at_least(1), default=7, help="digits of the random number")
+    p.add_argument("--samples", type=int_at_least(1), default=5,
+                   help="random numbers per cell (the same in every cell)")
     p.add_argument("--seed", type=int, default=0, help="seed of the numbers")
-    p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens (or min/max/step)")
-    p.add_argument("--min-length", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--length-step", type=int, help="default: doubling from --min-length")
+    p.add_argument("--lengths", type=int_at_least(2), nargs="+", help="context lengths in tokens (or min/max/step)")
+    p.add_argument("--min-length", type=int_at_least(2))
+    p.add_argument("--max-length", type=int_at_least(2))
+    p.add_argument("--length-step", type=int_at_least(1), help="default: doubling from --min-length")
     p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, 0-100")
     p.add_argument("--depth-step", type=float, default=10.0, help="percent; depths 0, step, ..., 100")
     p.add_argument("--scoring", choices=SCORINGS, default="forward",

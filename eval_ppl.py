@@ -15,7 +15,9 @@ scored once. Documents shorter than the largest length are skipped (the count is
         --min-length 50000 --max-length 500000 --length-step 50000 --output results/ppl.csv
 
 Writes OUTPUT (CSV: a '# protocol ...' line, then model, protocol, stride, length, documents, tokens, nll,
-perplexity) and the plot with .png.
+perplexity), OUTPUT with .json (the settings and every result, saved as each length completes) and the plot
+with .png, both over every model in OUTPUT. A rerun with the same OUTPUT and settings evaluates only what is
+missing there (another model's results stay); other settings are refused.
 """
 
 from __future__ import annotations
@@ -25,10 +27,9 @@ import os
 
 from easy_context.launch import finish, init_distributed
 from easy_context.models import load_config, load_tokenizer
-from easy_context.perplexity import (PROTOCOLS, add_eval_model_args, check_lengths, check_protocol, collect_documents, dataset_rows,
-                                     describe_protocol, eval_dtype, evaluate_perplexity, length_sweep,
-                                     load_eval_model, text_dir_rows, write_perplexity_csv)
-
+from easy_context.perplexity import (PROTOCOLS, PerplexityResults, add_eval_model_args, check_lengths, check_protocol,
+                                     collect_documents, dataset_rows, describe_protocol, eval_dtype,
+                                     evaluate_perplexity, int_at_least, length_sweep, load_eval_model, text_dir_rows)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,13 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", help="dataset configuration name")
     p.add_argument("--split", default="test")
     p.add_argument("-f", "--feature", help="text column (default: input_ids if present, else text)")
-    p.add_argument("--samples", type=int, help="use the first N documents long enough for the largest length")
-    p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens (or min/max/step)")
-    p.add_argument("--min-length", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--length-step", type=int, help="default: doubling from --min-length")
+    p.add_argument("--samples", type=int_at_least(1),
+                   help="use the first N documents long enough for the largest length")
+    p.add_argument("--lengths", type=int_at_least(2), nargs="+", help="context lengths in tokens (or min/max/step)")
+    p.add_argument("--min-length", type=int_at_least(2))
+    p.add_argument("--max-length", type=int_at_least(2))
+    p.add_argument("--length-step", type=int_at_least(1), help="default: doubling from --min-length")
     p.add_argument("--protocol", choices=PROTOCOLS, default="truncate")
-    p.add_argument("--stride", type=int, default=256, help="sliding protocol: tokens between window starts")
+    p.add_argument("--stride", type=int_at_least(1), default=256,
+                   help="sliding protocol: tokens between window starts")
     add_eval_model_args(p)
     p.add_argument("--output", default=os.path.join("results", "ppl.csv"), help="CSV path (plot: .png beside it)")
     return p.parse_args(argv)
@@ -61,8 +64,18 @@ def main(argv=None) -> None:
     dtype = eval_dtype(args.dtype, launch.device)
     stride = args.stride if args.protocol == "sliding" else None
     log = print if launch.is_main else (lambda *a, **k: None)
-    rows, header = [], ""
+    # What the numbers depend on (not the backend or the process count): a rerun with these resumes, others are
+    # refused. The largest length picks the documents (long enough) and where sliding windows stop.
+    settings = dict(protocol=args.protocol, stride=stride, source=args.dataset or args.text_dir, subset=args.subset,
+                    split=args.split, feature=args.feature, samples=args.samples, tokenizer=args.tokenizer,
+                    dtype=str(dtype).removeprefix("torch."), rope_theta=args.rope_theta,
+                    rope_scaling=args.rope_scaling, max_length=max(lengths))
+    store = PerplexityResults(args.output, settings)  # every rank reads it before the first collective
     for name in args.model:
+        todo = [n for n in lengths if not store.has(name, n)]
+        log(f"{name}: {len(todo)} of {len(lengths)} lengths to evaluate", flush=True)
+        if not todo:
+            continue
         check_lengths(lengths, load_config(name, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling),
                       allow_extrapolation=args.allow_extrapolation, rope_theta=args.rope_theta)
         tokenizer = load_tokenizer(args.tokenizer or name)
@@ -76,22 +89,25 @@ def main(argv=None) -> None:
         header = describe_protocol(args.protocol, stride, bos=bos is not None, source=args.dataset or args.text_dir)
         model = load_eval_model(name, launch.device, backend=args.backend, dtype=dtype, rope_theta=args.rope_theta,
                                 rope_scaling=args.rope_scaling, ulysses_degree=args.ulysses_degree)
+
+        def save(r, name=name, header=header):  # each length as it completes: a kill keeps what is done
+            log(f"{name}  L={r.length}  ppl={r.perplexity:.4f}  ({r.tokens} tokens)")
+            if launch.is_main:
+                store.add(dict(model=name, protocol=args.protocol, stride=stride or "", length=r.length,
+                               documents=r.documents, tokens=r.tokens, nll=r.nll, perplexity=r.perplexity), header)
+
         from tqdm import tqdm
 
-        with tqdm(total=len(lengths) * len(docs), disable=not launch.is_main, desc=os.path.basename(name)) as bar:
-            results = evaluate_perplexity(model, docs, lengths, protocol=args.protocol, stride=stride, bos_id=bos,
-                                          progress=bar.update)
+        with tqdm(total=len(todo) * len(docs), disable=not launch.is_main, desc=os.path.basename(name)) as bar:
+            evaluate_perplexity(model, docs, todo, protocol=args.protocol, stride=stride, bos_id=bos,
+                                progress=bar.update, max_length=max(lengths), on_result=save)
         del model
-        for r in results:
-            rows.append(dict(model=name, protocol=args.protocol, stride=stride or "", length=r.length,
-                             documents=r.documents, tokens=r.tokens, nll=r.nll, perplexity=r.perplexity))
-            log(f"{name}  L={r.length}  ppl={r.perplexity:.4f}  ({r.tokens} tokens)")
     if launch.is_main:
         from easy_context.plots import perplexity_plot
 
-        csv_path = write_perplexity_csv(args.output, rows, header)
-        png = perplexity_plot(rows, os.path.splitext(args.output)[0] + ".png", header)
-        print(f"{header}\nwrote {csv_path}\n      {png}")
+        csv_path = store.write_csv()
+        png = perplexity_plot(store.rows(), os.path.splitext(args.output)[0] + ".png", store.header)
+        print(f"{store.header}\nwrote {csv_path} ({len(store.rows())} rows)\n      {store.path}\n      {png}")
 
 
 if __name__ == "__main__":

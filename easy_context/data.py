@@ -18,6 +18,7 @@ import torch
 
 IDS = "input_ids"
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_EMPTY_HINT = "pass a --dataset with rows (pre-tokenized input_ids or text), or check that the file was written whole"
 
 
 def load_raw(source: str, split: str = "train", *, subset: str | None = None, streaming: bool = False):
@@ -37,15 +38,28 @@ def load_raw(source: str, split: str = "train", *, subset: str | None = None, st
         kind = _FILE_TYPES.get(os.path.splitext(source)[1])
         if kind is None:
             raise ValueError(f"dataset file {source!r}: use one of {', '.join(_FILE_TYPES)} or a save_to_disk folder")
-        return datasets.load_dataset(kind, data_files=source, split="train")
+        return _load_files(source, kind, source)
     if os.path.isdir(source):
         files = sorted(f for f in os.listdir(source) if os.path.splitext(f)[1] in _FILE_TYPES)
         if not files:
             raise ValueError(f"dataset folder {source!r} is neither a save_to_disk folder nor holds "
                              f"{'/'.join(_FILE_TYPES)} files")
         kind = _FILE_TYPES[os.path.splitext(files[0])[1]]
-        return datasets.load_dataset(kind, data_files=[os.path.join(source, f) for f in files], split="train")
+        return _load_files(source, kind, [os.path.join(source, f) for f in files])
     return datasets.load_dataset(source, subset, split=split, streaming=streaming)
+
+
+def _load_files(source: str, kind: str, files):
+    import datasets
+
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except StopIteration:  # datasets' json reader on a file without a row
+        raise ValueError(f"dataset {source!r} holds no rows: {_EMPTY_HINT}") from None
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):
+            raise
+        raise ValueError(f"dataset {source!r} holds no rows: {_EMPTY_HINT}") from None
 
 
 def _pack(ds, tokenizer, seq_len: int, column: str, num_proc: int | None):
@@ -64,12 +78,15 @@ def _pack(ds, tokenizer, seq_len: int, column: str, num_proc: int | None):
 
 
 def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str = "text", split: str = "train",
-                       seed: int = 0, num_proc: int | None = None, check_rows: int = 1000):
+                       seed: int = 0, num_proc: int | None = None, vocab_size: int | None = None):
     """A dataset of rows {"input_ids": LongTensor [>= seq_len]} (see module doc); raises a ValueError that
-    names the fix for a missing column or rows shorter than ``seq_len`` (first ``check_rows`` rows checked)."""
+    names the fix for a missing column, no rows, or a row shorter than ``seq_len`` or holding a token id outside
+    [0, ``vocab_size``) (every row checked: ``check_rows``)."""
     if source == "tiny" or source.startswith("tiny:answers"):
         return _tiny_data(source, tokenizer, seq_len, seed)
     ds = load_raw(source, split)
+    if len(ds) == 0:
+        raise ValueError(f"dataset {source!r} holds no rows: {_EMPTY_HINT}")
     if IDS not in ds.column_names:
         if text_column not in ds.column_names:
             raise ValueError(f"dataset {source!r} has columns {ds.column_names}: it needs a pre-tokenized "
@@ -79,13 +96,49 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
             raise ValueError(f"dataset {source!r} holds fewer than {seq_len} tokens of text: no training row")
     else:
         ds = ds.select_columns([IDS])
-    lengths = [len(r) for r in ds.select(range(min(check_rows, len(ds))))[IDS]]
-    short = sum(n < seq_len for n in lengths)
-    if short:
-        raise ValueError(f"dataset {source!r}: {short} of the first {len(lengths)} rows hold fewer than --seq-length "
-                         f"{seq_len} tokens (shortest {min(lengths)}); use a shorter --seq-length or a dataset "
-                         f"chunked to at least {seq_len} tokens per row")
+    check_rows(ds, seq_len, vocab_size, source=source)
     return ds.with_format("torch")
+
+
+def check_rows(ds, seq_len: int, vocab_size: int | None = None, *, source: str = "", batch_rows: int = 8192) -> None:
+    """Raise a ValueError naming the first row of ``ds`` (a datasets.Dataset with an input_ids column) that holds
+    fewer than ``seq_len`` tokens or a token id outside [0, vocab_size) (None: only >= 0). One vectorized pass
+    over the Arrow columns: the lengths come from the list offsets, the id range from one min/max per batch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    checked, short, first_short = 0, 0, None
+    for table in ds.with_format("arrow").iter(batch_size=batch_rows):
+        col = table.column(IDS)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        lengths = pc.fill_null(pc.list_value_length(col), 0)
+        is_short = pc.less(lengths, seq_len)
+        n_short = pc.sum(is_short).as_py() or 0
+        if n_short and first_short is None:
+            i = pc.index(is_short, True).as_py()
+            first_short = (checked + i, lengths[i].as_py())
+        short += n_short
+        checked += len(table)
+        if short:  # name the first short row without reading the rest of a large dataset
+            row, n = first_short
+            raise ValueError(f"dataset {source!r}: {short} of the first {checked} rows hold fewer than --seq-length "
+                             f"{seq_len} tokens (first: row {row} holds {n} tokens, fewer than --seq-length "
+                             f"{seq_len}); use a shorter --seq-length or a dataset chunked to at least {seq_len} "
+                             "tokens per row")
+        values = pc.list_flatten(col)
+        if len(values) == 0:
+            continue
+        lo, hi = pc.min_max(values).values()
+        if lo.as_py() >= 0 and (vocab_size is None or hi.as_py() < vocab_size):
+            continue
+        bad = pc.less(values, 0) if vocab_size is None else pc.or_(pc.less(values, 0),
+                                                                    pc.greater_equal(values, vocab_size))
+        at = pc.index(bad, True).as_py()
+        row = checked - len(table) + pc.list_parent_indices(col)[at].as_py()
+        allowed = "ids must be >= 0" if vocab_size is None else f"vocab_size {vocab_size}: ids 0-{vocab_size - 1}"
+        raise ValueError(f"dataset {source!r}: row {row} holds token id {values[at].as_py()}, outside the model's "
+                         f"vocabulary ({allowed}); use a dataset tokenized with this model's tokenizer, or the "
+                         "model that the dataset was tokenized for")
 
 
 def _tiny_data(source: str, tokenizer, seq_len: int, seed: int):

@@ -30,12 +30,13 @@ import torch.distributed as dist
 from . import haystack
 from .groups import group_rank_size, sp_process_group
 from .hf import registered_backend
-from .perplexity import sp_shard
+from .perplexity import settings_diff, sp_shard, write_json
 
 Tensor = torch.Tensor
 SCORINGS = ("forward", "generate")
 SENTENCE_ENDS = (".", "!", "?")
 FILLER_SEED = 0
+MAX_DEPTHS = 1001  # a depth step of 0.1%: more rows than a heatmap can show
 _VOCAB_CHUNK = 32768  # output-head rows per float32 matmul when computing the answer logits
 
 
@@ -118,10 +119,14 @@ def insertion_point(hay: list[int], depth: float, ends: set[int]) -> int:
 
 
 def depth_sweep(depths: list[float] | None = None, step: float = 10.0) -> list[float]:
-    """Sorted distinct needle depths in percent: the list, else 0..100 every ``step``; ValueError outside 0-100."""
+    """Sorted distinct needle depths in percent: the list, else 0..100 every ``step``; ValueError outside 0-100
+    or for a step that gives more than ``MAX_DEPTHS`` depths."""
     if depths is None:
         if not 0 < step <= 100:
             raise ValueError(f"depth step must be in (0, 100] percent; got {step}")
+        if 100 / step + 1 > MAX_DEPTHS + 1e-6:
+            raise ValueError(f"--depth-step {step} gives more than {MAX_DEPTHS} depths: use at least "
+                             f"{100 / (MAX_DEPTHS - 1):g} percent (or list them with --depths)")
         depths = [round(i * step, 6) for i in range(int(100 / step + 1e-9) + 1)]
     bad = [d for d in depths if not 0 <= d <= 100]
     if bad:
@@ -289,10 +294,8 @@ class NeedleResults:
                 data = json.load(f)
             old = data.get("settings", {})
             if old != self.settings:
-                diff = ", ".join(f"{k}: {old.get(k)!r} there, {self.settings.get(k)!r} now"
-                                 for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k))
-                raise ValueError(f"{path} holds results of different settings ({diff}); give another output "
-                                 "path, or delete the file to start over")
+                raise ValueError(f"{path} holds results of different settings ({settings_diff(old, self.settings)}); "
+                                 "give another output path, or delete the file to start over")
             self.records = data.get("cells", [])
         self._done = {_cell(r["length"], r["depth"], r["sample"]) for r in self.records}
 
@@ -303,11 +306,7 @@ class NeedleResults:
         """Append a record and rewrite the file atomically (temp file, then os.replace)."""
         self.records.append(record)
         self._done.add(_cell(record["length"], record["depth"], record["sample"]))
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"settings": self.settings, "cells": self.records}, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, {"settings": self.settings, "cells": self.records})
 
     def accuracy(self) -> float:
         """The mean of ``correct`` over all records (NaN when there are none)."""

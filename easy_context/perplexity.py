@@ -17,7 +17,9 @@ come from ``hf.causal_lm_loss``: chunked logits, exact token counts over the who
 
 from __future__ import annotations
 
+import argparse
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -42,14 +44,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 def length_sweep(lengths: Iterable[int] | None = None, min_length: int | None = None,
                  max_length: int | None = None, step: int | None = None) -> list[int]:
-    """Sorted distinct lengths: the explicit list, else min..max every ``step`` (no step: doubling from min)."""
+    """Sorted distinct lengths: the explicit list, else min..max every ``step`` (no step: doubling from min).
+    ValueError, naming the flag, for a length below 2 tokens, min above max, or a step below 1."""
     if lengths:
         out = sorted(set(int(x) for x in lengths))
+        if out[0] < 2:
+            raise ValueError(f"--lengths must be at least 2 tokens each (one to predict from, one to score); "
+                             f"got {out[0]}")
     elif min_length is not None and max_length is not None:
+        for flag, n in (("--min-length", min_length), ("--max-length", max_length)):
+            if n < 2:  # checked first: doubling from 0 or a negative length never ends
+                raise ValueError(f"{flag} must be at least 2 tokens (one to predict from, one to score); got {n}")
         if min_length > max_length:
-            raise ValueError(f"min length {min_length} is above max length {max_length}")
+            raise ValueError(f"--min-length {min_length} is above --max-length {max_length}")
         if step is not None and step < 1:
-            raise ValueError(f"length step must be positive; got {step}")
+            raise ValueError(f"--length-step must be at least 1 token (or leave it out to double); got {step}")
         out, n = [], min_length
         while n <= max_length:
             out.append(n)
@@ -58,8 +67,6 @@ def length_sweep(lengths: Iterable[int] | None = None, min_length: int | None = 
             out.append(max_length)
     else:
         raise ValueError("give the lengths to evaluate: a list, or a min and max length (and a step)")
-    if out[0] < 2:
-        raise ValueError(f"lengths must be at least 2 tokens; got {out[0]}")
     return out
 
 
@@ -88,10 +95,23 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``; argparse reports anything else as a usage error naming the flag."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse calls a value it cannot convert
+    return parse
+
+
 def add_eval_model_args(parser) -> None:
     """The flags both evals share: sequence-parallel backend, dtype, RoPE overrides, position-limit escape."""
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
-    parser.add_argument("--ulysses-degree", type=int, help="usp backend: Ulysses degree (default: all processes)")
+    parser.add_argument("--ulysses-degree", type=int_at_least(1),
+                        help="usp backend: Ulysses degree (default: all processes)")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
     parser.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
     parser.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
@@ -220,11 +240,14 @@ class PerplexityResult:
 
 def evaluate_perplexity(model, docs: list[list[int]], lengths: list[int], *, protocol: str = "truncate",
                         stride: int | None = None, bos_id: int | None = None,
-                        progress: Callable[[int], Any] | None = None) -> list[PerplexityResult]:
+                        progress: Callable[[int], Any] | None = None, max_length: int | None = None,
+                        on_result: Callable[[PerplexityResult], Any] | None = None) -> list[PerplexityResult]:
     """Collective: the perplexity of ``docs`` (token ids without BOS) at each length (module doc).
-    Sliding windows run over each document's first max(lengths) - (BOS) tokens. ``progress(n)``: n passes done."""
+    Sliding windows run over each document's first ``max_length`` (default max(lengths)) - (BOS) tokens: pass
+    the whole sweep's largest length when resuming part of it. ``progress(n)``: n passes done; ``on_result``:
+    each length's result as soon as it is complete (save it: a kill later loses nothing)."""
     bos = bos_id is not None
-    cut = max(lengths) - int(bos)
+    cut = (max_length or max(lengths)) - int(bos)
     out = []
     for length in lengths:
         nll, tokens = 0.0, 0
@@ -236,6 +259,8 @@ def evaluate_perplexity(model, docs: list[list[int]], lengths: list[int], *, pro
             if progress is not None:
                 progress(1)
         out.append(PerplexityResult(length, len(docs), tokens, nll))
+        if on_result is not None:
+            on_result(out[-1])
     return out
 
 
@@ -273,6 +298,69 @@ def write_perplexity_csv(path: str, rows: list[dict], header: str) -> str:
             writer.writerow({c: row.get(c, "") for c in cols})
     os.replace(tmp, path)
     return path
+
+
+def settings_diff(old: dict, new: dict) -> str:
+    """"key: old there, new now" for every key whose value differs between two settings dicts."""
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` as JSON atomically (temporary file, then os.replace), creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+class PerplexityResults:
+    """A sweep's results: the CSV at ``csv_path`` and, beside it (.json), its settings and one row per (model,
+    length), rewritten after every result. Reopening with the same settings resumes (``has``); other settings,
+    or a CSV without its .json (an older eval_ppl.py's), raise instead of mixing or overwriting results."""
+
+    def __init__(self, csv_path: str, settings: dict):
+        self.csv_path, self.path = csv_path, os.path.splitext(csv_path)[0] + ".json"
+        if self.path == csv_path:
+            raise ValueError(f"--output {csv_path!r} is where the CSV goes (the .json beside it holds the results): "
+                             "give a .csv path, e.g. results/ppl.csv")
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        self.records: list[dict] = []
+        self.header = ""
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                data = json.load(f)
+            old = data.get("settings", {})
+            if old != self.settings:
+                diff = settings_diff(old, self.settings)
+                raise ValueError(f"{self.path} holds results of different settings ({diff}); give another "
+                                 f"--output, or delete {self.path} and {csv_path} to start over")
+            self.records, self.header = data.get("rows", []), data.get("header", "")
+        elif os.path.exists(csv_path):
+            raise ValueError(f"{csv_path} exists but {self.path}, the results it is made from, does not (an older "
+                             "eval_ppl.py or another program wrote it): give another --output, or delete "
+                             f"{csv_path} to start over")
+
+    def has(self, model: str, length: int) -> bool:
+        return any(r["model"] == model and int(r["length"]) == int(length) for r in self.records)
+
+    def rows(self) -> list[dict]:
+        """Every row, models in the order they first came, each model's lengths ascending."""
+        order = {m: i for i, m in reversed(list(enumerate(r["model"] for r in self.records)))}
+        return sorted(self.records, key=lambda r: (order[r["model"]], int(r["length"])))
+
+    def add(self, row: dict, header: str) -> None:
+        """Record one (model, length) row (model, protocol, stride, length, documents, tokens, nll, perplexity)
+        under ``header`` (``describe_protocol``); rewrite the .json, then the CSV, atomically."""
+        self.records.append(row)
+        self.header = header
+        write_json(self.path, {"settings": self.settings, "header": header, "rows": self.records})
+        self.write_csv()
+
+    def write_csv(self) -> str:
+        """Every row (``rows``) as the CSV under the header (``write_perplexity_csv``); returns its path."""
+        return write_perplexity_csv(self.csv_path, self.rows(), self.header)
 
 
 # ---- documents ----------------------------------------------------------------------------------------------

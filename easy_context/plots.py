@@ -23,9 +23,17 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
+    # Through a temporary file and os.replace, as the results files: a kill or a full disk mid-write leaves the
+    # previous figure (or none), never half a PNG.
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -86,3 +86,43 @@ def test_tiny_sources_pick_where_the_loss_goes(tokenizer):
     for bad in ("tiny:answers+x", "tiny:answers+2", "tiny:answersfoo"):
         with pytest.raises(ValueError, match="tiny:answers\\+F"):
             data.load_training_data(bad, tokenizer, 512)
+
+
+def test_every_row_is_checked_not_only_the_first_thousand(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    rows = [list(range(i % 50, i % 50 + 40)) for i in range(1500)]
+    rows[1234] = rows[1234][:20]
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "short"))
+    with pytest.raises(ValueError, match=r"row 1234 holds 20 tokens, fewer than --seq-length 32.*shorter "
+                                         r"--seq-length or a dataset chunked to at least 32"):
+        data.load_training_data(str(tmp_path / "short"), tokenizer, 32)
+    data.load_training_data(str(tmp_path / "short"), tokenizer, 20)  # 20 tokens suffice for --seq-length 20
+
+
+@pytest.mark.parametrize("bad", [128, -1])
+def test_token_ids_outside_the_vocabulary_are_refused_with_the_row(tmp_path, tokenizer, bad):
+    from datasets import Dataset
+
+    rows = [list(range(i % 50, i % 50 + 40)) for i in range(1500)]
+    rows[1300][7] = bad
+    Dataset.from_dict({"input_ids": rows}).to_parquet(str(tmp_path / "ids.parquet"))
+    with pytest.raises(ValueError, match=rf"row 1300 holds token id {bad}, outside the model's vocabulary "
+                                         r"\(vocab_size 128: ids 0-127\).*tokenized with this model's tokenizer"):
+        data.load_training_data(str(tmp_path / "ids.parquet"), tokenizer, 32, vocab_size=128)
+    if bad > 0:  # a bigger vocabulary holds it
+        assert len(data.load_training_data(str(tmp_path / "ids.parquet"), tokenizer, 32, vocab_size=1000)) == 1500
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "parquet"])
+def test_a_dataset_without_rows_says_so(tmp_path, tokenizer, content):
+    from datasets import Dataset
+
+    if content == "parquet":
+        path = tmp_path / "empty.parquet"
+        Dataset.from_dict({"input_ids": []}).to_parquet(str(path))
+    else:
+        path = tmp_path / "empty.jsonl"
+        path.write_text(content)
+    with pytest.raises(ValueError, match=f"dataset {str(path)!r} holds no rows: .*--dataset"):
+        data.load_training_data(str(path), tokenizer, 32)

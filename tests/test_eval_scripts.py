@@ -116,3 +116,49 @@ def test_eval_ppl_1_and_2_processes(world):
         (str(world / m), n) for m in ("world", "world_b") for n in ("256", "512", "1024")]
     for a, b in zip(rows[1], rows[2]):
         assert a["tokens"] == b["tokens"] and float(a["perplexity"]) == pytest.approx(float(b["perplexity"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("eval_needle.py", ["--min-length", "0", "--max-length", "512"], "--min-length: must be at least 2"),
+    ("eval_needle.py", ["--lengths", "256", "--samples", "0"], "--samples: must be at least 1"),
+    ("eval_needle.py", ["--lengths", "256", "--length-step", "-8"], "--length-step: must be at least 1"),
+    ("eval_ppl.py", ["--min-length", "-4", "--max-length", "512"], "--min-length: must be at least 2"),
+    ("eval_ppl.py", ["--lengths", "256", "--samples", "0"], "--samples: must be at least 1"),
+    ("eval_ppl.py", ["--lengths", "256", "--ulysses-degree", "0"], "--ulysses-degree: must be at least 1"),
+])
+def test_nonsense_lengths_and_counts_are_refused_at_once(world, script, args, message):
+    out = world / "nonsense" / "r.json"
+    model = ["--model", str(world / "world")]
+    if script == "eval_ppl.py":
+        model += ["--dataset", str(world / "docs")]
+    res = _run([script, *model, *args, "--output", str(out)], ok=False)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-3000:]
+    assert not (world / "nonsense").exists()
+
+
+def test_eval_ppl_reruns_resume_keep_other_models_and_refuse_other_settings(world):
+    path = world / "ppl_resume" / "ppl.csv"
+    args = ["eval_ppl.py", "--dataset", str(world / "docs"), "--lengths", "256", "512", "--output", str(path)]
+    _run([*args, "-m", str(world / "world")])
+    with open(path) as f:
+        f.readline()
+        first = {r["length"]: r for r in csv.DictReader(f)}
+    store = path.with_suffix(".json")
+    data = json.loads(store.read_text())  # a kill after the first length: only its row was saved
+    data["rows"] = [r for r in data["rows"] if r["length"] == 256]
+    store.write_text(json.dumps(data))
+    out = _run([*args, "-m", str(world / "world"), "-m", str(world / "world_b")])
+    assert f"{world / 'world'}: 1 of 2 lengths to evaluate" in out.stdout
+    assert f"{world / 'world_b'}: 2 of 2 lengths to evaluate" in out.stdout
+    with open(path) as f:
+        f.readline()
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["length"]) for r in rows] == [
+        (str(world / m), n) for m in ("world", "world_b") for n in ("256", "512")]
+    assert rows[1]["perplexity"] == first["512"]["perplexity"]  # the resumed length equals the uninterrupted one
+    out = _run([*args, "-m", str(world / "world_b")])  # another model's rerun keeps the others' results
+    assert f"{world / 'world_b'}: 0 of 2 lengths to evaluate" in out.stdout and "Loading weights" not in out.stderr
+    before = path.read_text()
+    out = _run([*args, "-m", str(world / "world"), "--samples", "1"], ok=False)
+    assert out.returncode != 0 and "different settings (samples: None there, 1 now)" in out.stderr
+    assert path.read_text() == before

@@ -221,3 +221,10 @@ def test_digits_right_gives_partial_credit_place_by_place():
     assert digits_right("1234567", " 7654321.") == 1 / 7  # only the middle 4 is in its place
     assert digits_right("1234567", " 12.") == 2 / 7  # a short number: the missing digits are wrong
     assert digits_right("1234567", " no number") == 0.0
+
+
+def test_depth_steps_that_give_more_depths_than_a_heatmap_can_show_are_refused():
+    assert len(depth_sweep(step=0.1)) == 1001
+    for step in (1e-4, 1e-12):  # 1e-12: a list of 1e14 depths, never finished
+        with pytest.raises(ValueError, match=r"--depth-step .* gives more than 1001 depths: use at least 0\.1"):
+            depth_sweep(step=step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -178,3 +179,68 @@ def test_csv_states_the_protocol(tmp_path):
     df = pd.read_csv(path, comment="#")
     assert list(df.columns) == ["model", "protocol", "stride", "length", "documents", "tokens", "nll", "perplexity"]
     assert df.perplexity[0] == pytest.approx(math.exp(0.5))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((None, 0, 512), "--min-length must be at least 2"),
+    ((None, -4, 512), "--min-length must be at least 2"),
+    ((None, 0, 512, 64), "--min-length must be at least 2"),
+    ((None, 256, 0), "--max-length must be at least 2"),
+    ((None, 256, 512, -64), "--length-step must be at least 1"),
+    ((None, 256, None), "give the lengths"),
+    (([256, 0],), "--lengths must be at least 2"),
+])
+def test_length_sweep_refuses_lengths_that_never_end_or_make_no_sense(args, match):
+    import signal
+
+    def hang(*_):  # today's doubling from 0 (or from a negative length) never ends
+        raise TimeoutError("length_sweep did not return")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        with pytest.raises(ValueError, match=match):
+            length_sweep(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_results_resume_and_refuse_other_settings(tmp_path):
+    from easy_context.perplexity import PerplexityResults
+
+    csv_path = str(tmp_path / "out" / "ppl.csv")
+    settings = dict(protocol="truncate", stride=None, source="docs", samples=2, max_length=512)
+
+    def row(model, length, nll):
+        return dict(model=model, protocol="truncate", stride="", length=length, documents=2, tokens=100, nll=nll,
+                    perplexity=math.exp(nll / 100))
+
+    store = PerplexityResults(csv_path, settings)
+    assert not store.has("a", 256)
+    store.add(row("a", 512, 60.0), header="protocol=truncate")  # a kill after this result keeps it
+    store.add(row("b", 256, 70.0), header="protocol=truncate")
+    store.add(row("a", 256, 50.0), header="protocol=truncate")
+    again = PerplexityResults(csv_path, dict(settings))
+    assert again.has("a", 512) and again.has("b", 256) and not again.has("b", 512)
+    assert [(r["model"], r["length"]) for r in again.rows()] == [("a", 256), ("a", 512), ("b", 256)]
+    assert again.header == "protocol=truncate"
+    with open(csv_path) as f:  # the CSV follows every result, not only the end of the sweep
+        assert f.readline() == "# protocol=truncate\n" and len(f.readlines()) == 4
+    with pytest.raises(ValueError, match="different settings.*samples: 2 there, 3 now.*another --output"):
+        PerplexityResults(csv_path, {**settings, "samples": 3})
+    assert sorted(os.listdir(tmp_path / "out")) == ["ppl.csv", "ppl.json"]  # no temp file left behind
+    (tmp_path / "old.csv").write_text("# protocol=truncate\nmodel,length\nm,256\n")  # no results file beside it
+    with pytest.raises(ValueError, match="old.csv exists but .*old.json.* does not.*another --output"):
+        PerplexityResults(str(tmp_path / "old.csv"), settings)
+
+
+def test_a_resumed_sweep_scores_the_missing_lengths_as_the_full_one(seed):
+    model = tiny_model("llama", seed)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(2, 128, (300,), generator=g).tolist() for _ in range(2)]
+    full = evaluate_perplexity(model, docs, [64, 128], protocol="sliding", stride=32, bos_id=1)
+    done = []
+    part = evaluate_perplexity(model, docs, [64], protocol="sliding", stride=32, bos_id=1, max_length=128,
+                               on_result=done.append)
+    assert done == part and part[0] == full[0]  # windows cut at the sweep's largest length, not at 64
