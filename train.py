@@ -10,16 +10,14 @@ Processes are split into sequence-parallel groups of --sp-size ranks (default: a
 
 import argparse
 import os
-import time
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from datetime import timedelta
-from tqdm import tqdm
 
 import easy_context as ec
-from easy_context import checkpoint as ckpt, data, launch, models, recipe, schedule, tiny
+from easy_context import checkpoint as ckpt, data, launch, models, recipe, run_lock, schedule, tiny, train_args
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
@@ -50,6 +48,7 @@ p.add_argument("--output-dir", default="output/default")
 p.add_argument("--checkpoint-every", type=int, default=0, help="save full training state every N steps (0: off)")
 p.add_argument("--keep-checkpoints", type=int, default=2)
 p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+p.add_argument("--resume-from", default=None, help="continue from this checkpoint: step_N or a path")
 p.add_argument("--wandb", default=None, help="wandb project (optional)")
 p.add_argument("--no-gradient-checkpointing", type=int, nargs="?", const=-1, default=0, metavar="N",
                help="activation checkpointing off (N: off for the last N layers only: speed for memory)")
@@ -67,7 +66,7 @@ p.add_argument("--pose-target", type=int, default=None, help="PoSE: spread posit
 p.add_argument("--no-save", action="store_true", help="skip the final model (benchmarks)")
 p.add_argument("--time-limit", type=float, default=None, help="minutes: stop after the step that passes it, then save")
 p.add_argument("--data-workers", type=int, default=2 if torch.cuda.is_available() else 0, help="DataLoader workers")
-args = p.parse_args()
+args = train_args.check_train_args(p.parse_args())  # nonsense numbers: refused here
 
 # --- process groups and cheap checks: all before any model weights are loaded -------------------------
 # gloo on CPU: without it accelerate on a CPU machine believes every process is rank 0 of 1 (and skips DDP).
@@ -82,9 +81,8 @@ attn_group = ec.attention_group(layout_backend, groups, ulysses_degree=args.ulys
 if sp_backend:
     ec.layouts.check_length(args.seq_length, ec.groups.group_layout(ec.get_backend(layout_backend).layout, attn_group), sp_size)
 out_dir = args.output_dir
-resume_from = ckpt.latest_checkpoint(out_dir) if args.resume else None
-if not args.resume and (ckpt.complete_checkpoints(out_dir) or os.path.exists(os.path.join(out_dir, "model"))):
-    raise SystemExit(f"{out_dir} already holds a run: pass --resume to continue it or choose another --output-dir")
+run_lock.take(out_dir, main=state.is_main_process)  # one run per output directory (released at exit)
+resume_from = ckpt.resume_point(out_dir, args.resume, args.resume_from, main=state.is_main_process)
 if args.model == models.TINY:  # the embedded default, built once into the output directory
     args.model = os.path.join(out_dir, "tiny_init")
     if state.is_main_process:
@@ -103,11 +101,11 @@ if args.dataset == "random" or tokenizer is None:  # benchmarks: uniform random 
     dataset = data.RandomTokens(config.vocab_size, args.seq_length, seed=args.seed)
 else:
     dataset = data.load_training_data(args.dataset, tokenizer, args.seq_length, text_column=args.text_column,
-                                      split=args.dataset_split, seed=args.seed)
+                                      split=args.dataset_split, seed=args.seed, vocab_size=config.vocab_size)
 sampler = data.ShardedSampler(len(dataset), groups.dp_rank, groups.dp_size, seed=args.seed)
 
 if sp_backend:  # a 2-layer random copy proves the attention plumbing exact before the real weights load
-    ec.self_check_config(config, layout_backend, group=attn_group, kernel=args.kernel, device=state.device)
+    ec.self_check_config(config, layout_backend, group=attn_group, kernel=args.kernel, device=state.device, train_len=args.seq_length)
 
 # --- model: RoPE settings, sequence-parallel attention, the loss inside the module DeepSpeed wraps ----------
 accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
@@ -140,7 +138,7 @@ optimizer = recipe.build_optimizer(model, ds, lr=args.lr, weight_decay=args.weig
 wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
 saved = ckpt.load_checkpoint(accelerator, resume_from) if resume_from else dict(step=0, tokens=0, epoch=0, row=0)
-step, tokens_seen, epoch, row = saved["step"], saved["tokens"], saved["epoch"], saved["row"]
+step, epoch, row = saved["step"], saved["epoch"], saved["row"]
 sampler.set_position(epoch, row)
 log_path = os.path.join(out_dir, "log.jsonl")
 run_log = recipe.RunLog(log_path, main=accelerator.is_main_process, resume_step=step, wandb_project=args.wandb,
@@ -151,49 +149,34 @@ if accelerator.is_main_process:
 
 # --- training loop -------------------------------------------------------------------------------------
 wrapped.train()
-tokens_per_step = args.batch_size * args.seq_length * args.grad_accum * groups.dp_size
-bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-t0, micro, t_start, elapsed = time.perf_counter(), step * args.grad_accum, time.time(), 0.0
+loop = recipe.TrainLoop(accelerator, out_dir, run_log, saved, launch.StopRequests(launch.launcher_pid()),
+                        tokens_per_step=args.batch_size * args.seq_length * args.grad_accum * groups.dp_size,
+                        max_steps=args.max_steps, grad_accum=args.grad_accum, time_limit=args.time_limit,
+                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
 for epoch, row, (ids, labels) in data.batches(dataset, sampler, args.batch_size, args.seq_length, args.data_workers):
-    if step >= args.max_steps or (args.time_limit and elapsed > 60 * args.time_limit):
+    if loop.done():
         break
-    pose_gen = (torch.Generator().manual_seed(args.seed * 1_000_003 + micro * 7919 + groups.dp_rank)  # same in an SP group
-                if args.pose_target else None)
+    pose_gen = (torch.Generator().manual_seed(args.seed * 1_000_003 + loop.micro * 7919 + groups.dp_rank)
+                if args.pose_target else None)  # the same in an SP group
     b = recipe.step_inputs(layout_backend if sp_backend else "data_parallel", ids.to(accelerator.device), attn_group,
                            labels=labels, pose_target=args.pose_target, generator=pose_gen)
-    lr = schedule.learning_rate(step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+    lr = schedule.learning_rate(loop.step, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                                 schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
     schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
     with accelerator.accumulate(wrapped):
         loss, value, _ = wrapped(b.input_ids, b.target_ids, b.position_ids)
+        if not loop.agree(value):  # a non-finite loss on some rank: no rank takes its backward (nor step)
+            break
         accelerator.backward(loss)
         if ds is None and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
-    micro += 1
-    if not accelerator.sync_gradients:
-        continue
-    step += 1
-    tokens_seen += tokens_per_step
-    # SP ranks agree on the loss; averaging the clock too makes every rank take the same time-limit decision
-    mean_loss, elapsed = accelerator.reduce(torch.tensor([value.detach().float().item(), time.time() - t_start],
-                                                         device=accelerator.device), "mean").tolist()
-    dt, t0 = time.perf_counter() - t0, time.perf_counter()
-    record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen, "step_s": dt,
-              "tokens_per_s": tokens_per_step / dt, **launch.memory_stats(), "time": time.time()}
-    run_log.write(record)
-    if accelerator.is_main_process:
-        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-    if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.max_steps:
-        ckpt.save_checkpoint(accelerator, out_dir, step, {"tokens": tokens_seen, "epoch": epoch, "row": row},
-                             keep=args.keep_checkpoints)
-        t0 = time.perf_counter()
-bar.close()
+    loop.end_micro(lr, epoch, row)  # log, checkpoint every N steps
+loop.end()  # stopped by a signal or a non-finite loss: checkpoint, say how to resume, exit non-zero
 final = None if args.no_save else ckpt.save_model(accelerator, wrapped, tokenizer, out_dir,
                                                   merge_lora=not args.lora_keep_adapter)
 if accelerator.is_main_process:
-    print(f"done: {step} steps; model -> {final}; log -> {log_path}")
+    print(f"done: {loop.step} steps; model -> {final}; log -> {log_path}")
 accelerator.end_training()
 launch.finish()

@@ -172,6 +172,8 @@ def patch(rank: int, world: int) -> None:
             init(self, path, main=True, **kwargs)
 
         recipe.RunLog.__init__ = run_log_init
+        # its loss is garbage too (often NaN): train.py's stop on a non-finite loss would end the measurement
+        recipe.TrainLoop.stop_on_non_finite = False
 
     # 7. Record in each log record what this rank was and trained on (read when the step is logged, not
     # inside it): rank and world as torch.distributed and accelerate see them, the share of the parameters

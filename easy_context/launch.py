@@ -1,10 +1,14 @@
-"""Join the process group a launcher (accelerate launch, torchrun) set up: NCCL on GPUs, gloo on CPU."""
+"""Join the process group a launcher (accelerate launch, torchrun) set up: NCCL on GPUs, gloo on CPU; stop
+requests (signals, a dead launcher) for the training loop; decisions the main process takes for every rank."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -81,17 +85,80 @@ def memory_stats() -> dict[str, float]:
             "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
 
 
-def finish() -> None:
-    """End a distributed script: close the process group and exit 0 without running C++ destructors.
+T = TypeVar("T")
+
+
+def main_decides(fn: Callable[[], T], main: bool) -> T:
+    """Collective: call ``fn`` on the main process only; every rank returns its result or exits with its
+    SystemExit (another exception on the main process reaches the others as a SystemExit naming it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "fake":
+        return fn()  # one process (a fake group: benchmarks/emulate_rank.py emulates one rank, alone)
+    box: list = [None]
+    error = None
+    if main:
+        try:
+            box[0] = ("value", fn())
+        except SystemExit as e:
+            box[0] = ("exit", e.code)
+        except Exception as e:
+            error, box[0] = e, ("exit", f"the main process failed: {type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "exit":
+        raise SystemExit(value)
+    return value
+
+
+def launcher_pid() -> int | None:
+    """The parent's pid when a launcher started this process (torchrun, accelerate launch), else None (a plain
+    process may outlive its parent on purpose: ``nohup python train.py &``)."""
+    launched = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU"))
+    return os.getppid() if launched else None
+
+
+class StopRequests:
+    """SIGINT and SIGTERM (and, given the ``parent`` pid, that process's death: this process re-parented) ask
+    the training loop to stop at its next step instead of ending the process; ``close`` restores the previous
+    handlers. ``reason`` names the first request and ``code`` is the exit status to end with (128 + signal)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, parent: int | None = None):
+        self.parent, self.reason, self.code = parent, None, 0
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.reason is None:
+            self.reason, self.code = signal.Signals(signum).name, 128 + signum
+
+    def requested(self) -> bool:
+        """True once a signal came or the watched parent is gone."""
+        if self.reason is None and self.parent is not None and os.getppid() != self.parent:
+            self.reason, self.code = f"the death of its launcher (pid {self.parent})", 128 + signal.SIGHUP
+        return self.reason is not None
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def finish(code: int = 0) -> None:
+    """End a script: release this process's output-directory lock, close the process group and exit with
+    ``code`` without running C++ destructors.
 
     Gloo sometimes aborts in a destructor at interpreter exit ("terminate called without an active
     exception") after every collective has completed, which turns a finished run into a failure. Call
-    this last, after all output is written; a no-op for a plain single process.
+    this last, after all output is written; a plain single process returns (``code`` 0) or exits.
     """
-    import sys
+    from .run_lock import release_held
 
+    release_held()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        sys.exit(code)
