@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.launch import finish, init_distributed
-from easy_context.models import load_config, load_tokenizer
-from easy_context.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
+from easy_context.train.launch import finish, init_distributed
+from easy_context.hf.models import load_config, load_tokenizer
+from easy_context.eval.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
                                  haystack_tokens, score)
-from easy_context.perplexity import (add_eval_model_args, check_lengths, eval_dtype, int_at_least, length_sweep,
+from easy_context.eval.perplexity import (add_eval_model_args, check_lengths, eval_dtype, int_at_least, length_sweep,
                                      load_eval_model)
 
 
@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="hub name or local path of a causal LM")
     p.add_argument("--tokenizer", help="default: the model's")
     p.add_argument("--haystack-dir", help="directory of .txt files (read in name order); default: generated "
-                                          "filler text shipped in easy_context.haystack (no download)")
+                                          "filler text shipped in easy_context.world.haystack (no download)")
     p.add_argument("--template", choices=list(TEMPLATES), default="default",
-                   help="default: easy_context.haystack's needle/question/answer (what the embedded default model "
+                   help="default: easy_context.world.haystack's needle/question/answer (what the embedded default model "
                         "is trained on); easycontext: EasyContext's 'long story book' wrapper, answer = the digits")
     p.add_argument("--key", default="Singapore", help="the needle's key: 'the special magic KEY number'")
     p.add_argument("--digits", type=int_at_least(1), default=7, help="digits of the random number")
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
             if launch.is_main:
                 store.add(record)
     if launch.is_main:
-        from easy_context.plots import needle_heatmap
+        from easy_context.eval.plots import needle_heatmap
 
         stem = os.path.splitext(output)[0]
         csv_path = store.write_csv(stem + ".csv")

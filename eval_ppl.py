@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.launch import finish, init_distributed
-from easy_context.models import load_config, load_tokenizer
-from easy_context.perplexity import (PROTOCOLS, PerplexityResults, add_eval_model_args, check_lengths, check_protocol,
+from easy_context.train.launch import finish, init_distributed
+from easy_context.hf.models import load_config, load_tokenizer
+from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, add_eval_model_args, check_lengths, check_protocol,
                                      collect_documents, dataset_rows, describe_protocol, eval_dtype,
                                      evaluate_perplexity, int_at_least, length_sweep, load_eval_model, text_dir_rows)
 
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                                 progress=bar.update, max_length=max(lengths), on_result=save)
         del model
     if launch.is_main:
-        from easy_context.plots import perplexity_plot
+        from easy_context.eval.plots import perplexity_plot
 
         csv_path = store.write_csv()
         png = perplexity_plot(store.rows(), os.path.splitext(args.output)[0] + ".png", store.header)

@@ -17,7 +17,15 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from datetime import timedelta
 
 import easy_context as ec
-from easy_context import checkpoint as ckpt, data, launch, models, recipe, run_lock, schedule, tiny, train_args
+from easy_context.train import checkpoint as ckpt
+from easy_context.train import data
+from easy_context.train import launch
+from easy_context.hf import models
+from easy_context.train import recipe
+from easy_context.train import run_lock
+from easy_context.train import schedule
+from easy_context.world import tiny
+from easy_context.train import train_args
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")

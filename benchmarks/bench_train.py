@@ -45,7 +45,7 @@ def matmul_ceiling(n: int = 8192, iters: int = 20) -> float:
 
 def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
     """(6 N + 6 L d S, N) for a model name or named shape."""
-    from easy_context import models
+    from easy_context.hf import models
 
     cfg = models.load_config(model)
     n = (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)

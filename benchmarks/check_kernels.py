@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from easy_context.kernels import available_kernels, get_kernel  # noqa: E402
-from reference import full_attention, rel_err  # noqa: E402
+from easy_context.attention.kernels import available_kernels, get_kernel  # noqa: E402
+from tests.helpers.reference import full_attention, rel_err  # noqa: E402
 
 
 def main():

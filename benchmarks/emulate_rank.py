@@ -76,7 +76,8 @@ def patch(rank: int, world: int) -> None:
     import torch
 
     import easy_context as ec
-    from easy_context import hf, recipe
+    from easy_context.hf import attention as hf
+    from easy_context.train import recipe
 
     # 1. The startup self-check compares the sharded model with full attention: with no data exchanged it
     # always differs. Keep its run (same kernels, same transient memory) and its routing check; drop the
@@ -101,7 +102,9 @@ def patch(rank: int, world: int) -> None:
     # NaN or constant data at other clocks than on real data. So each receive gets a copy of the same-shaped
     # send (the ring's K/V, dK/dV), else zeros: the values stay finite and the copy costs the receive's
     # memory traffic, as NCCL's would.
-    from easy_context import comm, dist_flash, s2attn
+    from easy_context.attention import comm
+    from easy_context.attention import dist_flash
+    from easy_context.attention import s2attn
 
     fake_p2p = comm.p2p
 
@@ -237,7 +240,8 @@ def build_tiny_model(flags: argparse.Namespace) -> None:
     """Build train.py's built-in default model as its rank 0 would (same call). Needed for an emulated rank
     r > 0, and before the fake group exists: train.py builds it on the main process only, and transformers
     writes weights on torch.distributed rank 0 only. train.py then finds it built and reuses it."""
-    from easy_context import models, tiny
+    from easy_context.hf import models
+    from easy_context.world import tiny
 
     if flags.model == models.TINY:
         tiny.build_world(os.path.join(flags.output_dir, "tiny_init"), preset=flags.tiny_preset,

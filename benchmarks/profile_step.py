@@ -125,7 +125,8 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from easy_context import hf, recipe
+    from easy_context.hf import attention as hf
+    from easy_context.train import recipe
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, record_shapes=True, with_stack=args.stacks)

@@ -4,29 +4,29 @@ Self-contained: copy this folder into another codebase; it imports only torch at
 (transformers, used by ``hf``, and flash-attn are imported inside the functions that need them).
 """
 
-from .backends import BACKENDS, Backend, backend_layout, get_backend
-from .dist_flash import dist_flash_attention
-from .fused import fuse_pointwise
-from .groups import ParallelGroups, attention_group, init_groups
-from .hf import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
+from .attention.registry import BACKENDS, Backend, backend_layout, get_backend
+from .attention.dist_flash import dist_flash_attention
+from .memory.fused import fuse_pointwise
+from .parallel.groups import ParallelGroups, attention_group, init_groups
+from .hf.attention import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
                  register_all, register_attention, self_check, self_check_config)
-from .inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
-from .keep import keep_attention_outputs
-from .kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
-from .layouts import gather, local_ranges, position_ids, shard, unshard
-from .lora import apply_lora_plus, load_lora_model, save_lora_model
-from .loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
-from .merge import merge_
-from .needle import NeedleResults, NeedleTask, answer_predictions, haystack_tokens
-from .offload import OffloadedCheckpoint, enable_offloaded_checkpointing, setup_checkpointing, skip_checkpointing
-from .perplexity import evaluate_perplexity, load_eval_model, sequence_nll
-from .pose import pose_position_ids
-from .ring import ring_attention
-from .s2attn import apply_s2attn, register_s2attn, s2_attention
-from .tiled_mlp import apply_tiled_mlp
-from .ulysses import ulysses_attention
-from .usp import USPGroup, new_usp_group, usp_attention
-from .zigzag import zigzag_ring_attention
+from .parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
+from .memory.keep import keep_attention_outputs
+from .attention.kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
+from .attention.layouts import gather, local_ranges, position_ids, shard, unshard
+from .hf.lora import apply_lora_plus, load_lora_model, save_lora_model
+from .parallel.loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
+from .attention.merge import merge_
+from .eval.needle import NeedleResults, NeedleTask, answer_predictions, haystack_tokens
+from .memory.offload import OffloadedCheckpoint, enable_offloaded_checkpointing, setup_checkpointing, skip_checkpointing
+from .eval.perplexity import evaluate_perplexity, load_eval_model, sequence_nll
+from .train.pose import pose_position_ids
+from .attention.ring import ring_attention
+from .attention.s2attn import apply_s2attn, register_s2attn, s2_attention
+from .memory.tiled_mlp import apply_tiled_mlp
+from .attention.ulysses import ulysses_attention
+from .attention.usp import USPGroup, new_usp_group, usp_attention
+from .attention.zigzag import zigzag_ring_attention
 
 __all__ = [
     "BACKENDS", "Backend", "backend_layout", "get_backend",
