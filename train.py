@@ -17,15 +17,13 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from datetime import timedelta
 
 import easy_context as ec
-from easy_context.train import checkpoint as ckpt
-from easy_context.train import data
-from easy_context.train import launch
+from easy_context.attention.layouts import check_length
 from easy_context.hf import models
-from easy_context.train import recipe
-from easy_context.train import run_lock
-from easy_context.train import schedule
+from easy_context.hf.attention import num_parameters
+from easy_context.memory import offload
+from easy_context.parallel.groups import group_layout
+from easy_context.train import checkpoint as ckpt, data, launch, recipe, run_lock, schedule, train_args
 from easy_context.world import tiny
-from easy_context.train import train_args
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default=models.TINY, help="hub name, local path, shape:llama2-7b (random init) or tiny")
@@ -87,9 +85,9 @@ sp_size = (args.sp_size or world) if sp_backend else 1
 groups = ec.init_groups(sp_size)
 attn_group = ec.attention_group(layout_backend, groups, ulysses_degree=args.ulysses_degree) if sp_backend else None
 if sp_backend:
-    ec.layouts.check_length(args.seq_length, ec.groups.group_layout(ec.get_backend(layout_backend).layout, attn_group), sp_size)
+    check_length(args.seq_length, group_layout(ec.get_backend(layout_backend).layout, attn_group), sp_size)
 out_dir = args.output_dir
-run_lock.take(out_dir, main=state.is_main_process)  # one run per output directory (released at exit)
+launch.main_decides(lambda: run_lock.acquire(out_dir), state.is_main_process)  # one run per output directory
 resume_from = ckpt.resume_point(out_dir, args.resume, args.resume_from, main=state.is_main_process)
 if args.model == models.TINY:  # the embedded default, built once into the output directory
     args.model = os.path.join(out_dir, "tiny_init")
@@ -101,7 +99,7 @@ config = models.load_config(args.model, rope_theta=args.rope_theta, rope_scaling
                             max_position_embeddings=args.seq_length)
 if sp_backend:
     ec.check_model_fits_backend(layout_backend, config, sp_size=sp_size, ulysses_degree=args.ulysses_degree)
-ec.offload.check_layer_counts(config.num_hidden_layers, offload=args.offload_activations,
+offload.check_layer_counts(config.num_hidden_layers, offload=args.offload_activations,
                               skip_last=args.no_gradient_checkpointing,  # hidden states: bf16 under DeepSpeed
                               input_bytes=(2 if use_ds else 4) * config.hidden_size * args.batch_size * args.seq_length // sp_size)
 tokenizer = None if models.is_shape(args.model) else models.load_tokenizer(args.model)
@@ -125,7 +123,7 @@ dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torc
 if args.tiled_mlp and ds is None and world > 1:
     raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
 model = models.load_model(args.model, config=config, dtype=dtype)
-ec.offload.setup_checkpointing(model, offload=args.offload_activations, skip_last=args.no_gradient_checkpointing)
+offload.setup_checkpointing(model, offload=args.offload_activations, skip_last=args.no_gradient_checkpointing)
 if args.keep_attention:
     ec.keep_attention_outputs(model)
 if args.fuse_pointwise:
@@ -153,7 +151,7 @@ run_log = recipe.RunLog(log_path, main=accelerator.is_main_process, resume_step=
                         run_name=os.path.basename(os.path.abspath(out_dir)), config=vars(args))
 if accelerator.is_main_process:
     print(f"world {world} = {groups.dp_size} data-parallel x {sp_size} sequence-parallel ({args.backend}); "
-          f"{ec.hf.num_parameters(model) / 1e6:.1f}M parameters; resume from {resume_from}")
+          f"{num_parameters(model) / 1e6:.1f}M parameters; resume from {resume_from}")
 
 # --- training loop -------------------------------------------------------------------------------------
 wrapped.train()

@@ -21,16 +21,14 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from easy_context import get_backend, get_kernel, shard  # noqa: E402
-from easy_context.attention.registry import backend_layout  # noqa: E402
-from easy_context.attention.usp import new_usp_group  # noqa: E402
-from easy_context.attention.zigzag import zigzag_schedule  # noqa: E402
+from easy_context import get_backend, get_kernel, shard
+from easy_context.attention.registry import backend_layout
+from easy_context.attention.usp import new_usp_group
+from easy_context.attention.zigzag import zigzag_schedule
 
 
 def cuda_time(fn, warmup: int, iters: int) -> float:

@@ -24,14 +24,11 @@ import argparse
 import datetime
 import gc
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from easy_context import apply_lora_plus, apply_s2attn, apply_seq_parallel_monkey_patch, causal_lm_loss  # noqa: E402
+from easy_context import apply_lora_plus, apply_s2attn, apply_seq_parallel_monkey_patch, causal_lm_loss
 
 CONFIGS = ("full", "lora", "s2", "lora_s2")
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,

@@ -18,11 +18,9 @@ import argparse
 import json
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch  # noqa: E402
-from bench_train import error_lines, run  # noqa: E402
+import torch
+from bench_train import error_lines, run
 
 
 def parse_options(text: str) -> list[tuple[str, list[str]]]:

@@ -9,15 +9,12 @@ sequence-parallel ranks, as DDP/DeepSpeed would) against the unpatched model on 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from easy_context import apply_seq_parallel_monkey_patch, causal_lm_loss, new_usp_group, # noqa: E402
+from easy_context import (apply_seq_parallel_monkey_patch, causal_lm_loss, new_usp_group,
                           prepare_seq_parallel_inputs, self_check, shift_labels)
 
 

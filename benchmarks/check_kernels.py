@@ -1,6 +1,6 @@
 """Each local attention kernel on one GPU vs float64 attention: forward out/lse and backward dq/dk/dv.
 
-    python benchmarks/check_kernels.py
+    python -m benchmarks.check_kernels
 
 Prints one row per kernel, causal flag, head layout and memory layout (BHSD contiguous, or the
 BSHD-strided views that Hugging Face models pass), with relative errors ||x - ref|| / ||ref||.
@@ -9,15 +9,11 @@ BSHD-strided views that Hugging Face models pass), with relative errors ||x - re
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from easy_context.attention.kernels import available_kernels, get_kernel  # noqa: E402
-from tests.helpers.reference import full_attention, rel_err  # noqa: E402
+from easy_context.attention.kernels import available_kernels, get_kernel
+from tests.helpers.reference import full_attention, rel_err
 
 
 def main():

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from easy_context import apply_tiled_mlp, causal_lm_loss, enable_offloaded_checkpointing, shift_labels  # noqa: E402
+from easy_context import apply_tiled_mlp, causal_lm_loss, enable_offloaded_checkpointing, shift_labels
 
 OPTIONS = {"checkpointing": (False, False), "tiled_mlp": (True, False), "offload": (False, True),
            "tiled_mlp+offload": (True, True)}

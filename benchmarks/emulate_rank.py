@@ -39,7 +39,6 @@ import runpy
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def position_runs(positions: list[int]) -> list[list[int]]:

@@ -23,7 +23,6 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 # first match wins: attention kernels (cuDNN, flash, efficient) before the generic GEMM names
 KINDS = [("nccl", r"nccl"), ("attention", r"fmha|flash|attention|sdpa|cudnn"),

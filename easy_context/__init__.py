@@ -22,7 +22,8 @@ from .memory.offload import OffloadedCheckpoint, enable_offloaded_checkpointing,
 from .eval.perplexity import evaluate_perplexity, load_eval_model, sequence_nll
 from .train.pose import pose_position_ids
 from .attention.ring import ring_attention
-from .attention.s2attn import apply_s2attn, register_s2attn, s2_attention
+from .attention.s2attn import s2_attention
+from .hf.s2attn import apply_s2attn, register_s2attn
 from .memory.tiled_mlp import apply_tiled_mlp
 from .attention.ulysses import ulysses_attention
 from .attention.usp import USPGroup, new_usp_group, usp_attention

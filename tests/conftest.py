@@ -1,15 +1,7 @@
 import os
 import random
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA GPUs (skipped on CPU machines)")
 
 
 @pytest.fixture

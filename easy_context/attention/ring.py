@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .comm import RingComm, check_same_across_ranks, memory_order, rank_and_size
-from .kernels import (AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups,
-                      select_kernel)
-from ..memory.keep import kept
+from .kernels import AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups, select_kernel
 from .merge import RowSum, merge_
+from .reuse import reuse_or_compute
 
 Tensor = torch.Tensor
 ALL = slice(None)
@@ -164,7 +163,7 @@ class BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fwd, bwd, *args):
-        out, lse = kept(lambda: fwd(q, k, v, *args))  # replayed in a checkpoint recompute (keep.py)
+        out, lse = reuse_or_compute(lambda: fwd(q, k, v, *args))  # replayed in a checkpoint recompute (attention.reuse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bwd, ctx.args = bwd, args
         ctx.mark_non_differentiable(lse)

@@ -17,16 +17,14 @@ see those keys (a "halo" of G/2 k/v from rank r-1, merged by log-sum-exp; its dk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from .registry import Backend
 from .comm import Exchange, empty_in_order, global_rank, in_order_of, p2p, rank_and_size
 from .kernels import AttentionKernel, repeat_kv
 from .merge import merge_
-from .ring import BlockwiseAttention, prepare_call, ring_attention
+from .ring import BlockwiseAttention, prepare_call
 
 Tensor = torch.Tensor
 NAME = "s2attn"
@@ -209,46 +207,3 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int | None = No
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     out, lse = BlockwiseAttention.apply(q, k, v, s2_forward, s2_backward, scale, kern, size, group)
     return (out, lse) if return_lse else out
-
-
-def register_s2attn(group_size: int | None = None, *, ratio: float = DEFAULT_RATIO, group=None, kernel=None,
-                    check: bool = True) -> str:
-    """Register S²-Attn with transformers; returns the attn_implementation name ("easy_context_s2attn").
-
-    Modules in training mode run S²-Attn, modules in eval mode exact full causal attention (the ring
-    backend over the same ``group``: local when there is none), so ``model.eval()`` is all evaluation needs.
-    No mask is built, and what the backends cannot honour (padding, dropout, KV cache, ...) raises, as in
-    ``hf.register_attention``. Shard SP inputs in the contiguous layout: ``prepare_seq_parallel_inputs("ring", ...)``.
-    """
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from ..hf.attention import register_attention
-
-    if group_size is not None:  # reject a bad group size now rather than at the first forward
-        resolve_group_size(group_size, 1, group_size)
-    elif not 0 < ratio <= 1:
-        raise ValueError(f"S²-Attn group ratio must be in (0, 1]; got {ratio}")
-    sparse_be = Backend(NAME, partial(s2_attention, group_size=group_size, ratio=ratio), LAYOUT)
-    name = register_attention(sparse_be, group, kernel, check=check)
-    full = ALL_ATTENTION_FUNCTIONS[register_attention(Backend(NAME + "_full", ring_attention, LAYOUT), group,
-                                                      kernel, check=check)]
-    sparse = ALL_ATTENTION_FUNCTIONS[name]
-
-    def attention(module: torch.nn.Module, *args, **kwargs):
-        return (sparse if module.training else full)(module, *args, **kwargs)
-
-    attention.__name__ = name
-    AttentionInterface.register(name, attention)
-    return name
-
-
-def apply_s2attn(model, group_size: int | None = None, *, ratio: float = DEFAULT_RATIO, group=None, kernel=None,
-                 check: bool = True):
-    """Register S²-Attn (``register_s2attn``) and make ``model`` use it; returns the model."""
-    name = register_s2attn(group_size, ratio=ratio, group=group, kernel=kernel, check=check)
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
-                         "AttentionInterface, so S²-Attn cannot be put into it")
-    return model

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import rank_and_size
-from ..memory.keep import kept
 from .kernels import AttentionKernel, repeat_kv, sum_kv_groups
+from .reuse import reuse_or_compute
 from .ring import prepare_call
 
 Tensor = torch.Tensor
@@ -100,7 +100,7 @@ class AllToAllAttention(torch.autograd.Function):
         hq = seq_to_heads(q, group, world)
         hk = seq_to_heads(repeat_kv(k, n_rep), group, world)
         hv = seq_to_heads(repeat_kv(v, n_rep), group, world)
-        h_out, h_lse = kept(lambda: inner.forward(hq, hk, hv))  # replayed in a checkpoint recompute (keep.py)
+        h_out, h_lse = reuse_or_compute(lambda: inner.forward(hq, hk, hv))  # replayed in a checkpoint recompute (attention.reuse)
         ctx.save_for_backward(hq, hk, hv, h_out, h_lse)
         ctx.args = (group, world, inner, k.shape[1])
         out = heads_to_seq(h_out, group, world)

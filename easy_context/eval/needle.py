@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..world import haystack
-from ..parallel.groups import group_rank_size, sp_process_group
 from ..hf.attention import registered_backend
+from ..parallel.groups import group_rank_size, sp_process_group
+from ..world import haystack
 from .perplexity import settings_diff, sp_shard, write_json
 
 Tensor = torch.Tensor

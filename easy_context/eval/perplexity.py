@@ -27,12 +27,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..attention.registry import BACKENDS
 from ..attention.comm import rank_and_size
-from ..parallel.groups import group_layout, group_rank_size
-from ..hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss, registered_backend, self_check_config
-from ..parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs
 from ..attention.layouts import num_chunks
+from ..attention.registry import BACKENDS
+from ..attention.usp import new_usp_group
+from ..hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss, registered_backend, self_check_config
+from ..hf.models import load_config, load_model, position_limit
+from ..parallel.groups import group_layout, group_rank_size
+from ..parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs
+from ..train.data import load_raw
 
 Tensor = torch.Tensor
 PROTOCOLS = ("truncate", "sliding")
@@ -74,7 +77,6 @@ def check_lengths(lengths: Iterable[int], config, *, allow_extrapolation: bool =
                   rope_theta: float | None = None) -> None:
     """Raise a ValueError if a length is above the config's position limit (``models.position_limit``),
     unless extrapolation is allowed or the RoPE base was changed by hand (``rope_theta``: limit unknown)."""
-    from ..hf.models import position_limit
 
     limit = position_limit(config)
     longest = max(lengths)
@@ -128,12 +130,10 @@ def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | N
     probe of the same config (``self_check_config``), before the weights load. Not on the trained model itself:
     in bf16, a trained model's sharpened attention drifts from sdpa's by more than the half-precision tolerance
     with nothing wrong (5e-2 relative on the 8-layer proof model, whose logits still agreed to 1.2e-2)."""
-    from ..hf.models import load_config, load_model
 
     _, world = rank_and_size(None)
     group = None
     if backend == "usp":
-        from ..attention.usp import new_usp_group
 
         ulysses = ulysses_degree or world
         if world % ulysses:
@@ -379,7 +379,6 @@ def text_dir_rows(path: str) -> Iterator[dict]:
 
 def dataset_rows(spec: str, *, subset: str | None = None, split: str = "test") -> Iterable[dict]:
     """Rows of a dataset: a ``save_to_disk`` folder, a .jsonl/.json/.parquet file, or a hub name (streamed)."""
-    from ..train.data import load_raw
 
     return load_raw(spec, split, subset=subset, streaming=not os.path.exists(spec))
 

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..attention.registry import BACKENDS, Backend, get_backend
 from ..attention.comm import rank_and_size
+from ..attention.layouts import check_length, num_chunks, shard
+from ..attention.registry import BACKENDS, Backend, get_backend
+from ..attention.reuse import attention_call_scope
+from ..attention.ulysses import head_split_error
 from ..parallel.groups import group_layout, group_rank_size, sp_process_group
 from ..parallel.inputs import shift_labels
-from ..memory.keep import slot
-from ..attention.layouts import check_length, num_chunks, shard
 from ..parallel.loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
 from .rope import config_length_dependent, follow_sequence_length
 
@@ -201,7 +202,7 @@ def _make_attention(name: str, reg: Registration):
         _reject_unsupported(name, query, key, attention_mask, dropout, world, kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         query, key, value = _autocast_qkv(query, key, value)
-        with slot(module):
+        with attention_call_scope(module):
             out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
                                         kernel=reg.kernel, check=reg.check).transpose(1, 2)
         if _recording is not None:
@@ -564,7 +565,6 @@ def check_model_fits_backend(backend: str, config, *, sp_size: int, ulysses_degr
     """Raise a ValueError, before any weights load, if ``backend`` cannot run this model sequence-parallel: sequence
     mixing other than attention (recurrent, state-space, convolution, linear attention), or q heads that Ulysses
     (and USP's Ulysses part) cannot split over its degree."""
-    from ..attention.ulysses import head_split_error
 
     if backend == DATA_PARALLEL:
         return

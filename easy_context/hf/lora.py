@@ -14,10 +14,9 @@ module attributes (LoRA scaling, names) are read from the model then, never its 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import copy
 import os
+from contextlib import contextmanager
 
 import torch
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..world.tiny import build_tokenizer
+
 # Random-init shapes for benchmarks (no download): the published configs of these models.
 SHAPES: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -275,7 +277,6 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a hub name or local path ("tiny": the built-in one, e.g. beside a random ``shape:``
     model), with no length limit (long-context use) and a pad token."""
     if name_or_path == TINY:
-        from ..world.tiny import build_tokenizer
 
         return build_tokenizer()
     check_model_source(name_or_path, weights=False, flag="--model/--tokenizer")

@@ -10,51 +10,15 @@ the first forward's. The cost is one attention output (and float32 lse) per laye
 forward to backward: ``[B, S_local, H * D]`` in the model dtype, 0.5 GiB per layer per GPU for a 7B model
 at 64K local tokens.
 
-The backends' autograd functions call ``kept(compute)`` around their attention computation; the HF glue
-opens a slot for each attention module's call (``slot``) when the model has a store attached.
+The mechanism (``reuse_or_compute`` in the backends, ``attention_call_scope`` around each attention module's call) lives in
+``attention.reuse``; this module attaches the store to a model.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
-
 import torch
 
-ATTR = "_easy_context_kept_attention"
-_active: list[tuple[dict, object]] = []  # (store, key) of the attention call in progress
-
-
-class KeptOutputs(dict):
-    """Per-model store: attention-call key -> (out, lse) from the layer's first forward, until its recompute."""
-
-
-@contextmanager
-def slot(module: torch.nn.Module) -> Iterator[None]:
-    """Around one attention call of ``module``: lets ``kept`` store or replay its outputs when ``module``
-    belongs to a model with kept outputs, is training, and autograd is recording (no-op otherwise)."""
-    store = getattr(module, ATTR, None)
-    if store is None or not module.training or not torch.is_grad_enabled():
-        yield
-        return
-    _active.append((store, id(module)))
-    try:
-        yield
-    finally:
-        _active.pop()
-
-
-def kept(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """``compute()``, except inside an open ``slot``: the first call per layer computes and stores the
-    outputs, the next one (the checkpoint recompute) returns the stored tensors without computing."""
-    if not _active:
-        return compute()
-    store, key = _active[-1]
-    if key in store:
-        return store.pop(key)
-    outputs = compute()
-    store[key] = tuple(t.detach() for t in outputs)
-    return outputs
+from ..attention.reuse import ATTR, KeptOutputs
 
 
 def keep_attention_outputs(model: torch.nn.Module) -> KeptOutputs:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
+from ..attention.usp import new_usp_group
 
 ProcessGroup = dist.ProcessGroup
 
@@ -80,7 +81,6 @@ def attention_group(backend: str, groups: ParallelGroups, *, ulysses_degree: int
     ``ulysses_degree`` x (sp_size / ulysses_degree) over this rank's SP group (collective)."""
     if backend != "usp":
         return groups.sp_group
-    from ..attention.usp import new_usp_group
 
     ulysses = ulysses_degree or groups.sp_size
     if groups.sp_size % ulysses:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..attention.registry import get_backend
 from ..attention.comm import check_same_across_ranks
-from .groups import group_layout, group_rank_size, sp_process_group
 from ..attention.layouts import check_length, shard
+from ..attention.registry import get_backend
+from .groups import group_layout, group_rank_size, sp_process_group
 
 Tensor = torch.Tensor
 

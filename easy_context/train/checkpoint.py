@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..hf.lora import save_lora_model
+from .launch import main_decides
+
 STATE = "trainer_state.json"
 MANIFEST = "sha256_manifest.json"
 _STEP = re.compile(r"^step_(\d+)$")
@@ -114,8 +117,6 @@ def resume_point(output_dir: str, resume: bool, resume_from: str | None = None, 
     with a warning; none in a directory no run trained in yet); ``resume_from``: that one (``step_N`` or a path).
     SystemExit, before anything loads, for a run that must not start: a finished model there (never
     overwritten), a run that left no checkpoint to resume, a fresh run into a directory holding checkpoints."""
-    from .launch import main_decides
-
     return main_decides(lambda: _resume_point(output_dir, resume, resume_from), main)
 
 
@@ -253,7 +254,6 @@ def save_model(accelerator, model, tokenizer, output_dir: str, prefix: str = "mo
         hf_model = accelerator.unwrap_model(model)
         hf_model = getattr(hf_model, "model", hf_model)
         if any(".lora_" in k for k in state_dict):
-            from ..hf.lora import save_lora_model
 
             save_lora_model(hf_model, tmp, merge=merge_lora, state_dict=state_dict)
         else:

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..world.tiny import RetrievalDataset
+
 IDS = "input_ids"
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _EMPTY_HINT = "pass a --dataset with rows (pre-tokenized input_ids or text), or check that the file was written whole"
@@ -144,7 +146,6 @@ def check_rows(ds, seq_len: int, vocab_size: int | None = None, *, source: str =
 def _tiny_data(source: str, tokenizer, seq_len: int, seed: int):
     """The generated retrieval data of ``tiny.py``: "tiny" (loss on every token), "tiny:answers" (on the
     answers only) or "tiny:answers+F" (the answers and a random fraction F of the other tokens)."""
-    from ..world.tiny import RetrievalDataset
 
     if source == "tiny":
         return RetrievalDataset(tokenizer, seq_len, seed=seed)

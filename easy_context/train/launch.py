@@ -13,6 +13,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from .run_lock import release_held
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -152,8 +154,6 @@ def finish(code: int = 0) -> None:
     exception") after every collective has completed, which turns a finished run into a failure. Call
     this last, after all output is written; a plain single process returns (``code`` 0) or exits.
     """
-    from .run_lock import release_held
-
     release_held()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -14,6 +14,8 @@ import torch
 from .checkpoint import save_checkpoint
 from ..parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .launch import finish, memory_stats
+from .checkpoint import trim_log
+from .pose import pose_position_ids
 
 
 def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float, betas=(0.9, 0.95)):
@@ -37,7 +39,6 @@ def step_inputs(backend: str, ids: torch.Tensor, group, *, labels: torch.Tensor 
     labels = ids if labels is None else labels.to(ids.device)
     positions = None
     if pose_target:
-        from .pose import pose_position_ids
 
         positions = torch.stack([pose_position_ids(ids.shape[1], pose_target, generator=generator)
                                  for _ in range(ids.shape[0])]).to(ids.device)
@@ -58,7 +59,6 @@ class RunLog:
         if not main:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        from .checkpoint import trim_log
 
         trim_log(path, resume_step)  # what a killed run logged after the checkpoint we resume from goes
         if wandb_project:

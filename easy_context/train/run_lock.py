@@ -127,13 +127,6 @@ def acquire(output_dir: str) -> str:
     raise SystemExit(f"{path} cannot be read or taken: if no run uses {output_dir}, delete it")
 
 
-def take(output_dir: str, main: bool) -> None:
-    """Collective: the main process takes ``output_dir``'s lock; every rank exits with its refusal."""
-    from .launch import main_decides
-
-    main_decides(lambda: acquire(output_dir), main)
-
-
 def release_held() -> None:
     """Remove the locks this process took (a lock that is not its own stays, e.g. in a forked child)."""
     while _held:

@@ -13,7 +13,8 @@ from tests.helpers.distributed import run_distributed
 from easy_context.hf.attention import causal_lm_loss, self_check
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.attention.layouts import shard
-from easy_context.attention.s2attn import apply_s2attn, register_s2attn, s2_attention
+from easy_context.attention.s2attn import s2_attention
+from easy_context.hf.s2attn import apply_s2attn, register_s2attn
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import batch, tiny_model
 

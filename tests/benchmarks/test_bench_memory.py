@@ -10,10 +10,9 @@ import sys
 
 from tests.helpers.launch import REPO
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import bench_memory  # noqa: E402
-from bench_train import error_lines, error_tail  # noqa: E402
+import bench_memory
+from bench_train import error_lines, error_tail
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB."
 # what `accelerate launch` prints after its child died: long enough to push the child's error out of a tail

@@ -15,9 +15,8 @@ import pytest
 
 from tests.helpers.launch import REPO, TINY_ARGS, accelerate_cmd, env, log
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import emulate_rank  # noqa: E402
+import emulate_rank
 
 SEQ = 256  # TINY_ARGS' --seq-length
 assert TINY_ARGS[TINY_ARGS.index("--seq-length") + 1] == str(SEQ)
@@ -62,8 +61,7 @@ def test_emulated_rank_trains_as_that_rank_of_the_world(tmp_path, world, rank, c
 def test_a_receive_gets_the_same_shaped_send_and_others_get_zeros():
     """The fake group leaves receive buffers as allocated; the emulated rank's ring must see real data."""
     script = """
-import sys, torch
-sys.path.insert(0, "benchmarks")
+import torch
 import emulate_rank
 emulate_rank.join_fake_world(1, 4)
 emulate_rank.patch(1, 4)
@@ -75,7 +73,8 @@ odd = comm.p2p([(kv[0], 2)], [(torch.full((5,), float("nan")), 0), (torch.full((
 assert torch.equal(odd[0], torch.zeros(5)) and torch.equal(odd[1], torch.zeros(2, 3, 8, 4)), odd
 print("ok")
 """
-    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(REPO, "benchmarks"), env=env(),
+                         capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
 

@@ -1,11 +1,8 @@
 """benchmarks/profile_step.py: GPU kernels are sorted into kinds by name and their time is counted once."""
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import profile_step  # noqa: E402
+import profile_step
 
 
 def test_kernel_names_are_sorted_into_kinds():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from easy_context.hf.lora import apply_lora_plus, load_lora_model, save_lora_model
-from easy_context.attention.s2attn import apply_s2attn
+from easy_context.hf.s2attn import apply_s2attn
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import batch, pose_training_losses, tiny_model
 

@@ -105,7 +105,7 @@ def test_nothing_is_kept_without_autograd_or_in_eval():
 
 
 def test_s2attn_keeps_its_outputs_too():
-    from easy_context.attention.s2attn import apply_s2attn
+    from easy_context.hf.s2attn import apply_s2attn
 
     def step(keep: bool):
         kernel = CountingKernel()

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def acquire_elsewhere(out: str) -> subprocess.CompletedProcess:
     """Try to take the lock from another process (this one may hold it)."""
-    code = f"from easy_context import run_lock; run_lock.acquire({out!r}); print('taken')"
+    code = f"from easy_context.train import run_lock; run_lock.acquire({out!r}); print('taken')"
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
