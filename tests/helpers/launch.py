@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers/ -> the repo
 TINY_ARGS = ["--seq-length", "256", "--lr", "1e-3", "--weight-decay", "0.0", "--seed", "3"]
 
 
