@@ -1,4 +1,8 @@
-"""Registry of sequence-parallel attention backends by name: the attention function and its input layout.
+"""Registry of attention backends by name: the attention function, its input layout, what kind of backend it is.
+
+``BACKENDS`` holds the exact sequence-parallel backends; ``REGISTRY`` adds the two that are not: "data_parallel"
+(each rank runs whole sequences with the model's own attention) and "s2attn" (LongLoRA's shifted sparse
+attention, an approximation for training only). ``get_backend`` also takes EasyContext's method names.
 
 Every backend's attention has the signature
 ``fn(q, k, v, *, causal=True, scale=None, group=None, kernel=None, return_lse=False, check=True)``
@@ -15,6 +19,8 @@ from typing import Callable
 from .dist_flash import dist_flash_attention
 from .layouts import usp_layout
 from .ring import ring_attention
+from .s2attn import LAYOUT as S2_LAYOUT
+from .s2attn import s2_attention
 from .ulysses import ulysses_attention
 from .usp import usp_attention
 from .zigzag import zigzag_ring_attention
@@ -22,11 +28,14 @@ from .zigzag import zigzag_ring_attention
 
 @dataclass(frozen=True)
 class Backend:
-    """A named backend: its attention function and the layout its inputs must be sharded in."""
+    """A named backend: its attention function (None: the model's own), the layout its inputs are sharded in,
+    whether it splits a sequence over ranks, and whether it is exact (S²-Attn is not: training only)."""
 
     name: str
-    attention: Callable
+    attention: Callable | None
     layout: str
+    sequence_parallel: bool = True
+    exact: bool = True
 
 
 BACKENDS: dict[str, Backend] = {
@@ -36,13 +45,22 @@ BACKENDS: dict[str, Backend] = {
     "usp": Backend("usp", usp_attention, "usp"),  # placeholder: "usp{U}x{R}", see backend_layout
     "dist_flash": Backend("dist_flash", dist_flash_attention, "contiguous"),
 }
+REGISTRY: dict[str, Backend] = {
+    **BACKENDS,
+    "data_parallel": Backend("data_parallel", None, "contiguous", sequence_parallel=False),
+    "s2attn": Backend("s2attn", s2_attention, S2_LAYOUT, exact=False),
+}
+# EasyContext's method names.
+ALIASES = {"zigzag_ring_attn": "zigzag_ring", "ulysses_attn": "ulysses", "usp_attn": "usp",
+           "dist_flash_attn": "dist_flash"}
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``; ValueError listing the choices otherwise."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown sequence-parallel backend {name!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[name]
+    """The backend called ``name`` (or its EasyContext alias); ValueError listing the choices otherwise."""
+    name = ALIASES.get(name, name)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def backend_layout(name: str, *, ulysses_degree: int = 1, ring_degree: int = 1) -> str:

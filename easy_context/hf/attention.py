@@ -43,9 +43,6 @@ from .rope import config_length_dependent, follow_sequence_length
 Tensor = torch.Tensor
 PREFIX = "easy_context_"
 DATA_PARALLEL = "data_parallel"
-# EasyContext's method names.
-ALIASES = {"zigzag_ring_attn": "zigzag_ring", "ulysses_attn": "ulysses", "usp_attn": "usp",
-           "dist_flash_attn": "dist_flash"}
 _REFERENCE = PREFIX + "selfcheck_sdpa"
 # Config attributes that rescale logits in a model's head; the chunked loss does not apply them.
 _LOGIT_SCALES = ("logit_scale", "logits_scaling")
@@ -239,7 +236,7 @@ def register_attention(backend: str | Backend, group=None, kernel=None, *, check
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    be = backend if isinstance(backend, Backend) else get_backend(ALIASES.get(backend, backend))
+    be = backend if isinstance(backend, Backend) else get_backend(backend)
     name = implementation_name(be.name)
     reg = Registration(be, group, kernel, check)
     _REGISTRY[name] = reg
@@ -569,7 +566,7 @@ def check_model_fits_backend(backend: str, config, *, sp_size: int, ulysses_degr
     if backend == DATA_PARALLEL:
         return
     _reject_non_attention_mixers(config)
-    degree = {"ulysses": sp_size, "usp": ulysses_degree or 1}.get(ALIASES.get(backend, backend), 1)
+    degree = {"ulysses": sp_size, "usp": ulysses_degree or 1}.get(get_backend(backend).name, 1)
     heads = config.num_attention_heads
     err = head_split_error(heads, degree, "Ulysses all-to-all", backend)
     if err is not None:

@@ -53,25 +53,48 @@ def prepare_seq_parallel_inputs(backend: str, input_ids: Tensor, labels: Tensor 
                                 position_ids: Tensor | None = None, *, rank: int | None = None,
                                 world: int | None = None, group=None, ignore_index: int = -100,
                                 check: bool = True, allow_position_skips: bool = False) -> SeqParallelInputs:
-    """This rank's shard of a full batch for ``backend``'s layout; labels are shifted once first (module doc).
-
-    input_ids [B, S] (the full batch, identical on every rank of the SP group); labels [B, S] or None
-    (no targets); position_ids [B, S] or [1, S], default ``arange(S)``. ``group`` is the SP group the
-    model's attention runs on (None: the world; USP: its ``new_usp_group`` object, which fixes the
-    layout); ``rank``/``world`` default to this rank's place in it. With ``check``, when rank and world
-    come from ``group``, a tiny collective verifies that every rank of the group passed the same batch.
-    ``allow_position_skips`` accepts positions that jump forward (PoSE, ``pose.pose_position_ids``).
-    """
+    """This rank's shard of a full batch for ``backend``'s layout (EasyContext's entry point): ``shard_batch``
+    in the layout of ``backend`` on ``group`` (USP: its ``new_usp_group`` object, which fixes the layout)."""
     layout = group_layout(get_backend(backend).layout, group)
+    return shard_batch(layout, input_ids, labels, position_ids, rank=rank, world=world, group=group,
+                       ignore_index=ignore_index, check=check, allow_position_skips=allow_position_skips)
+
+
+def _check_shapes(input_ids: Tensor, labels: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    """ValueError for shapes that do not fit; returns the position ids (default ``arange(S)``)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     b, s = input_ids.shape
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
     if position_ids is None:
-        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
-    elif position_ids.dim() != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
+        return torch.arange(s, device=input_ids.device).unsqueeze(0)
+    if position_ids.dim() != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
         raise ValueError(f"position_ids must be [{b} or 1, {s}]; got shape {tuple(position_ids.shape)}")
+    return position_ids
+
+
+def whole_batch(input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None, *,
+                ignore_index: int = -100, allow_position_skips: bool = False) -> SeqParallelInputs:
+    """A full batch unsplit, as one rank of one that runs whole sequences sees it: labels shifted once."""
+    position_ids = _check_shapes(input_ids, labels, position_ids)
+    _check_positions(position_ids, allow_position_skips)
+    targets = None if labels is None else shift_labels(labels, ignore_index)
+    return SeqParallelInputs(input_ids, position_ids, targets)
+
+
+def shard_batch(layout: str, input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
+                *, rank: int | None = None, world: int | None = None, group=None, ignore_index: int = -100,
+                check: bool = True, allow_position_skips: bool = False) -> SeqParallelInputs:
+    """This rank's shard of a full batch in ``layout``; labels are shifted once first (module doc).
+
+    input_ids [B, S] (the full batch, identical on every rank of the SP group); labels [B, S] or None
+    (no targets); position_ids [B, S] or [1, S], default ``arange(S)``. ``group`` is the SP group the
+    model's attention runs on (None: the world); ``rank``/``world`` default to this rank's place in it.
+    With ``check``, when rank and world come from ``group``, a tiny collective verifies that every rank of
+    the group passed the same batch. ``allow_position_skips`` accepts positions that jump forward (PoSE).
+    """
+    position_ids = _check_shapes(input_ids, labels, position_ids)
     if (rank is None) != (world is None):
         raise ValueError("pass both rank and world, or neither (then they come from group)")
     from_group = rank is None
@@ -79,7 +102,7 @@ def prepare_seq_parallel_inputs(backend: str, input_ids: Tensor, labels: Tensor 
         rank, world = group_rank_size(group)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside a sequence-parallel group of {world} ranks")
-    check_length(s, layout, world)
+    check_length(input_ids.shape[1], layout, world)
     _check_positions(position_ids, allow_position_skips)
     if check and from_group and world > 1 and dist.is_initialized():
         _check_same_batch(input_ids, sp_process_group(group))
