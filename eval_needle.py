@@ -3,13 +3,16 @@
 Every launched process holds the whole model and a piece of each sequence (``--backend``, zigzag ring by
 default), so a 1M-token context fits across GPUs; one process and CPU work too.
 
-    # CPU: one process, or two gloo processes sharing each sequence
-    python eval_needle.py --model ./world --lengths 256 512 1024 --depth-step 25 --samples 2
-    torchrun --standalone --nproc_per_node 2 eval_needle.py --model ./world --lengths 256 512 1024
-    # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's 1M run on its own prompt
+    # CPU, the model the main training job writes (output/default/model): one process, or two gloo
+    # processes sharing each sequence
+    python3 eval_needle.py --model output/default/model --lengths 256 512 1024 --depth-step 25 --samples 2
+    torchrun --standalone --nproc_per_node 2 eval_needle.py --model output/default/model --lengths 256 512 1024 \\
+        --depth-step 25 --samples 2 --output results/needle/default_2proc.json
+    # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's 1M run on its own prompt; its haystack of
+    # essays is a folder of .txt files: add --haystack-dir FOLDER
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 eval_needle.py \\
         --model PY007/EasyContext-1M-Llama-2-7B --min-length 50000 --max-length 1000000 \\
-        --length-step 50000 --samples 2 --haystack-dir PaulGrahamEssays --template easycontext
+        --length-step 50000 --samples 2 --template easycontext
 
 A length counts every token of the scored sequence (BOS, prompt, needle, question and answer). Writes
 OUTPUT (JSON: settings and every scored sample; a rerun with the same OUTPUT and settings skips what is
@@ -23,33 +26,36 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.train.launch import finish, init_distributed
+from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
+from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
+from easy_context.eval.lengths import check_lengths, int_at_least, length_sweep
+from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
 from easy_context.eval.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
-                                 haystack_tokens, score)
-from easy_context.eval.perplexity import (add_eval_model_args, check_lengths, eval_dtype, int_at_least, length_sweep,
-                                     load_eval_model)
+                                      haystack_tokens, score)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub name or local path of a causal LM")
-    p.add_argument("--tokenizer", help="default: the model's")
-    p.add_argument("--haystack-dir", help="directory of .txt files (read in name order); default: generated "
-                                          "filler text shipped in easy_context.world.haystack (no download)")
+    p.add_argument("--tokenizer", help="hub name or local path (default: the model's)")
+    p.add_argument("--haystack-dir", help="folder of .txt files, read in name order (default: built-in generated "
+                                          "filler text, no download)")
     p.add_argument("--template", choices=list(TEMPLATES), default="default",
-                   help="default: easy_context.world.haystack's needle/question/answer (what the embedded default model "
-                        "is trained on); easycontext: EasyContext's 'long story book' wrapper, answer = the digits")
+                   help="default: the built-in needle, question and answer (what the built-in model is trained "
+                        "on); easycontext: EasyContext's 'long story book' prompt, answer = the digits")
     p.add_argument("--key", default="Singapore", help="the needle's key: 'the special magic KEY number'")
     p.add_argument("--digits", type=int_at_least(1), default=7, help="digits of the random number")
     p.add_argument("--samples", type=int_at_least(1), default=5,
                    help="random numbers per cell (the same in every cell)")
     p.add_argument("--seed", type=int, default=0, help="seed of the numbers")
-    p.add_argument("--lengths", type=int_at_least(2), nargs="+", help="context lengths in tokens (or min/max/step)")
-    p.add_argument("--min-length", type=int_at_least(2))
-    p.add_argument("--max-length", type=int_at_least(2))
-    p.add_argument("--length-step", type=int_at_least(1), help="default: doubling from --min-length")
-    p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, 0-100")
+    p.add_argument("--lengths", type=int_at_least(2), nargs="+",
+                   help="context lengths in tokens (or --min-length/--max-length/--length-step)")
+    p.add_argument("--min-length", type=int_at_least(2), help="smallest context length of a sweep")
+    p.add_argument("--max-length", type=int_at_least(2), help="largest context length of a sweep")
+    p.add_argument("--length-step", type=int_at_least(1), help="tokens between lengths (default: doubling from "
+                                                               "--min-length)")
+    p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, 0-100 (or --depth-step)")
     p.add_argument("--depth-step", type=float, default=10.0, help="percent; depths 0, step, ..., 100")
     p.add_argument("--scoring", choices=SCORINGS, default="forward",
                    help="forward: one teacher-forced sequence-parallel pass, correct only if every answer token "
@@ -57,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "process, no sequence parallelism, correct if the first number generated is the "
                         "needle's (small lengths only)")
     add_eval_model_args(p)
-    p.add_argument("--output", help="results JSON (default results/needle/<model name>.json)")
-    return p.parse_args(argv)
+    p.add_argument("--output", help="results JSON; its .csv and .png go beside it (default: "
+                                    "results/needle/<model name>.json)")
+    return quiet_on_other_ranks(p).parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -87,9 +94,10 @@ def main(argv=None) -> None:
     if todo:
         from tqdm import tqdm
 
-        model = load_eval_model(args.model, launch.device, backend=args.backend if args.scoring == "forward" else None,
-                                dtype=dtype, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
-                                ulysses_degree=args.ulysses_degree)
+        backend = args.backend if args.scoring == "forward" else None
+        model = load_eval_model(args.model, launch.device, backend=backend, dtype=dtype,
+                                rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
+                                ulysses_degree=args.ulysses_degree, max_length=max(lengths))
         for length, depth, sample in tqdm(todo, disable=not launch.is_main, desc="needle"):
             record = score(model, task, length, depth, sample, args.scoring)
             if launch.is_main:

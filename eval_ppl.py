@@ -6,9 +6,14 @@ default); one process and CPU work too. Protocols (stated in the CSV header and 
 ``sliding --stride S``: documents cut to the largest length, L-token windows every S tokens, each token
 scored once. Documents shorter than the largest length are skipped (the count is printed).
 
-    # CPU: one process, or two gloo processes sharing each sequence
-    python eval_ppl.py --model ./world --dataset ./docs --lengths 256 512 1024
-    torchrun --standalone --nproc_per_node 2 eval_ppl.py --model ./world --dataset ./docs --lengths 256 512 1024
+    # CPU, the model the main training job writes (output/default/model), on 4 generated documents of 1100
+    # tokens written as .txt files (any folder of .txt files works: --text-dir; datasets: --dataset)
+    python3 -c "from easy_context.hf.models import load_tokenizer; from easy_context.world import default; \\
+        default.save_text_documents('results/docs', load_tokenizer('output/default/model'), 4, 1100)"
+    python3 eval_ppl.py --model output/default/model --text-dir results/docs --lengths 256 512 1024
+    # the same on two gloo processes sharing each sequence
+    torchrun --standalone --nproc_per_node 2 eval_ppl.py --model output/default/model --text-dir results/docs \\
+        --lengths 256 512 1024 --output results/ppl_2proc.csv
     # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's proof-pile run
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 eval_ppl.py \\
         --model PY007/EasyContext-1M-Llama-2-7B --dataset emozilla/proofpile-test-tokenized --samples 2 \\
@@ -25,36 +30,57 @@ from __future__ import annotations
 import argparse
 import os
 
-from easy_context.train.launch import finish, init_distributed
+from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
+from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
-from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, add_eval_model_args, check_lengths, check_protocol,
-                                     collect_documents, dataset_rows, describe_protocol, eval_dtype,
-                                     evaluate_perplexity, int_at_least, length_sweep, load_eval_model, text_dir_rows)
+from easy_context.eval.documents import collect_documents, dataset_rows, text_dir_rows
+from easy_context.eval.lengths import check_lengths, int_at_least, length_sweep
+from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
+from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, check_protocol, describe_protocol,
+                                          evaluate_perplexity)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("-m", "--model", action="append", required=True,
                    help="hub name or local path; repeat for several models (one line each)")
-    p.add_argument("--tokenizer", help="default: each model's own")
+    p.add_argument("--tokenizer", help="hub name or local path (default: each model's own)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-d", "--dataset", help="hub name, save_to_disk folder, .jsonl or .parquet file; rows with "
                                              "pre-tokenized input_ids or a text column")
-    src.add_argument("--text-dir", help="directory of .txt files, one document each (name order)")
-    p.add_argument("--subset", help="dataset configuration name")
-    p.add_argument("--split", default="test")
-    p.add_argument("-f", "--feature", help="text column (default: input_ids if present, else text)")
+    src.add_argument("--text-dir", help="folder of .txt files, one document each (name order)")
+    p.add_argument("--subset", help="hub dataset: its configuration name")
+    p.add_argument("--split", default="test", help="hub dataset: the split to read")
+    p.add_argument("-f", "--feature", help="column to read (default: input_ids if present, else text)")
     p.add_argument("--samples", type=int_at_least(1),
-                   help="use the first N documents long enough for the largest length")
-    p.add_argument("--lengths", type=int_at_least(2), nargs="+", help="context lengths in tokens (or min/max/step)")
-    p.add_argument("--min-length", type=int_at_least(2))
-    p.add_argument("--max-length", type=int_at_least(2))
-    p.add_argument("--length-step", type=int_at_least(1), help="default: doubling from --min-length")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="truncate")
+                   help="use the first N documents long enough for the largest length (default: all)")
+    p.add_argument("--lengths", type=int_at_least(2), nargs="+",
+                   help="context lengths in tokens (or --min-length/--max-length/--length-step)")
+    p.add_argument("--min-length", type=int_at_least(2), help="smallest context length of a sweep")
+    p.add_argument("--max-length", type=int_at_least(2), help="largest context length of a sweep")
+    p.add_argument("--length-step", type=int_at_least(1), help="tokens between lengths (default: doubling from "
+                                                               "--min-length)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="truncate",
+                   help="truncate: each document's first L tokens, one pass; sliding: L-token windows every "
+                        "--stride tokens, each token scored once")
     p.add_argument("--stride", type=int_at_least(1), default=256,
                    help="sliding protocol: tokens between window starts")
     add_eval_model_args(p)
-    p.add_argument("--output", default=os.path.join("results", "ppl.csv"), help="CSV path (plot: .png beside it)")
-    return p.parse_args(argv)
+    p.add_argument("--output", default=os.path.join("results", "ppl.csv"),
+                   help="CSV path; its .json (resumable results) and .png plot go beside it")
+    quiet_on_other_ranks(p)
+    args = p.parse_args(argv)
+    if args.dataset and _holds_only_text_files(args.dataset):
+        p.error(f"--dataset {args.dataset}: a folder of .txt files is read with --text-dir {args.dataset}")
+    return args
+
+
+def _holds_only_text_files(path: str) -> bool:
+    """Whether ``path`` is a folder with .txt files and no dataset files (what --text-dir reads)."""
+    if not os.path.isdir(path):
+        return False
+    kinds = {os.path.splitext(name)[1] for name in os.listdir(path)}
+    return ".txt" in kinds and not kinds & {".json", ".jsonl", ".parquet", ".csv", ".arrow"}
 
 
 def main(argv=None) -> None:
@@ -88,7 +114,8 @@ def main(argv=None) -> None:
         log(f"{name}: {len(docs)} documents, {skipped} skipped as shorter than {max(lengths)} tokens", flush=True)
         header = describe_protocol(args.protocol, stride, bos=bos is not None, source=args.dataset or args.text_dir)
         model = load_eval_model(name, launch.device, backend=args.backend, dtype=dtype, rope_theta=args.rope_theta,
-                                rope_scaling=args.rope_scaling, ulysses_degree=args.ulysses_degree)
+                                rope_scaling=args.rope_scaling, ulysses_degree=args.ulysses_degree,
+                                max_length=max(lengths))
 
         def save(r, name=name, header=header):  # each length as it completes: a kill keeps what is done
             log(f"{name}  L={r.length}  ppl={r.perplexity:.4f}  ({r.tokens} tokens)")

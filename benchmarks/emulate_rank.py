@@ -63,7 +63,7 @@ def join_fake_world(rank: int, world: int) -> None:
                       ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(world))
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
-    # Initialized here, before anything else can: launch.init_distributed, accelerate's PartialState and
+    # Initialized here, before anything else can: distributed.init_distributed, accelerate's PartialState and
     # deepspeed.init_distributed all skip init_process_group when a default group exists (DeepSpeed wraps it
     # in its TorchBackend), and new_group() without a backend inherits "fake". A group created with an
     # explicit real backend would need a real store: with FakeStore it raises instead of silently joining.
@@ -75,8 +75,10 @@ def patch(rank: int, world: int) -> None:
     import torch
 
     import easy_context as ec
-    from easy_context.hf import attention as hf
-    from easy_context.train import recipe
+    from easy_context.hf import causal_lm
+    from easy_context.hf import self_check as hf_self_check
+    from easy_context.train.loop import TrainLoop
+    from easy_context.train.run_log import RunLog
 
     # 1. The startup self-check compares the sharded model with full attention: with no data exchanged it
     # always differs. Keep its run (same kernels, same transient memory) and its routing check; drop the
@@ -93,7 +95,7 @@ def patch(rank: int, world: int) -> None:
                   file=sys.stderr)
             return {}
 
-    ec.self_check_config = hf.self_check_config = self_check_config
+    ec.self_check_config = hf_self_check.self_check_config = self_check_config
 
     # 2. The fake group's collectives hand each rank its own data back (an all-gather repeats this rank's
     # piece, an all-to-all or reduce-scatter returns its input), but a receive leaves its buffer as
@@ -168,27 +170,27 @@ def patch(rank: int, world: int) -> None:
     # (train.py's RunLog writes on the main process only). Nothing else changes: accelerate's
     # is_main_process stays False for r > 0, as in the real run.
     if rank:
-        init = recipe.RunLog.__init__
+        init = RunLog.__init__
 
         def run_log_init(self, path: str, *, main: bool, **kwargs) -> None:
             init(self, path, main=True, **kwargs)
 
-        recipe.RunLog.__init__ = run_log_init
+        RunLog.__init__ = run_log_init
         # its loss is garbage too (often NaN): train.py's stop on a non-finite loss would end the measurement
-        recipe.TrainLoop.stop_on_non_finite = False
+        TrainLoop.stop_on_non_finite = False
 
     # 7. Record in each log record what this rank was and trained on (read when the step is logged, not
     # inside it): rank and world as torch.distributed and accelerate see them, the share of the parameters
     # ZeRO-3 keeps here, the model's input shape and the position-id runs of its last forward.
     last: dict = {}
-    forward = hf.CausalLMWithLoss.forward
+    forward = causal_lm.CausalLMWithLoss.forward
 
     def recording_forward(self, input_ids, target_ids, position_ids=None):
         last["module"], last["shape"], last["positions"] = self, list(input_ids.shape), position_ids
         return forward(self, input_ids, target_ids, position_ids)
 
-    hf.CausalLMWithLoss.forward = recording_forward
-    write = recipe.RunLog.write
+    causal_lm.CausalLMWithLoss.forward = recording_forward
+    write = RunLog.write
 
     def emulated_write(self, record: dict) -> None:
         import torch.distributed as dist
@@ -209,42 +211,22 @@ def patch(rank: int, world: int) -> None:
                               if isinstance(pos, torch.Tensor) else None)}
         return write(self, record)
 
-    recipe.RunLog.write = emulated_write
+    RunLog.write = emulated_write
 
 
-def train_flags(script: str, argv: list[str]) -> argparse.Namespace:
-    """train.py's own parse of ``argv`` (its parser and defaults) without running the rest of it: its
-    imports run, then its ``parse_args`` hands the result back. Bad flags exit here, before any work."""
-
-    class Parsed(Exception):
-        pass
-
-    parse = argparse.ArgumentParser.parse_args
-
-    def grab(self, args=None, namespace=None):
-        raise Parsed(parse(self, args, namespace))
-
-    argparse.ArgumentParser.parse_args = grab
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(script, run_name="__emulate_rank_flags__")
-    except Parsed as e:
-        return e.args[0]
-    finally:
-        argparse.ArgumentParser.parse_args = parse
-    raise RuntimeError(f"{script} finished without parsing its arguments")
-
-
-def build_tiny_model(flags: argparse.Namespace) -> None:
-    """Build train.py's built-in default model as its rank 0 would (same call). Needed for an emulated rank
-    r > 0, and before the fake group exists: train.py builds it on the main process only, and transformers
-    writes weights on torch.distributed rank 0 only. train.py then finds it built and reuses it."""
+def build_default_model(train_argv: list[str]) -> None:
+    """Build train.py's built-in default model as its rank 0 would (same call), from train.py's flags
+    ``train_argv`` (bad flags exit here, before any work). Needed for an emulated rank r > 0, and before the
+    fake group exists: train.py builds it on the main process only, and transformers writes weights on
+    torch.distributed rank 0 only. train.py then finds it built and reuses it."""
     from easy_context.hf import models
-    from easy_context.world import tiny
+    from easy_context.train.config import parse_config
+    from easy_context.world.default import build_default_world
 
-    if flags.model == models.TINY:
-        tiny.build_world(os.path.join(flags.output_dir, "tiny_init"), preset=flags.tiny_preset,
-                         max_position_embeddings=flags.seq_length, seed=flags.seed)
+    cfg = parse_config(train_argv)
+    if cfg.model == models.TINY:
+        build_default_world(cfg.model_path, preset=cfg.tiny_preset, max_position_embeddings=cfg.seq_length,
+                            seed=cfg.seed)
 
 
 def main() -> None:
@@ -270,11 +252,12 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         p.error(f"launch with --num_processes 1 (WORLD_SIZE is {os.environ['WORLD_SIZE']}): this process is the run")
     if args.rank:
-        build_tiny_model(train_flags(os.path.join(REPO, "train.py"), train_args))
+        build_default_model(train_args)
     join_fake_world(args.rank, args.world)
     patch(args.rank, args.world)
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
+
 
 if __name__ == "__main__":
     main()

@@ -124,8 +124,8 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from easy_context.hf import attention as hf
-    from easy_context.train import recipe
+    from easy_context.hf import causal_lm as hf
+    from easy_context.train.run_log import RunLog
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, record_shapes=True, with_stack=args.stacks)
@@ -143,7 +143,7 @@ def main() -> None:
                 started[0] = time.perf_counter()
                 prof.start()
 
-    write = recipe.RunLog.write
+    write = RunLog.write
 
     def on_log(self, record):
         if record["step"] == args.step and started[0]:
@@ -161,7 +161,7 @@ def main() -> None:
         return write(self, record)
 
     torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
-    recipe.RunLog.write = on_log
+    RunLog.write = on_log
     sys.argv = [os.path.join(REPO, "train.py"), *train_args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

@@ -8,8 +8,11 @@ from .attention.registry import BACKENDS, Backend, backend_layout, get_backend
 from .attention.dist_flash import dist_flash_attention
 from .memory.fused import fuse_pointwise
 from .parallel.groups import ParallelGroups, attention_group, init_groups
-from .hf.attention import (CausalLMWithLoss, apply_seq_parallel_monkey_patch, causal_lm_loss, check_model_fits_backend,
-                 register_all, register_attention, self_check, self_check_config)
+from .hf.attention import (apply_seq_parallel_monkey_patch, register_all, register_attention,
+                           use_sequence_parallel_attention)
+from .hf.causal_lm import CausalLMWithLoss, causal_lm_loss
+from .hf.compatibility import check_model_fits_backend, check_model_fits_plan
+from .hf.self_check import self_check, self_check_config
 from .parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .memory.keep import keep_attention_outputs
 from .attention.kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
@@ -19,7 +22,8 @@ from .parallel.loss import SPLoss, chunked_cross_entropy, sequence_parallel_cros
 from .attention.merge import merge_
 from .eval.needle import NeedleResults, NeedleTask, answer_predictions, haystack_tokens
 from .memory.offload import OffloadedCheckpoint, enable_offloaded_checkpointing, setup_checkpointing, skip_checkpointing
-from .eval.perplexity import evaluate_perplexity, load_eval_model, sequence_nll
+from .eval.model import load_eval_model
+from .eval.perplexity import evaluate_perplexity, sequence_nll
 from .train.pose import pose_position_ids
 from .attention.ring import ring_attention
 from .attention.s2attn import s2_attention
@@ -39,7 +43,8 @@ __all__ = [
     "SPLoss", "chunked_cross_entropy", "sequence_parallel_cross_entropy",
     "s2_attention", "register_s2attn", "apply_s2attn", "pose_position_ids",
     "apply_lora_plus", "save_lora_model", "load_lora_model",
-    "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss", "check_model_fits_backend",
+    "use_sequence_parallel_attention", "apply_seq_parallel_monkey_patch", "causal_lm_loss", "CausalLMWithLoss",
+    "check_model_fits_backend", "check_model_fits_plan",
     "self_check_config", "attention_group", "register_all", "register_attention", "self_check",
     "apply_tiled_mlp", "OffloadedCheckpoint", "enable_offloaded_checkpointing",
     "setup_checkpointing", "skip_checkpointing", "keep_attention_outputs",

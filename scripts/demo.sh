@@ -58,7 +58,7 @@ for s in $EXTEND; do
     --output-dir "$OUT/extend$LEN"
   MODEL="$OUT/extend$LEN/model"; mark "extended to $MODEL at $LEN tokens (${ROPE[*]}, zigzag ring)"; ROPE=()
 done
-python -c "from easy_context.hf import models; from easy_context.world import tiny; tiny.save_text_documents('$OUT/docs', models.load_tokenizer('$MODEL'), 4, $LONG + 64)"
+python -c "from easy_context.hf import models; from easy_context.world import default; default.save_text_documents('$OUT/docs', models.load_tokenizer('$MODEL'), 4, $LONG + 64)"
 for pair in short:$SHORT_MODEL long:$MODEL; do
   "${LAUNCH[@]}" eval_needle.py --model "${pair#*:}" --lengths $LENGTHS --depth-step 10 --samples "$SAMPLES" \
     --allow-extrapolation --output "$OUT/needle_${pair%%:*}.json"

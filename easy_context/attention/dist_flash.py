@@ -38,7 +38,8 @@ import torch.distributed as dist
 from .comm import empty_in_order, global_rank, in_order_of, p2p, rank_and_size
 from .kernels import AttentionKernel
 from .merge import RowSum, merge_
-from .ring import ALL, BlockwiseAttention, _acc_dtype, prepare_call, ring_schedule, run_ring
+from .precision import accumulation_dtype
+from .ring import ALL, BlockwiseAttention, prepare_call, ring_schedule, run_ring
 
 Tensor = torch.Tensor
 _TAG = 13
@@ -117,7 +118,7 @@ def dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group,
                        kernel: AttentionKernel) -> tuple[Tensor, Tensor]:
     """Causal local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] with the balanced schedule."""
     rank, world = rank_and_size(group)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     out = torch.empty_like(q, dtype=acc)  # q's memory order, which cuDNN's backward then takes as is
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
 
@@ -145,7 +146,7 @@ def dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                         group, kernel: AttentionKernel) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of the local shards for causal attention, given the final local out and lse."""
     rank, world = rank_and_size(group)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     dq, dk, dv = (RowSum(t, acc) for t in (q, k, v))
 
     def local():

@@ -18,6 +18,9 @@ from typing import Callable
 
 import torch
 
+from .head_groups import backward_by_head_groups, forward_by_head_groups
+from .precision import accumulation_dtype
+
 Tensor = torch.Tensor
 
 ENV_VAR = "EASY_CONTEXT_KERNEL"
@@ -39,56 +42,9 @@ def sum_kv_groups(dx: Tensor, n_kv_heads: int) -> Tensor:
     return dx.view(b, n_kv_heads, h // n_kv_heads, s, d).sum(2)
 
 
-# Largest q block (elements) one kernel call gets: longer blocks run as several calls over groups of heads.
-# At 1M tokens over 2 GPUs a call's q holds 2^31 elements; split, the k/v heads repeated for GQA, the kernel's
-# float32 dq workspace and the call's outputs stay a fraction of the layer's activations. Every call at the
-# 128K-over-2-GPUs scale of a 7B model (2^28) still runs whole.
-MAX_CALL_ELEMENTS = 2 ** 28
-
-
-def head_chunks(q: Tensor, k: Tensor, max_elements: int | None = None) -> list[tuple[slice, slice]]:
-    """(q heads, kv heads) slices of whole kv-head groups whose q part holds at most ``max_elements``
-    (default ``MAX_CALL_ELEMENTS``) elements, or one group when a single group is larger."""
-    limit = MAX_CALL_ELEMENTS if max_elements is None else max_elements
-    h, h_kv = q.shape[1], k.shape[1]
-    n_rep = h // h_kv
-    per_kv_head = q.numel() // h_kv
-    step = max(1, min(h_kv, limit // max(per_kv_head, 1)))
-    return [(slice(g * n_rep, min(g + step, h_kv) * n_rep), slice(g, min(g + step, h_kv)))
-            for g in range(0, h_kv, step)]
-
-
-def forward_by_head_groups(fn: Callable, q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
-    """``fn(q, k, v, *args) -> (out, lse)`` run once per ``head_chunks`` group, the results assembled
-    (out like q, lse float32 or float64 [B, H, S]); a single call when one group holds everything."""
-    chunks = head_chunks(q, k)
-    if len(chunks) == 1:
-        return fn(q, k, v, *args)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                      device=q.device)
-    for hq, hk in chunks:
-        out[:, hq], lse[:, hq] = fn(q[:, hq], k[:, hk], v[:, hk], *args)
-    return out, lse
-
-
-def backward_by_head_groups(fn: Callable, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                            lse: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
-    """``fn(dout, q, k, v, out, lse, *args) -> (dq, dk, dv)`` run once per ``head_chunks`` group, the
-    gradients assembled like q, k, v; a single call when one group holds everything."""
-    chunks = head_chunks(q, k)
-    if len(chunks) == 1:
-        return fn(dout, q, k, v, out, lse, *args)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for hq, hk in chunks:
-        dq[:, hq], dk[:, hk], dv[:, hk] = fn(dout[:, hq], q[:, hq], k[:, hk], v[:, hk], out[:, hq], lse[:, hq],
-                                             *args)
-    return dq, dk, dv
-
-
 class AttentionKernel:
     """Base class: handles GQA by repeating k/v heads and splits long blocks over head groups
-    (``head_chunks``); subclasses implement single calls on equal-head blocks."""
+    (``head_groups.head_chunks``); subclasses implement single calls on equal-head blocks."""
 
     name = "base"
     native_gqa = False
@@ -140,7 +96,7 @@ class ReferenceKernel(AttentionKernel):
     name = "reference"
 
     def _scores(self, q, k, causal, scale):
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ct = accumulation_dtype(q.dtype)
         s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
         if causal:
             s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
@@ -179,7 +135,7 @@ class CPUFlashKernel(AttentionKernel):
     def _forward(self, q, k, v, causal, scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
-        return out, lse.float() if lse.dtype not in (torch.float32, torch.float64) else lse
+        return out, lse.to(accumulation_dtype(lse.dtype))
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -199,6 +155,29 @@ class _CudaAuxCache:
             t = torch.randn(1, 1, 16, q.shape[-1], device=q.device, dtype=q.dtype)
             self._cache[key] = self._fwd(t)
         return self._cache[key]
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _cuda_dtype_reason(q: Tensor, dtypes: tuple[torch.dtype, ...]) -> str | None:
+    """Why a CUDA kernel for ``dtypes`` cannot take q (not on CUDA, another dtype), None when it can."""
+    if q.device.type != "cuda":
+        return "needs CUDA"
+    if q.dtype not in dtypes:
+        return "needs " + "/".join(_DTYPE_NAMES[d] for d in dtypes)
+    return None
+
+
+def _ampere_head_dim_reason(q: Tensor, max_head_dim: int) -> str | None:
+    """Why a flash-style kernel cannot take q on its GPU (before compute capability 8.0, head_dim over
+    ``max_head_dim`` or not a multiple of 8), None when it can."""
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "needs compute capability >= 8.0"
+    if q.shape[-1] > max_head_dim or q.shape[-1] % 8:
+        return f"needs head_dim <= {max_head_dim} and a multiple of 8"
+    return None
 
 
 def _bshd(x: Tensor) -> Tensor:
@@ -232,17 +211,11 @@ class CudnnKernel(AttentionKernel):
             t, t, t, None, True, 0.0, False, False))
 
     def supports(self, q, k):
-        if q.device.type != "cuda":
-            return "needs CUDA"
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return "needs bf16/fp16"
+        if reason := _cuda_dtype_reason(q, _HALF):
+            return reason
         if not torch.backends.cudnn.is_available() or torch.backends.cudnn.version() < 90000:
             return "needs cuDNN >= 9"
-        if torch.cuda.get_device_capability(q.device)[0] < 8:
-            return "needs compute capability >= 8.0"
-        if q.shape[-1] > 128 or q.shape[-1] % 8:
-            return "needs head_dim <= 128 and a multiple of 8"
-        return None
+        return _ampere_head_dim_reason(q, 128)
 
     def _forward(self, q, k, v, causal, scale):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -267,15 +240,7 @@ class FlashKernel(AttentionKernel):
         self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False))
 
     def supports(self, q, k):
-        if q.device.type != "cuda":
-            return "needs CUDA"
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return "needs bf16/fp16"
-        if torch.cuda.get_device_capability(q.device)[0] < 8:
-            return "needs compute capability >= 8.0"
-        if q.shape[-1] > 256 or q.shape[-1] % 8:
-            return "needs head_dim <= 256 and a multiple of 8"
-        return None
+        return _cuda_dtype_reason(q, _HALF) or _ampere_head_dim_reason(q, 256)
 
     def _forward(self, q, k, v, causal, scale):
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
@@ -298,11 +263,7 @@ class EfficientKernel(AttentionKernel):
             t, t, t, None, True, 0.0, False))
 
     def supports(self, q, k):
-        if q.device.type != "cuda":
-            return "needs CUDA"
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return "needs bf16/fp16/fp32"
-        return None
+        return _cuda_dtype_reason(q, (*_HALF, torch.float32))
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(

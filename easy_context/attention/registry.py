@@ -29,20 +29,22 @@ from .zigzag import zigzag_ring_attention
 @dataclass(frozen=True)
 class Backend:
     """A named backend: its attention function (None: the model's own), the layout its inputs are sharded in,
-    whether it splits a sequence over ranks, and whether it is exact (S²-Attn is not: training only)."""
+    whether it splits a sequence over ranks, whether it is exact (S²-Attn is not: training only), and whether it
+    splits the q heads over its (Ulysses) all-to-all group, which must then divide the head count."""
 
     name: str
     attention: Callable | None
     layout: str
     sequence_parallel: bool = True
     exact: bool = True
+    splits_heads: bool = False
 
 
 BACKENDS: dict[str, Backend] = {
     "ring": Backend("ring", ring_attention, "contiguous"),
     "zigzag_ring": Backend("zigzag_ring", zigzag_ring_attention, "zigzag"),
-    "ulysses": Backend("ulysses", ulysses_attention, "contiguous"),
-    "usp": Backend("usp", usp_attention, "usp"),  # placeholder: "usp{U}x{R}", see backend_layout
+    "ulysses": Backend("ulysses", ulysses_attention, "contiguous", splits_heads=True),
+    "usp": Backend("usp", usp_attention, "usp", splits_heads=True),  # layout "usp{U}x{R}": see backend_layout
     "dist_flash": Backend("dist_flash", dist_flash_attention, "contiguous"),
 }
 REGISTRY: dict[str, Backend] = {

@@ -1,10 +1,10 @@
 """Attention outputs reused through the activation-checkpoint recompute: the hook the backends call.
 
-The backends' autograd functions compute their attention through ``reuse_or_compute(compute)``. Inside a ``attention_call_scope`` opened
-around one attention module's call (the HF glue opens it), the first forward stores the (out, lse) it computed
-and the checkpoint recompute of the same layer gets those tensors back without computing them again. Outside
-any scope, or for a module whose model has no store attached (``memory.keep.keep_attention_outputs``), it is a
-plain call.
+The backends' autograd functions compute their attention through ``reuse_or_compute(compute)``. Inside an
+``attention_call_scope`` opened around one attention module's call (the transformers glue in ``easy_context/hf/``
+opens it), the first forward stores the (out, lse) it computed and the checkpoint recompute of the same layer gets
+those tensors back without computing them again. Outside any scope, or for a module whose model has no store
+attached (``memory.keep.keep_attention_outputs`` attaches one), it is a plain call.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class KeptOutputs(dict):
 
 @contextmanager
 def attention_call_scope(module: torch.nn.Module) -> Iterator[None]:
-    """Around one attention call of ``module``: lets ``reuse_or_compute`` store or replay its outputs when ``module``
-    belongs to a model with kept outputs, is training, and autograd is recording (no-op otherwise)."""
+    """Around one attention call of ``module``: lets ``reuse_or_compute`` store or replay its outputs when
+    ``module`` belongs to a model with kept outputs, is training, and autograd is recording (no-op otherwise)."""
     store = getattr(module, ATTR, None)
     if store is None or not module.training or not torch.is_grad_enabled():
         yield
@@ -38,8 +38,8 @@ def attention_call_scope(module: torch.nn.Module) -> Iterator[None]:
 
 
 def reuse_or_compute(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """``compute()``, except inside an open ``attention_call_scope``: the first call per layer computes and stores the
-    outputs, the next one (the checkpoint recompute) returns the stored tensors without computing."""
+    """``compute()``, except inside an open ``attention_call_scope``: the first call per layer computes and stores
+    the outputs, the next one (the checkpoint recompute) returns the stored tensors without computing."""
     if not _active:
         return compute()
     store, key = _active[-1]

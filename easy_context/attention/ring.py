@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from .comm import RingComm, check_same_across_ranks, memory_order, rank_and_size
-from .kernels import AttentionKernel, backward_by_head_groups, check_inputs, forward_by_head_groups, select_kernel
+from .head_groups import backward_by_head_groups, forward_by_head_groups
+from .kernels import AttentionKernel, check_inputs, select_kernel
 from .merge import RowSum, merge_
+from .precision import accumulation_dtype
 from .reuse import reuse_or_compute
 
 Tensor = torch.Tensor
@@ -51,16 +53,12 @@ def ring_schedule(step: int, rank: int, world: int, seq: int, causal: bool) -> l
     return [Block(ALL, ALL, False)] if src < rank else []
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group, kernel: AttentionKernel,
                  schedule: Schedule) -> tuple[Tensor, Tensor]:
     """Local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] of attention over the whole ring.
 
     Heads are independent, so a long sequence runs the whole ring once per group of heads
-    (``kernels.head_chunks``): the float32 accumulators and the K/V in flight are then that group's only.
+    (``head_groups.head_chunks``): the float32 accumulators and the K/V in flight are then that group's only.
     """
     return forward_by_head_groups(_ring_forward, q, k, v, causal, scale, group, kernel, schedule)
 
@@ -69,7 +67,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, g
                   schedule: Schedule) -> tuple[Tensor, Tensor]:
     rank, world = rank_and_size(group)
     comm = RingComm(group) if world > 1 else None
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     # Strided like q: HF hands q as a [B, S, H, D] buffer viewed [B, H, S, D], so the output comes back in
     # that memory order and the model's o_proj input is a view of it rather than a second copy.
     out = torch.empty_like(q, dtype=acc)
@@ -115,20 +113,23 @@ def _backward_blocks(blocks, dout, q, k, v, out, lse, scale, kernel, dq, dk, dv)
 
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                  scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
+                  scale: float, group, kernel: AttentionKernel,
+                  schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of the local shards, given the final local out and lse (a ring per head group, as forward).
 
     The local block is split around the ring (``split_local_blocks``) so that both the first K/V hop
     and the last dk/dv hop overlap compute. The float32 dk/dv accumulator of rank j's K/V starts at
     rank j+1 and reaches j after P-1 hops, where j adds its own local part.
     """
-    return backward_by_head_groups(_ring_backward, dout, q, k, v, out, lse, causal, scale, group, kernel, schedule)
+    return backward_by_head_groups(_ring_backward, dout, q, k, v, out, lse, causal, scale, group, kernel,
+                                   schedule)
 
 
 def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                   scale: float, group, kernel: AttentionKernel, schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, group, kernel: AttentionKernel,
+                   schedule: Schedule) -> tuple[Tensor, Tensor, Tensor]:
     rank, world = rank_and_size(group)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     seq = q.shape[2]
     dq, dk, dv = RowSum(q, acc), RowSum(k, acc), RowSum(v, acc)
     early, late = split_local_blocks(schedule(0, rank, world, seq, causal), seq)
@@ -163,7 +164,8 @@ class BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fwd, bwd, *args):
-        out, lse = reuse_or_compute(lambda: fwd(q, k, v, *args))  # replayed in a checkpoint recompute (attention.reuse)
+        # replayed, not computed again, in an activation-checkpoint recompute (attention.reuse)
+        out, lse = reuse_or_compute(lambda: fwd(q, k, v, *args))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bwd, ctx.args = bwd, args
         ctx.mark_non_differentiable(lse)

@@ -5,8 +5,8 @@ heads attend causally within groups [0, G), [G, 2G), ...; the second half within
 [0, G/2), [G/2, 3G/2), ..., [S - G/2, S). The first and last shifted groups are half-groups: there is no
 wrap-around, unlike the roll in the LongLoRA paper's pseudocode, where the first tokens of the shifted
 heads see the last ones (LongLoRA issues #15, #90). This is the partition of LongLoRA's flash-attn
-varlen path. Meant for training only: evaluate with full attention (``register_s2attn`` switches to it
-whenever the attention module is in eval mode).
+varlen path. Meant for training only: evaluate with full attention (``register_s2attn`` in
+``easy_context/hf/s2attn.py`` switches to it whenever the attention module is in eval mode).
 
 Sequence parallel: over a ``contiguous`` layout where each rank's shard is a whole number of groups, the
 unshifted heads are purely local, and the shifted group that straddles ranks r-1 and r is split: rank
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .comm import Exchange, empty_in_order, global_rank, in_order_of, p2p, rank_and_size
 from .kernels import AttentionKernel, repeat_kv
 from .merge import merge_
+from .precision import accumulation_dtype
 from .ring import BlockwiseAttention, prepare_call
 
 Tensor = torch.Tensor
@@ -111,10 +112,6 @@ def _exchange_halo(k: Tensor, v: Tensor, seg: Segment, group, rank: int, world: 
     return p2p(sends, recvs, group, _HALO_TAG)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def s2_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: AttentionKernel, size: int,
                group) -> tuple[Tensor, Tensor]:
     """out [B,H,S,D] (stored [B,S,H,D]) and lse [B,H,S] of S²-Attn on this rank's contiguous shard."""
@@ -124,7 +121,7 @@ def s2_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: AttentionK
     first = segs[1]  # the shifted heads' first half-group: on rank > 0 it continues rank-1's last one
     pending = _exchange_halo(k, v, first, group, rank, world)
     out = q.new_empty(b, s, h, d).transpose(1, 2)
-    lse = torch.empty(b, h, s, 1, dtype=_acc(q.dtype), device=q.device)
+    lse = torch.empty(b, h, s, 1, dtype=accumulation_dtype(q.dtype), device=q.device)
     for seg in segs:
         o, l = kernel.forward(_group(q, seg.heads, seg), _group(k, seg.kv_heads, seg), _group(v, seg.kv_heads, seg),
                               True, scale)
@@ -136,7 +133,7 @@ def s2_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: AttentionK
         if rank > 0:  # every halo key precedes these queries: a non-causal block, merged in float32
             rows = (slice(None), first.heads, slice(0, first.size))
             o, l = kernel.forward(q[rows], *halo, False, scale)
-            acc = out[rows].to(_acc(q.dtype))
+            acc = out[rows].to(accumulation_dtype(q.dtype))
             merge_(acc, lse[rows], o, l)
             out[rows].copy_(acc)
     return out, lse
@@ -164,7 +161,7 @@ def s2_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     halo = pending.wait()
     prev, nxt = _neighbours(group, rank, world)
     tail = (slice(None), first.kv_heads, slice(k.shape[2] - first.size, k.shape[2]))
-    acc = _acc(k.dtype)
+    acc = accumulation_dtype(k.dtype)
     sends = []
     if rank > 0:
         rows = (slice(None), first.heads, slice(0, first.size))

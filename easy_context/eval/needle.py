@@ -4,7 +4,7 @@ EasyContext's eval_needle does it (one teacher-forced forward pass, sequence-par
 A cell's prompt has exactly ``length`` tokens, answer included: [BOS] + template prefix + the haystack's
 first tokens with the needle inserted at ``depth`` % of them (moved forward to just after the next token
 that ends a sentence, found by decoding the haystack's tokens) + the question; then the answer. Every piece
-is tokenized on its own, as EasyContext did and as ``tiny.retrieval_ids`` builds the default model's data.
+is tokenized on its own, as EasyContext did and as ``world.default.retrieval_ids`` builds the default model's data.
 The haystack (a directory of .txt files read in name order, or generated filler) is tokenized once.
 
 Teacher-forced scoring: the answer is appended, and the cell is correct only if the argmax prediction at
@@ -16,9 +16,7 @@ meant for small lengths.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import random
 import re
@@ -30,7 +28,9 @@ import torch.distributed as dist
 from ..hf.attention import registered_backend
 from ..parallel.groups import group_rank_size, sp_process_group
 from ..world import haystack
-from .perplexity import settings_diff, sp_shard, write_json
+from .documents import text_files
+from .model import sp_shard
+from .results import ResultsFile, write_csv
 
 Tensor = torch.Tensor
 SCORINGS = ("forward", "generate")
@@ -65,16 +65,7 @@ TEMPLATES = {
 
 def read_haystack_dir(path: str) -> str:
     """The .txt files of ``path`` concatenated in name order; ValueError if there are none or all are empty."""
-    if not os.path.isdir(path):
-        raise ValueError(f"haystack directory {path!r} does not exist")
-    files = sorted(glob.glob(os.path.join(path, "*.txt")))
-    if not files:
-        raise ValueError(f"haystack directory {path!r} has no .txt files")
-    parts = []
-    for name in files:
-        with open(name, encoding="utf-8") as f:
-            parts.append(f.read())
-    text = "".join(parts)
+    text = "".join(text_files(path, "haystack directory"))
     if not text.strip():
         raise ValueError(f"the .txt files in haystack directory {path!r} are empty")
     return text
@@ -281,22 +272,13 @@ def _cell(length, depth, sample) -> tuple[int, float, int]:
     return int(length), round(float(depth), 6), int(sample)
 
 
-class NeedleResults:
+class NeedleResults(ResultsFile):
     """A sweep's results file: its settings and one record per (length, depth, sample). Reopening it with the
     same settings resumes (``has``); different settings raise instead of mixing two experiments."""
 
     def __init__(self, path: str, settings: dict):
-        self.path = path
-        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
-        self.records: list[dict] = []
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-            old = data.get("settings", {})
-            if old != self.settings:
-                raise ValueError(f"{path} holds results of different settings ({settings_diff(old, self.settings)}); "
-                                 "give another output path, or delete the file to start over")
-            self.records = data.get("cells", [])
+        super().__init__(path, settings, key="cells",
+                         remedy="give another output path, or delete the file to start over")
         self._done = {_cell(r["length"], r["depth"], r["sample"]) for r in self.records}
 
     def has(self, length: int, depth: float, sample: int) -> bool:
@@ -306,7 +288,7 @@ class NeedleResults:
         """Append a record and rewrite the file atomically (temp file, then os.replace)."""
         self.records.append(record)
         self._done.add(_cell(record["length"], record["depth"], record["sample"]))
-        write_json(self.path, {"settings": self.settings, "cells": self.records})
+        self.save()
 
     def accuracy(self) -> float:
         """The mean of ``correct`` over all records (NaN when there are none)."""
@@ -319,14 +301,5 @@ class NeedleResults:
 
     def write_csv(self, path: str) -> str:
         """Every record as a CSV row, sorted by length, depth, sample; returns ``path``."""
-        import csv
-
-        cols = ["length", "depth", "sample", "number", "predicted", "correct", "needle_at"]
         rows = sorted(self.records, key=lambda r: _cell(r["length"], r["depth"], r["sample"]))
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-        return path
+        return write_csv(path, rows, ["length", "depth", "sample", "number", "predicted", "correct", "needle_at"])

@@ -1,5 +1,5 @@
-"""Perplexity at a sweep of context lengths, sequence-parallel, plus the plumbing the needle eval shares:
-load a model for sequence-parallel evaluation, check lengths against its position limit, shard one sequence.
+"""Perplexity at a sweep of context lengths, sequence-parallel: the windows each protocol scores, one sequence's
+NLL, the sweep, and its results (a resumable store and the CSV).
 
 Protocols (every output states which one was used):
 
@@ -17,159 +17,21 @@ come from ``hf.causal_lm_loss``: chunked logits, exact token counts over the who
 
 from __future__ import annotations
 
-import argparse
-import glob
-import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from ..attention.comm import rank_and_size
-from ..attention.layouts import num_chunks
-from ..attention.registry import BACKENDS
-from ..attention.usp import new_usp_group
-from ..hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss, registered_backend, self_check_config
-from ..hf.models import load_config, load_model, position_limit
-from ..parallel.groups import group_layout, group_rank_size
-from ..parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs
-from ..train.data import load_raw
+from ..hf.causal_lm import causal_lm_loss
+from .model import sp_shard
+from .results import ResultsFile, write_csv
 
 Tensor = torch.Tensor
 PROTOCOLS = ("truncate", "sliding")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+CSV_COLUMNS = ["model", "protocol", "stride", "length", "documents", "tokens", "nll", "perplexity"]
 
-
-# ---- shared by the evals: lengths, model loading, one sharded sequence -------------------------------------
-
-def length_sweep(lengths: Iterable[int] | None = None, min_length: int | None = None,
-                 max_length: int | None = None, step: int | None = None) -> list[int]:
-    """Sorted distinct lengths: the explicit list, else min..max every ``step`` (no step: doubling from min).
-    ValueError, naming the flag, for a length below 2 tokens, min above max, or a step below 1."""
-    if lengths:
-        out = sorted(set(int(x) for x in lengths))
-        if out[0] < 2:
-            raise ValueError(f"--lengths must be at least 2 tokens each (one to predict from, one to score); "
-                             f"got {out[0]}")
-    elif min_length is not None and max_length is not None:
-        for flag, n in (("--min-length", min_length), ("--max-length", max_length)):
-            if n < 2:  # checked first: doubling from 0 or a negative length never ends
-                raise ValueError(f"{flag} must be at least 2 tokens (one to predict from, one to score); got {n}")
-        if min_length > max_length:
-            raise ValueError(f"--min-length {min_length} is above --max-length {max_length}")
-        if step is not None and step < 1:
-            raise ValueError(f"--length-step must be at least 1 token (or leave it out to double); got {step}")
-        out, n = [], min_length
-        while n <= max_length:
-            out.append(n)
-            n = n + step if step else n * 2
-        if not step and out[-1] != max_length:
-            out.append(max_length)
-    else:
-        raise ValueError("give the lengths to evaluate: a list, or a min and max length (and a step)")
-    return out
-
-
-def check_lengths(lengths: Iterable[int], config, *, allow_extrapolation: bool = False,
-                  rope_theta: float | None = None) -> None:
-    """Raise a ValueError if a length is above the config's position limit (``models.position_limit``),
-    unless extrapolation is allowed or the RoPE base was changed by hand (``rope_theta``: limit unknown)."""
-
-    limit = position_limit(config)
-    longest = max(lengths)
-    if longest <= limit or allow_extrapolation or rope_theta is not None or limit <= 0:
-        return
-    raise ValueError(f"length {longest} is above the model's position limit of {limit} tokens (max_position_"
-                     f"embeddings, times the factor of a RoPE scaling): evaluate at most {limit} tokens, extend the "
-                     "RoPE (--rope-scaling yarn:factor=N, or --rope-theta), or pass --allow-extrapolation to "
-                     "measure the model beyond its training length on purpose (e.g. a 'before extension' run)")
-
-
-def eval_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The model dtype for ``name``; "auto": bfloat16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int >= ``low``; argparse reports anything else as a usage error naming the flag."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
-        return value
-
-    parse.__name__ = "integer"  # what argparse calls a value it cannot convert
-    return parse
-
-
-def add_eval_model_args(parser) -> None:
-    """The flags both evals share: sequence-parallel backend, dtype, RoPE overrides, position-limit escape."""
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="zigzag_ring")
-    parser.add_argument("--ulysses-degree", type=int_at_least(1),
-                        help="usp backend: Ulysses degree (default: all processes)")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32")
-    parser.add_argument("--rope-theta", type=float, help="override RoPE theta (disables the position-limit check)")
-    parser.add_argument("--rope-scaling", help="e.g. yarn:factor=8 (raises the position limit by the factor)")
-    parser.add_argument("--allow-extrapolation", action="store_true",
-                        help="allow lengths above the model's position limit (max_position_embeddings x RoPE "
-                             "scaling factor), e.g. to show a model before extension beyond its training length")
-
-
-def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | None = "zigzag_ring",
-                    dtype: torch.dtype = torch.float32, rope_theta: float | None = None,
-                    rope_scaling: str | dict | None = None, ulysses_degree: int | None = None):
-    """A causal LM in eval mode on ``device`` whose attention runs ``backend`` over all launched processes
-    (None: plain sdpa, for generation). With world > 1 the plumbing is first proven exact on a 2-layer random
-    probe of the same config (``self_check_config``), before the weights load. Not on the trained model itself:
-    in bf16, a trained model's sharpened attention drifts from sdpa's by more than the half-precision tolerance
-    with nothing wrong (5e-2 relative on the 8-layer proof model, whose logits still agreed to 1.2e-2)."""
-
-    _, world = rank_and_size(None)
-    group = None
-    if backend == "usp":
-
-        ulysses = ulysses_degree or world
-        if world % ulysses:
-            raise ValueError(f"--ulysses-degree {ulysses} must divide the number of processes {world}")
-        group = new_usp_group(ulysses_degree=ulysses, ring_degree=world // ulysses)
-    config = load_config(name_or_path, rope_theta=rope_theta, rope_scaling=rope_scaling)
-    if backend is not None and world > 1:
-        self_check_config(config, backend, group=group, device=device)
-    with device:  # transformers loads the weights straight onto the device
-        model = load_model(name_or_path, dtype=dtype, config=config)
-    model.to(device).eval()
-    if backend is not None:
-        apply_seq_parallel_monkey_patch(backend, model, group)
-    return model
-
-
-def sp_shard(model, input_ids: Tensor, labels: Tensor | None = None, pad_id: int = 0) -> SeqParallelInputs:
-    """This rank's shard of ONE sequence (input_ids [S], labels [S] HF-style or None) for ``model``'s
-    sequence-parallel attention (unpatched model: the whole sequence), padded at the END to the multiple
-    the layout needs. Padding is causal-safe: no real position attends to it, and its labels are ignored."""
-    device = next(model.parameters()).device
-    reg = registered_backend(model)
-    if reg is None:  # unpatched: one contiguous piece
-        layout, world = "contiguous", 1
-    else:
-        layout, world = group_layout(reg.backend.layout, reg.group), group_rank_size(reg.group)[1]
-    pad = -input_ids.numel() % num_chunks(layout, world)
-    ids = torch.cat([input_ids.long(), input_ids.new_full((pad,), pad_id).long()])[None].to(device)
-    if labels is not None:
-        labels = torch.cat([labels.long(), labels.new_full((pad,), -100).long()])[None].to(device)
-    if reg is None:
-        return prepare_seq_parallel_inputs("ring", ids, labels, rank=0, world=1)
-    return prepare_seq_parallel_inputs(reg.backend.name, ids, labels, group=reg.group)
-
-
-# ---- perplexity ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Window:
@@ -255,7 +117,8 @@ def evaluate_perplexity(model, docs: list[list[int]], lengths: list[int], *, pro
             doc = doc[:cut]
             for w in windows(len(doc), length, protocol, stride, bos=bos):
                 s, n = sequence_nll(model, *window_tensors(doc, w, bos_id))
-                nll, tokens = nll + s, tokens + n
+                nll += s
+                tokens += n
             if progress is not None:
                 progress(1)
         out.append(PerplexityResult(length, len(docs), tokens, nll))
@@ -285,62 +148,27 @@ def describe_protocol(protocol: str, stride: int | None, *, bos: bool, source: s
 def write_perplexity_csv(path: str, rows: list[dict], header: str) -> str:
     """Write ``rows`` (model, protocol, stride, length, documents, tokens, nll, perplexity) as CSV under a
     ``# header`` comment line (read with pandas ``read_csv(path, comment="#")``); atomic; returns path."""
-    import csv
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cols = ["model", "protocol", "stride", "length", "documents", "tokens", "nll", "perplexity"]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(f"# {header}\n")
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in cols})
-    os.replace(tmp, path)
-    return path
+    return write_csv(path, rows, CSV_COLUMNS, header=header)
 
 
-def settings_diff(old: dict, new: dict) -> str:
-    """"key: old there, new now" for every key whose value differs between two settings dicts."""
-    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
-                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temporary file, then os.replace), creating the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
-class PerplexityResults:
+class PerplexityResults(ResultsFile):
     """A sweep's results: the CSV at ``csv_path`` and, beside it (.json), its settings and one row per (model,
     length), rewritten after every result. Reopening with the same settings resumes (``has``); other settings,
     or a CSV without its .json (an older eval_ppl.py's), raise instead of mixing or overwriting results."""
 
     def __init__(self, csv_path: str, settings: dict):
-        self.csv_path, self.path = csv_path, os.path.splitext(csv_path)[0] + ".json"
-        if self.path == csv_path:
+        path = os.path.splitext(csv_path)[0] + ".json"
+        if path == csv_path:
             raise ValueError(f"--output {csv_path!r} is where the CSV goes (the .json beside it holds the results): "
                              "give a .csv path, e.g. results/ppl.csv")
-        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
-        self.records: list[dict] = []
-        self.header = ""
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                data = json.load(f)
-            old = data.get("settings", {})
-            if old != self.settings:
-                diff = settings_diff(old, self.settings)
-                raise ValueError(f"{self.path} holds results of different settings ({diff}); give another "
-                                 f"--output, or delete {self.path} and {csv_path} to start over")
-            self.records, self.header = data.get("rows", []), data.get("header", "")
-        elif os.path.exists(csv_path):
-            raise ValueError(f"{csv_path} exists but {self.path}, the results it is made from, does not (an older "
+        if os.path.exists(csv_path) and not os.path.exists(path):
+            raise ValueError(f"{csv_path} exists but {path}, the results it is made from, does not (an older "
                              "eval_ppl.py or another program wrote it): give another --output, or delete "
                              f"{csv_path} to start over")
+        super().__init__(path, settings, key="rows",
+                         remedy=f"give another --output, or delete {path} and {csv_path} to start over")
+        self.csv_path = csv_path
+        self.header: str = self.saved.get("header", "")
 
     def has(self, model: str, length: int) -> bool:
         return any(r["model"] == model and int(r["length"]) == int(length) for r in self.records)
@@ -355,59 +183,9 @@ class PerplexityResults:
         under ``header`` (``describe_protocol``); rewrite the .json, then the CSV, atomically."""
         self.records.append(row)
         self.header = header
-        write_json(self.path, {"settings": self.settings, "header": header, "rows": self.records})
+        self.save(header=header)
         self.write_csv()
 
     def write_csv(self) -> str:
         """Every row (``rows``) as the CSV under the header (``write_perplexity_csv``); returns its path."""
         return write_perplexity_csv(self.csv_path, self.rows(), self.header)
-
-
-# ---- documents ----------------------------------------------------------------------------------------------
-
-def text_dir_rows(path: str) -> Iterator[dict]:
-    """One row {"text": ...} per .txt file of ``path``, sorted by name; ValueError when there are none."""
-    if not os.path.isdir(path):
-        raise ValueError(f"text directory {path!r} does not exist")
-    files = sorted(glob.glob(os.path.join(path, "*.txt")))
-    if not files:
-        raise ValueError(f"text directory {path!r} has no .txt files")
-    for name in files:
-        with open(name, encoding="utf-8") as f:
-            yield {"text": f.read()}
-
-
-def dataset_rows(spec: str, *, subset: str | None = None, split: str = "test") -> Iterable[dict]:
-    """Rows of a dataset: a ``save_to_disk`` folder, a .jsonl/.json/.parquet file, or a hub name (streamed)."""
-
-    return load_raw(spec, split, subset=subset, streaming=not os.path.exists(spec))
-
-
-def collect_documents(rows: Iterable[dict], tokenizer, *, min_tokens: int, feature: str | None = None,
-                      samples: int | None = None) -> tuple[list[list[int]], int]:
-    """(documents, number skipped): token ids without a leading BOS of rows with at least ``min_tokens``,
-    the first ``samples`` of them. A row gives pre-tokenized ``input_ids`` or text in ``feature`` (default:
-    input_ids if present, else "text"). ValueError if no document is long enough."""
-    docs, skipped = [], 0
-    bos = tokenizer.bos_token_id
-    for row in rows:
-        column = feature or ("input_ids" if "input_ids" in row else "text")
-        if column not in row:
-            raise ValueError(f"the dataset has columns {sorted(row)}: name the text column with --feature")
-        value = row[column]
-        if isinstance(value, str):
-            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-        else:
-            ids = [int(x) for x in value]
-            if ids and bos is not None and ids[0] == bos:
-                ids = ids[1:]  # every window gets its own BOS
-        if len(ids) < min_tokens:
-            skipped += 1
-            continue
-        docs.append(ids)
-        if samples is not None and len(docs) >= samples:
-            break
-    if not docs:
-        raise ValueError(f"no document has the {min_tokens} tokens the largest length needs ({skipped} were "
-                         "shorter): use shorter lengths or longer documents")
-    return docs, skipped

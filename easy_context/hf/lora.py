@@ -2,7 +2,7 @@
 trainable input/output embeddings and every normalization layer, via peft; and saving it.
 
 ``apply_lora_plus`` injects peft LoRA layers into the model in place (``peft.inject_adapter_in_model``), so
-it stays a plain transformers model and ``hf.causal_lm_loss``, ``self_check`` and the attention backends
+it stays a plain transformers model and ``causal_lm_loss``, ``self_check`` and the attention backends
 work on it unchanged. LongLoRA's ablation (Llama-2-7B at 32K, PG19 ppl): LoRA 11.44, + embed + norm 8.12,
 full fine-tuning 8.08.
 
@@ -87,7 +87,7 @@ def _lora_layers(model, adapter_name: str) -> dict[str, object]:
 
 def _align(sd: dict[str, Tensor], layers: dict[str, object], adapter_name: str) -> dict[str, Tensor]:
     """``sd`` with the prefix of a wrapper it was taken from (e.g. "module.", or "model." of
-    hf.CausalLMWithLoss) removed, so that its keys match the LoRA layers' names; ValueError if they cannot."""
+    causal_lm.CausalLMWithLoss) removed, so that its keys match the LoRA layers' names; ValueError if they cannot."""
     first = f"{next(iter(layers))}.lora_A.{adapter_name}.weight"
     if first not in sd:
         prefix = next((k[: -len(first)] for k in sd if k.endswith("." + first)), None)

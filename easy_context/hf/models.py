@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..world.tiny import build_tokenizer
+from ..world.default import build_tokenizer
 
 # Random-init shapes for benchmarks (no download): the published configs of these models.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -27,7 +27,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 }
 SHAPE_PREFIX = "shape:"
-TINY = "tiny"  # the built-in default world (tiny.py): its model is built in the output directory
+TINY = "tiny"  # the built-in default world (world/default.py): its model is built in the output directory
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..parallel.plan import ParallelPlan
-from .attention import apply_seq_parallel_monkey_patch
+from .attention import use_sequence_parallel_attention
 from .s2attn import apply_s2attn
 
 
@@ -11,11 +11,11 @@ def apply_plan(model, plan: ParallelPlan, *, position_jumps: bool = False):
     """Make ``model`` run ``plan``'s attention; returns it. A data-parallel plan keeps the model's own attention,
     except with ``position_jumps`` (PoSE): sdpa would read jumping positions as packed documents, so the
     exact ring backend then runs on the one-rank group."""
-    name = plan.backend.name
-    if name == "s2attn":
+    backend = plan.backend
+    if not backend.exact:  # S²-Attn: sparse shifted groups in training, exact attention in eval mode
         return apply_s2attn(model, group=plan.groups.sp_group, kernel=plan.kernel)
-    if not plan.backend.sequence_parallel:
-        if not position_jumps:
-            return model
-        return apply_seq_parallel_monkey_patch("ring", model, group=plan.groups.sp_group, kernel=plan.kernel)
-    return apply_seq_parallel_monkey_patch(plan.backend, model, group=plan.attention_group, kernel=plan.kernel)
+    if backend.sequence_parallel:
+        return use_sequence_parallel_attention(backend, model, group=plan.attention_group, kernel=plan.kernel)
+    if not position_jumps:
+        return model
+    return use_sequence_parallel_attention("ring", model, group=plan.groups.sp_group, kernel=plan.kernel)

@@ -9,7 +9,7 @@ import torch
 from ..attention.registry import Backend
 from ..attention.ring import ring_attention
 from ..attention.s2attn import DEFAULT_RATIO, LAYOUT, NAME, resolve_group_size, s2_attention
-from .attention import register_attention
+from .attention import register_attention, set_attention_implementation
 
 
 def register_s2attn(group_size: int | None = None, *, ratio: float = DEFAULT_RATIO, group=None, kernel=None,
@@ -19,7 +19,8 @@ def register_s2attn(group_size: int | None = None, *, ratio: float = DEFAULT_RAT
     Modules in training mode run S²-Attn, modules in eval mode exact full causal attention (the ring
     backend over the same ``group``: local when there is none), so ``model.eval()`` is all evaluation needs.
     No mask is built, and what the backends cannot honour (padding, dropout, KV cache, ...) raises, as in
-    ``hf.register_attention``. Shard SP inputs in the contiguous layout: ``prepare_seq_parallel_inputs("ring", ...)``.
+    ``attention.register_attention``. Shard SP inputs in the contiguous layout:
+    ``prepare_seq_parallel_inputs("ring", ...)``.
     """
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -46,8 +47,5 @@ def apply_s2attn(model, group_size: int | None = None, *, ratio: float = DEFAULT
                  check: bool = True):
     """Register S²-Attn (``register_s2attn``) and make ``model`` use it; returns the model."""
     name = register_s2attn(group_size, ratio=ratio, group=group, kernel=kernel, check=check)
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
-                         "AttentionInterface, so S²-Attn cannot be put into it")
+    set_attention_implementation(model, name, "S²-Attn")
     return model

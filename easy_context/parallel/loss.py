@@ -24,19 +24,17 @@ import torch
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
+from ..attention.precision import accumulation_dtype
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK = 1024
 REDUCTIONS = ("sum", "mean", "none")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor | None]:
     """float32 (float64 for float64 inputs) logits of one chunk, and tanh(raw / softcap) when soft-capped."""
-    z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).to(_acc_dtype(weight.dtype))
+    z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+    z = z.to(accumulation_dtype(weight.dtype))
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -48,7 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
-        losses = torch.zeros(hidden.shape[0], dtype=_acc_dtype(weight.dtype), device=hidden.device)
+        losses = torch.zeros(hidden.shape[0], dtype=accumulation_dtype(weight.dtype), device=hidden.device)
         for a in range(0, hidden.shape[0], chunk_size):
             z, _ = _logits(hidden[a:a + chunk_size], weight, bias, softcap)
             y = labels[a:a + chunk_size]
@@ -66,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if need_h else None
         # float32 accumulators: a bf16 running sum over many chunks would lose low-order bits.
-        acc = _acc_dtype(weight.dtype)
+        acc = accumulation_dtype(weight.dtype)
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for a in range(0, hidden.shape[0], chunk_size):

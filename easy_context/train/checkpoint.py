@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..hf.lora import save_lora_model
-from .launch import main_decides
+from .distributed import main_decides
+from .run_log import log_path
 
 STATE = "trainer_state.json"
 MANIFEST = "sha256_manifest.json"
@@ -147,7 +148,7 @@ def _resume_point(output_dir: str, resume: bool, resume_from: str | None) -> str
                              "--output-dir")
         return None
     if not found:
-        log = os.path.join(output_dir, "log.jsonl")
+        log = log_path(output_dir)
         if os.path.exists(log) and os.path.getsize(log):  # a run trained here: starting over would replace it
             raise SystemExit(f"--resume: {output_dir} holds a run ({log}) but no complete checkpoint to resume from "
                              "(a run writes them with --checkpoint-every N, and when SIGINT or SIGTERM stops it); "
@@ -271,28 +272,3 @@ def save_model(accelerator, model, tokenizer, output_dir: str, prefix: str = "mo
             os.replace(tmp, final)
     _barrier()
     return final
-
-
-def trim_log(path: str, step: int) -> None:
-    """Keep only the JSONL records of steps <= ``step`` (what a killed run logged past its checkpoint goes, and
-    a last line it left half written); ValueError naming the line for damage before the last line."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path} line {i + 1} is not a JSON record: repair or remove it") from None
-        if record["step"] <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Training data: fixed-length token rows from a pre-tokenized or raw-text dataset, split by data-parallel rank.
 
-Sources: "tiny" (the generated retrieval data of ``tiny.py``), a local ``save_to_disk`` folder, a .jsonl /
-.json / .parquet file (or a folder of them), or a hub dataset name. A dataset with an ``input_ids`` column
+Sources: "tiny" (the generated retrieval data of ``world/default.py``), a local ``save_to_disk`` folder, a
+.jsonl / .json / .parquet file (or a folder of them), or a hub dataset name. A dataset with an ``input_ids`` column
 is used as is (every row must hold at least ``seq_len`` tokens: EasyContext's pre-chunked format); one with
 a text column is tokenized with the model's tokenizer and packed into rows of exactly ``seq_len`` tokens
 (documents joined with EOS, the remainder dropped).
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..world.tiny import RetrievalDataset
+from ..world.default import RetrievalDataset
 
 IDS = "input_ids"
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -144,9 +144,8 @@ def check_rows(ds, seq_len: int, vocab_size: int | None = None, *, source: str =
 
 
 def _tiny_data(source: str, tokenizer, seq_len: int, seed: int):
-    """The generated retrieval data of ``tiny.py``: "tiny" (loss on every token), "tiny:answers" (on the
-    answers only) or "tiny:answers+F" (the answers and a random fraction F of the other tokens)."""
-
+    """The generated retrieval data of ``world/default.py``: "tiny" (loss on every token), "tiny:answers" (on
+    the answers only) or "tiny:answers+F" (the answers and a random fraction F of the other tokens)."""
     if source == "tiny":
         return RetrievalDataset(tokenizer, seq_len, seed=seed)
     fraction = source[len("tiny:answers"):]

@@ -8,7 +8,7 @@ content offsets v_i "matter little"); rope scaling for T is configured separatel
 
 Feeding the ids: they jump, which transformers' sdpa/eager masks read as packed documents (no attention
 across the jump) when no attention_mask is given. Either run an easy_context attention (no mask is built;
-shard with ``prepare_seq_parallel_inputs(..., allow_position_skips=True)``), or pass an all-ones
+shard with ``plan.shard_inputs(..., allow_position_skips=True)``), or pass an all-ones
 ``attention_mask`` with sdpa.
 """
 
@@ -34,3 +34,11 @@ def pose_position_ids(seq_len: int, target_len: int, num_chunks: int = 2, *,
         skips.append(int(torch.randint(skips[-1], room + 1, (1,), generator=generator)))
     offsets = torch.tensor(skips).repeat_interleave(lengths)
     return (torch.arange(seq_len) + offsets).to(device)
+
+
+def pose_batch_position_ids(batch: int, seq_len: int, target_len: int, *, seed: int, device=None) -> Tensor:
+    """LongTensor [batch, seq_len]: ``pose_position_ids`` for each row, all drawn from ``seed`` (every rank of
+    a sequence-parallel group must pass the same seed: they shard one batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [pose_position_ids(seq_len, target_len, generator=generator) for _ in range(batch)]
+    return torch.stack(rows).to(device)

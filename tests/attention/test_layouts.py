@@ -96,5 +96,5 @@ def test_backend_layouts():
     assert backend_layout("ulysses") == backend_layout("dist_flash") == backend_layout("ring") == "contiguous"
     assert backend_layout("zigzag_ring") == "zigzag"
     assert {"ulysses", "usp", "dist_flash"} <= set(BACKENDS)
-    with pytest.raises(ValueError, match="unknown sequence-parallel backend"):
+    with pytest.raises(ValueError, match="unknown attention backend"):
         backend_layout("nope")

@@ -35,8 +35,8 @@ def test_matches_full_attention_cpu(world, seed):
 
 
 def _head_group_worker(rank, world, seed):
-    from easy_context.attention import kernels
-    kernels.MAX_CALL_ELEMENTS = 1  # every ring runs once per kv head (the 1M-token configuration, in small)
+    from easy_context.attention import head_groups
+    head_groups.MAX_CALL_ELEMENTS = 1  # every ring runs once per kv head (the 1M-token configuration, in small)
     for i, ((layout, attn), bshd, (h, hkv, d)) in enumerate(itertools.product(BACKENDS.items(), (False, True),
                                                                                 SHAPES)):
         check_against_full(attn, rank, world, layout, causal=True, heads=h, kv_heads=hkv, head_dim=d, chunk=4,
@@ -134,7 +134,7 @@ def test_single_process_without_distributed_is_plain_attention(seed):
 
 
 def _gpu_worker(rank, world, seed, results):
-    from easy_context.attention import kernels
+    from easy_context.attention import head_groups, kernels
     probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
     tol = {"out": 2e-2, "lse": 1e-3, "dq": 3e-2, "dk": 3e-2, "dv": 3e-2}
     failures = []
@@ -143,7 +143,7 @@ def _gpu_worker(rank, world, seed, results):
     for kernel in [k for k in kernels.available_kernels(probe, probe) if k != "reference"]:
         for (layout, attn), causal, (h, hkv, d, bshd, max_call) in itertools.product(
                 BACKENDS.items(), (True, False), cases):
-            kernels.MAX_CALL_ELEMENTS = max_call or 2 ** 28
+            head_groups.MAX_CALL_ELEMENTS = max_call or 2 ** 28
             try:
                 errs = check_against_full(attn, rank, world, layout, causal=causal, heads=h, kv_heads=hkv,
                                           head_dim=d, chunk=512, batch=1, dtype=torch.bfloat16, device="cuda",

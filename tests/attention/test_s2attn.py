@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers.distributed import run_distributed
-from easy_context.hf.attention import causal_lm_loss, self_check
+from easy_context.hf.causal_lm import causal_lm_loss
+from easy_context.hf.self_check import self_check
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.attention.layouts import shard
 from easy_context.attention.s2attn import s2_attention

@@ -1,4 +1,4 @@
-"""eval_needle.py and eval_ppl.py run end to end as subprocesses on a tiny world (tiny.build_world) with 1
+"""eval_needle.py and eval_ppl.py run end to end as subprocesses on a tiny world (build_default_world) with 1
 process and with 2 (torchrun, gloo on CPU): they write their files, the PNGs open as images, the 2-process
 scores equal the 1-process ones, a rerun scores only the missing cells, and a bad length exits clearly."""
 
@@ -22,10 +22,10 @@ def world(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from easy_context.hf.models import load_tokenizer
-    from easy_context.world.tiny import build_world, save_documents
+    from easy_context.world.default import build_default_world, save_documents
 
     d = tmp_path_factory.mktemp("eval")
-    build_world(str(d / "world"))
+    build_default_world(str(d / "world"))
     shutil.copytree(d / "world", d / "world_b")  # a second model: same tokenizer, other random weights
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d / "world")).save_pretrained(d / "world_b")

@@ -13,11 +13,11 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from easy_context.world import haystack
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch
+from easy_context import apply_seq_parallel_monkey_patch
 from easy_context.eval.needle import (TEMPLATES, NeedleResults, NeedleTask, answer_predictions, depth_sweep, digits_right,
                                  haystack_tokens, read_haystack_dir, score)
-from easy_context.eval.perplexity import check_lengths
-from easy_context.world.tiny import build_tokenizer, tiny_config
+from easy_context.eval.lengths import check_lengths
+from easy_context.world.default import build_tokenizer, tiny_config
 from tests.helpers.memory import LargestAllocation
 from tests.helpers.tiny_models import tiny_model
 

@@ -1,44 +1,24 @@
 """Perplexity: the windows of both protocols score what they claim, the NLL equals Hugging Face's loss,
-sequence-parallel NLL and perplexity equal single-process ones, documents load from every source, and
-bad input (lengths above the position limit, bad strides, no long-enough document) raises."""
+sequence-parallel NLL and perplexity equal single-process ones, bad strides raise, the CSV states the protocol,
+and the results store resumes a sweep and refuses other settings."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import pytest
 import torch
 
+from easy_context import apply_seq_parallel_monkey_patch
+from easy_context.eval.perplexity import (PerplexityResult, PerplexityResults, check_protocol, describe_protocol,
+                                          evaluate_perplexity, sequence_nll, window_tensors, windows,
+                                          write_perplexity_csv)
 from tests.helpers.distributed import run_distributed
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch
-from easy_context.eval.perplexity import (PerplexityResult, check_lengths, check_protocol, collect_documents,
-                                     dataset_rows, describe_protocol, evaluate_perplexity, length_sweep,
-                                     sequence_nll, text_dir_rows, window_tensors, windows, write_perplexity_csv)
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import tiny_model
 
 BACKENDS_P2 = ("zigzag_ring", "ring", "ulysses", "dist_flash")
-
-
-class _Tok:
-    """The tokenizer surface collect_documents uses: one id per character, BOS 1."""
-
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [2 + ord(c) % 100 for c in text]}
-
-
-def test_length_sweep():
-    assert length_sweep([512, 256, 512]) == [256, 512]
-    assert length_sweep(None, 100, 400, 100) == [100, 200, 300, 400]
-    assert length_sweep(None, 256, 1000) == [256, 512, 1000]  # doubling, the max always included
-    for args, match in [((None, 10, 5), "above"), ((None, 10, 20, 0), "step"), ((None,), "lengths"),
-                        (([1],), "at least 2")]:
-        with pytest.raises(ValueError, match=match):
-            length_sweep(*args)
 
 
 @pytest.mark.parametrize("bos", [True, False])
@@ -70,21 +50,6 @@ def test_bad_protocol_arguments_raise():
     with pytest.raises(ValueError, match="too short"):
         windows(100, 256, "truncate")
     check_protocol([256, 512], "truncate", None)
-
-
-def test_position_limit():
-    config = tiny_model("llama", 0).config  # max_position_embeddings 1024
-    check_lengths([512, 1024], config)
-    with pytest.raises(ValueError, match="position limit of 1024.*--allow-extrapolation"):
-        check_lengths([512, 2048], config)
-    check_lengths([2048], config, allow_extrapolation=True)
-    check_lengths([2048], config, rope_theta=1e6)  # a new RoPE base: the limit is the user's call
-    from easy_context.hf.models import apply_rope
-
-    apply_rope(config, rope_scaling="linear:factor=4")
-    check_lengths([4096], config)
-    with pytest.raises(ValueError, match="4096"):
-        check_lengths([8192], config)
 
 
 def test_nll_equals_hf_loss(seed):
@@ -138,35 +103,6 @@ def test_sequence_parallel_nll_equals_single_process(seed):
     run_distributed(_sp_worker, 2, seed)
 
 
-def test_documents_from_every_source(tmp_path):
-    from datasets import Dataset
-
-    tok = _Tok()
-    rows = [{"text": "x" * 50}, {"text": "y" * 10}, {"text": "z" * 60}, {"text": "w" * 70}]
-    with open(tmp_path / "d.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    docs, skipped = collect_documents(dataset_rows(str(tmp_path / "d.jsonl")), tok, min_tokens=40, samples=2)
-    assert [len(d) for d in docs] == [50, 60] and skipped == 1  # the 4th is never read
-    Dataset.from_dict({"input_ids": [[1] + list(range(5, 50)), [1, 5, 6]]}).save_to_disk(str(tmp_path / "tok"))
-    docs, skipped = collect_documents(dataset_rows(str(tmp_path / "tok")), tok, min_tokens=40)
-    assert docs == [list(range(5, 50))] and skipped == 1  # the leading BOS is dropped: each window adds one
-    Dataset.from_dict({"body": ["a" * 45]}).to_parquet(str(tmp_path / "p.parquet"))
-    with pytest.raises(ValueError, match="--feature"):
-        collect_documents(dataset_rows(str(tmp_path / "p.parquet")), tok, min_tokens=40)
-    docs, _ = collect_documents(dataset_rows(str(tmp_path / "p.parquet")), tok, min_tokens=40, feature="body")
-    assert len(docs[0]) == 45
-    (tmp_path / "txt").mkdir()
-    (tmp_path / "txt" / "b.txt").write_text("b" * 41)
-    (tmp_path / "txt" / "a.txt").write_text("a" * 42)
-    docs, _ = collect_documents(text_dir_rows(str(tmp_path / "txt")), tok, min_tokens=40)
-    assert [len(d) for d in docs] == [42, 41]  # name order
-    with pytest.raises(ValueError, match="no document has the 100 tokens"):
-        collect_documents(text_dir_rows(str(tmp_path / "txt")), tok, min_tokens=100)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .txt files"):
-        list(text_dir_rows(str(tmp_path / "empty")))
-
-
 def test_csv_states_the_protocol(tmp_path):
     import pandas as pd
 
@@ -181,34 +117,7 @@ def test_csv_states_the_protocol(tmp_path):
     assert df.perplexity[0] == pytest.approx(math.exp(0.5))
 
 
-@pytest.mark.parametrize("args, match", [
-    ((None, 0, 512), "--min-length must be at least 2"),
-    ((None, -4, 512), "--min-length must be at least 2"),
-    ((None, 0, 512, 64), "--min-length must be at least 2"),
-    ((None, 256, 0), "--max-length must be at least 2"),
-    ((None, 256, 512, -64), "--length-step must be at least 1"),
-    ((None, 256, None), "give the lengths"),
-    (([256, 0],), "--lengths must be at least 2"),
-])
-def test_length_sweep_refuses_lengths_that_never_end_or_make_no_sense(args, match):
-    import signal
-
-    def hang(*_):  # today's doubling from 0 (or from a negative length) never ends
-        raise TimeoutError("length_sweep did not return")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(5)
-    try:
-        with pytest.raises(ValueError, match=match):
-            length_sweep(*args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_results_resume_and_refuse_other_settings(tmp_path):
-    from easy_context.eval.perplexity import PerplexityResults
-
     csv_path = str(tmp_path / "out" / "ppl.csv")
     settings = dict(protocol="truncate", stride=None, source="docs", samples=2, max_length=512)
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from easy_context.train.launch import finish
+from easy_context.train.distributed import finish
 
 
 def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float, args: tuple) -> None:

@@ -39,7 +39,7 @@ def pose_training_losses(model, ids: torch.Tensor, labels: torch.Tensor, target:
                          steps: int = 5, lr: float = 1e-2) -> list[float]:
     """Losses of ``steps`` AdamW steps of ``model`` (its trainable parameters) on one batch, with PoSE position
     ids over ``target`` resampled every step (1 process, ring layout)."""
-    from easy_context.hf.attention import causal_lm_loss
+    from easy_context.hf.causal_lm import causal_lm_loss
     from easy_context.parallel.inputs import prepare_seq_parallel_inputs
     from easy_context.train.pose import pose_position_ids
 

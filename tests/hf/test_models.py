@@ -36,18 +36,18 @@ def test_rope_scaling_errors_and_shape_overrides():
 
 
 def test_saved_model_loads_with_new_theta(tmp_path):
-    from easy_context.world import tiny
+    from easy_context.world import default
 
-    path = tiny.build_world(str(tmp_path / "w"))
+    path = default.build_default_world(str(tmp_path / "w"))
     model = models.load_model(path, dtype=torch.float32, rope_theta=1e6)
     assert model.config.rope_parameters["rope_theta"] == 1e6
     assert models.load_tokenizer(path).eos_token == "</s>"
 
 
 def test_tiny_tokenizer_by_name_is_the_one_saved_with_the_tiny_world(tmp_path):
-    from easy_context.world import tiny
+    from easy_context.world import default
 
-    saved = models.load_tokenizer(tiny.build_world(str(tmp_path / "w")))
+    saved = models.load_tokenizer(default.build_default_world(str(tmp_path / "w")))
     built = models.load_tokenizer(models.TINY)
     text = "The special magic Singapore number is 4072913."
     assert built(text).input_ids == saved(text).input_ids and built.pad_token == saved.pad_token
@@ -110,9 +110,9 @@ def test_broken_weight_files_are_named_before_any_weights_load(tmp_path, damage)
     import json
     import os
 
-    from easy_context.world import tiny
+    from easy_context.world import default
 
-    path = tiny.build_world(str(tmp_path / "w"))
+    path = default.build_default_world(str(tmp_path / "w"))
     weights = os.path.join(path, "model.safetensors")
     if damage == "empty":
         open(weights, "w").close()

@@ -8,7 +8,8 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from easy_context.parallel.groups import init_groups
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss
+from easy_context.hf.attention import apply_seq_parallel_monkey_patch
+from easy_context.hf.causal_lm import causal_lm_loss
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.memory.keep import keep_attention_outputs
 from easy_context.attention.kernels import CPUFlashKernel

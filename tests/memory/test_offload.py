@@ -14,7 +14,8 @@ import torch
 
 from tests.helpers import zero3
 from tests.helpers.distributed import run_distributed
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss
+from easy_context.hf.attention import apply_seq_parallel_monkey_patch
+from easy_context.hf.causal_lm import causal_lm_loss
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.memory.offload import (OffloadedCheckpoint, _Offloaded, check_host_memory, check_layer_counts,
                                   enable_offloaded_checkpointing, pinned_bytes, setup_checkpointing, skip_checkpointing)

@@ -14,7 +14,8 @@ import torch
 
 from tests.helpers import zero3
 from tests.helpers.distributed import run_distributed
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch, causal_lm_loss
+from easy_context.hf.attention import apply_seq_parallel_monkey_patch
+from easy_context.hf.causal_lm import causal_lm_loss
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.memory.tiled_mlp import apply_tiled_mlp
 from tests.helpers.reference import rel_err

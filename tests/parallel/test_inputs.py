@@ -61,7 +61,7 @@ def test_bad_inputs_raise_before_work():
         prepare_seq_parallel_inputs("ring", ids, rank=2, world=2)
     with pytest.raises(ValueError, match="both rank and world"):
         prepare_seq_parallel_inputs("ring", ids, rank=0)
-    with pytest.raises(ValueError, match="unknown sequence-parallel backend"):
+    with pytest.raises(ValueError, match="unknown attention backend"):
         prepare_seq_parallel_inputs("rign", ids)
 
 

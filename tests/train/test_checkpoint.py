@@ -1,4 +1,4 @@
-"""checkpoint.py: only complete checkpoints are ever resumed from; logs are cut back to the checkpoint."""
+"""checkpoint.py: only complete checkpoints are ever resumed from."""
 
 from __future__ import annotations
 
@@ -24,27 +24,6 @@ def test_newest_complete_checkpoint_wins_and_partial_ones_are_ignored(tmp_path):
     make(tmp_path, "step_20", complete=False)      # renamed but without its trainer state: never used
     assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path))] == [2, 10]
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_10")
-
-
-def test_trim_log_drops_records_after_the_resumed_step(tmp_path):
-    path = tmp_path / "log.jsonl"
-    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
-    checkpoint.trim_log(str(path), 4)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
-    checkpoint.trim_log(str(tmp_path / "missing.jsonl"), 4)  # nothing to trim: no error
-
-
-def test_trim_log_drops_a_partial_last_line_left_by_a_kill(tmp_path):
-    path = tmp_path / "log.jsonl"
-    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    checkpoint.trim_log(str(path), 10)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
-    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 4)) + json.dumps({"step": 4}))
-    checkpoint.trim_log(str(path), 10)  # complete but for its newline: kept, and the next record starts a line
-    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 4
-    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damage inside the log is not a kill: say where
-    with pytest.raises(ValueError, match="line 2"):
-        checkpoint.trim_log(str(path), 10)
 
 
 def signed(root, step: int, files: dict[str, bytes] | None = None) -> str:

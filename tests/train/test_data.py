@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from easy_context.train import data
-from easy_context.world import tiny
+from easy_context.world import default
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny.build_tokenizer()
+    return default.build_tokenizer()
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 3])

@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from tests.helpers.distributed import run_distributed
 from easy_context.hf import attention as hf
-from easy_context.hf.attention import apply_seq_parallel_monkey_patch, self_check_config
+from easy_context.hf.attention import use_sequence_parallel_attention
+from easy_context.hf.self_check import self_check_config
 from tests.helpers.reference import rel_err
-from test_hf import TOL, _reference, _sp_loss
+from tests.hf.test_attention import TOL, _reference, _sp_loss
 from tests.helpers.tiny_models import batch, tiny_model
 
 ORIGINAL = 64  # the context the RoPE was made for; the sequences below are longer
@@ -93,6 +94,6 @@ def test_length_dependent_rope_that_cannot_follow_the_sequence_is_refused():
     model = tiny_model("llama", 0, **rope_overrides("dynamic"))
     model.model.rotary_emb = OwnDynamicRope()
     with pytest.raises(ValueError, match="dynamic_rope_update"):
-        apply_seq_parallel_monkey_patch("zigzag_ring", model)
+        use_sequence_parallel_attention("zigzag_ring", model)
     model = tiny_model("llama", 0, **rope_overrides("longrope"))
-    assert apply_seq_parallel_monkey_patch("zigzag_ring", model) is model  # transformers' own: followed
+    assert use_sequence_parallel_attention("zigzag_ring", model) is model  # transformers' own: followed

@@ -1,6 +1,7 @@
-"""Every backend inside real Hugging Face decoders: the sequence-parallel loss and every parameter gradient
-equal the single-process full-sequence ones; no [S, S] mask is ever built; zigzag position ids are not read
-as packed documents; unsupported features raise; the startup self-check catches a broken patch."""
+"""hf/attention.py: every backend inside real Hugging Face decoders. The sequence-parallel loss and every parameter
+gradient equal the single-process full-sequence ones; no [S, S] mask is ever built; zigzag position ids are not
+read as packed documents; unsupported features raise; a model whose attention cannot be set is refused; EasyContext's
+entry point is the same function under its old name."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import torch.distributed as dist
 from tests.helpers.distributed import run_distributed
 from easy_context.attention.registry import BACKENDS, Backend
 from easy_context.parallel.groups import init_groups, sp_process_group
-from easy_context.hf.attention import (apply_seq_parallel_monkey_patch, causal_lm_loss, implementation_name,
-                             register_all, register_attention, self_check)
-from easy_context.parallel.inputs import prepare_seq_parallel_inputs, shift_labels
-from easy_context.attention.kernels import get_kernel
+from easy_context.hf.attention import (apply_seq_parallel_monkey_patch, implementation_name, register_all,
+                                       register_attention, set_attention_implementation,
+                                       use_sequence_parallel_attention)
+from easy_context.hf.causal_lm import causal_lm_loss
+from easy_context.hf.s2attn import apply_s2attn
+from easy_context.hf.self_check import self_check
+from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.attention.layouts import position_ids
 from tests.helpers.memory import LargestAllocation
 from tests.helpers.reference import rel_err
@@ -50,7 +54,7 @@ def _sp_loss(backend: str, group, family: str, seed: int, ids, labels, checkpoin
     if checkpointing:  # EasyContext always trained this way: attention reruns (with its ring) in backward
         model.gradient_checkpointing_enable()
         model.train()
-    apply_seq_parallel_monkey_patch(backend, model, group)
+    use_sequence_parallel_attention(backend, model, group)
     inp = prepare_seq_parallel_inputs(backend, ids, labels, group=group)
     out = causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids, **loss_kwargs)
     out.loss.backward()
@@ -75,25 +79,13 @@ def _check_exact(world: int, seed: int, backends) -> None:
                 assert max(errs.values()) < 1e-4, errs
 
 
-def _local_only(q, k, v, *, causal=True, scale=None, group=None, kernel=None, return_lse=False, check=True):
-    # The EasyContext failure mode: each rank attends only to its own shard.
-    return get_kernel("cpu_flash").forward(q, k, v, causal, scale or q.shape[-1] ** -0.5)[0]
-
-
-def _check_self_check_catches_broken_patch(seed: int) -> None:
-    model = tiny_model("llama", seed)
-    apply_seq_parallel_monkey_patch(Backend("local_only", _local_only, "zigzag"), model)
-    with pytest.raises(RuntimeError, match="differs from full-sequence sdpa"):
-        self_check(model)
-
-
 def _check_no_square_tensor(world: int, seed: int, backends) -> None:
     seq = 512
     local = seq // world
     ids = torch.randint(128, (1, seq), generator=torch.Generator().manual_seed(seed))
     for backend, group in backends:
         model = tiny_model("llama", seed)
-        apply_seq_parallel_monkey_patch(backend, model, group)
+        use_sequence_parallel_attention(backend, model, group)
         inp = prepare_seq_parallel_inputs(backend, ids, ids, group=group)
         with LargestAllocation() as rec:
             causal_lm_loss(model, inp.input_ids, inp.target_ids, inp.position_ids, chunk_size=64).loss.backward()
@@ -118,7 +110,6 @@ def _worker(rank, world, seed):
     backends = _backends(world)
     _check_exact(world, seed, backends)
     if world == 2:
-        _check_self_check_catches_broken_patch(seed)
         _check_no_square_tensor(world, seed, backends)
     else:
         _check_dp_x_sp(world, seed)
@@ -200,42 +191,13 @@ def test_entry_point_names_and_registry():
     assert model.config._attn_implementation == "sdpa"
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)  # EasyContext's name
     assert model.config._attn_implementation == "easy_context_zigzag_ring"
-    with pytest.raises(ValueError, match="unknown sequence-parallel backend"):
+    with pytest.raises(ValueError, match="unknown attention backend"):
         apply_seq_parallel_monkey_patch("ring_attn_v2", model)
     assert register_all() == [implementation_name(n) for n in BACKENDS]
     # transformers treats any implementation name containing "flash" as a flash-attention kernel request
     assert "flash" not in implementation_name("dist_flash")
     apply_seq_parallel_monkey_patch(Backend("my_flash", BACKENDS["ring"].attention, "contiguous"), model)
     assert model.config._attn_implementation == "easy_context_my_fa"
-    with pytest.raises(ValueError, match="not an easy_context backend"):
-        self_check(tiny_model("llama", 0))
-
-
-@pytest.mark.parametrize("family, overrides", [
-    ("llama", {}), ("qwen2", {}),  # untied and tied output embeddings
-    ("gemma2", dict(final_logit_softcapping=5.0, attn_logit_softcapping=None, query_pre_attn_scalar=16,
-                    attn_implementation="eager")),  # Gemma2 has no sdpa path
-])
-def test_data_parallel_loss_equals_hf_loss(family, overrides, seed):
-    ids, labels = batch(seed, 2, SEQ)
-    ref_model, model = tiny_model(family, seed, **overrides), tiny_model(family, seed, **overrides)
-    ref = ref_model(input_ids=ids, labels=labels).loss
-    ref.backward()
-    out = causal_lm_loss(model, ids, shift_labels(labels), chunk_size=5)  # unpatched: plain local mean
-    out.loss.backward()
-    assert rel_err(out.value, ref) < 1e-6 and out.num_tokens == int((shift_labels(labels) != -100).sum())
-    for (n, p), r in zip(model.named_parameters(), ref_model.parameters()):
-        assert rel_err(p.grad, r.grad) < 1e-5, n
-
-
-def test_causal_lm_loss_rejects_unsupported_heads():
-    ids = torch.randint(128, (1, 8))
-    model = tiny_model("llama", 0)
-    model.config.logit_scale = 0.5
-    with pytest.raises(ValueError, match="logit_scale"):
-        causal_lm_loss(model, ids, ids)
-    with pytest.raises(ValueError, match="causal-LM model"):
-        causal_lm_loss(model.model, ids, ids)
 
 
 def test_autocast_hands_the_backend_one_dtype_as_sdpa_would():
@@ -256,3 +218,31 @@ def test_autocast_hands_the_backend_one_dtype_as_sdpa_would():
     assert rel_err(out, ref) < 1e-2
     model(input_ids=ids, position_ids=torch.arange(SEQ)[None])  # outside autocast: float32, untouched
     assert seen[-1] == (torch.float32,) * 3
+
+
+def test_easy_context_entry_point_is_the_same_function():
+    import easy_context
+
+    assert apply_seq_parallel_monkey_patch is use_sequence_parallel_attention
+    assert easy_context.apply_seq_parallel_monkey_patch is easy_context.use_sequence_parallel_attention
+    model = tiny_model("llama", 0)
+    assert apply_seq_parallel_monkey_patch("zigzag_ring_attn", model) is model
+    assert model.config._attn_implementation == "easy_context_zigzag_ring"
+
+
+def test_a_model_that_does_not_dispatch_through_the_attention_interface_is_refused():
+    import transformers
+
+    class OwnAttentionLlama(transformers.LlamaForCausalLM):
+        # what transformers concludes for a model whose attention layers call their own code
+        _can_set_attn_implementation_cached_value = False
+
+    model = OwnAttentionLlama(tiny_model("llama", 0).config)
+    name = register_attention("ring")
+    with pytest.raises(ValueError, match="does not dispatch attention through transformers. AttentionInterface"):
+        set_attention_implementation(model, name, "ring")
+    with pytest.raises(ValueError, match="'zigzag_ring' cannot be put into it"):
+        use_sequence_parallel_attention("zigzag_ring", model)
+    with pytest.raises(ValueError, match="S²-Attn cannot be put into it"):
+        apply_s2attn(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -157,7 +157,8 @@ def save_documents(path: str, tokenizer, count: int, length: int, seed: int = 12
     return path
 
 
-def build_world(path: str, *, preset: str = "tiny", max_position_embeddings: int = 2048, seed: int = 0) -> str:
+def build_default_world(path: str, *, preset: str = "tiny", max_position_embeddings: int = 2048,
+                        seed: int = 0) -> str:
     """Create (once) ``path`` holding the default model (random init from ``seed``) and tokenizer, loadable
     with ``from_pretrained``; returns ``path``. An existing complete world is reused, not rebuilt."""
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,213 @@
+"""train.py's configuration as data: ``TrainConfig`` holds every flag as a typed field with its default and help,
+``parse_config`` builds the command line from it and checks the values before any process group, file or weight.
+
+Flag ``--seq-length`` is field ``seq_length``. The checks refuse numbers that would run and mislead: a negative
+``--lr`` would run gradient ascent under DeepSpeed and exit 0, ``--rope-scaling linear:factor=0`` trains a NaN
+model, ``--sp-size 0`` silently means "all ranks". Each refusal names the flag and what to pass instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.registry import REGISTRY
+from ..hf import models
+from ..world.default import PRESETS
+from .schedule import SCHEDULES
+
+ALL_LAYERS = -1  # a layer-count flag given without its number (--offload-activations): every layer
+
+
+def _flag(default: typing.Any, help: str, **argparse_options: typing.Any) -> typing.Any:
+    """A field with its command-line help and extra ``argparse`` options (choices, nargs, const, metavar)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+def _default_data_workers() -> int:
+    return 2 if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every train.py flag (``--seq-length`` is ``seq_length``), with train.py's defaults."""
+
+    # --- model and data
+    model: str = _flag(models.TINY, "hub name, local path, shape:llama2-7b (random init) or tiny")
+    tiny_preset: str = _flag("tiny", "size of the built-in model", choices=list(PRESETS))
+    dataset: str = _flag("tiny", "hub name, save_to_disk folder, jsonl/parquet file, or tiny "
+                         "(tiny:answers: loss on the answers only; tiny:answers+0.05: and on 5% of the other "
+                         "tokens)")
+    text_column: str = _flag("text", "the dataset column holding raw text (a dataset with input_ids uses those)")
+    dataset_split: str = _flag("train", "the split of a hub dataset")
+    seq_length: int = _flag(1024, "tokens per training row")
+    # --- parallelism and attention
+    backend: str = _flag("zigzag_ring", "attention backend; s2attn: LongLoRA's shifted sparse attention "
+                         "(training only; contiguous shards)", choices=list(REGISTRY))
+    sp_size: int | None = _flag(None, "ranks per sequence-parallel group (default: all)")
+    ulysses_degree: int | None = _flag(None, "usp: Ulysses part of --sp-size (rest: ring)")
+    kernel: str | None = _flag(None, "attention kernel (default: fastest available)")
+    rope_theta: float | None = _flag(None, "new RoPE base; default: keep the model's")
+    rope_scaling: str | None = _flag(None, 'e.g. "yarn:factor=8" or a JSON object; default: keep')
+    # --- optimization
+    batch_size: int = _flag(1, "rows per data-parallel group per micro-step")
+    grad_accum: int = _flag(1, "micro-steps per optimizer step")
+    lr: float = _flag(2e-5, "peak learning rate")
+    warmup_steps: int = _flag(0, "optimizer steps of linear warmup")
+    schedule: str = _flag("constant", "learning rate after the warmup", choices=list(SCHEDULES))
+    min_lr_ratio: float = _flag(0.0, "final learning rate of a decaying schedule, as a fraction of --lr")
+    weight_decay: float = _flag(0.1, "AdamW weight decay")
+    max_grad_norm: float = _flag(1.0, "gradient clipping norm")
+    max_steps: int = _flag(100, "optimizer steps")
+    seed: int = _flag(42, "seed of the model init, data order and PoSE positions")
+    # --- output, checkpoints and resume
+    output_dir: str = _flag("output/default", "where the log, checkpoints and final model go (one run each)")
+    checkpoint_every: int = _flag(0, "save full training state every N steps (0: off)")
+    keep_checkpoints: int = _flag(2, "how many of the newest checkpoints to keep")
+    resume: bool = _flag(False, "continue from the newest complete checkpoint")
+    resume_from: str | None = _flag(None, "continue from this checkpoint: step_N or a path")
+    wandb: str | None = _flag(None, "also log to this Weights & Biases project (the log is always in "
+                              "OUTPUT_DIR/log.jsonl)")
+    # --- memory
+    no_gradient_checkpointing: int = _flag(0, "activation checkpointing off (N: off for the last N layers only: "
+                                           "speed for memory)", nargs="?", const=ALL_LAYERS, metavar="N")
+    keep_attention: bool = _flag(False, "keep each layer's attention output for the checkpoint recompute instead "
+                                 "of running attention again (speed for memory)")
+    fuse_pointwise: bool = _flag(False, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; same "
+                                 "math)")
+    loss_chunk: int = _flag(1024, "tokens per logits chunk of the loss")
+    tiled_mlp: int = _flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
+    offload_activations: int = _flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
+                                     "host memory", nargs="?", const=ALL_LAYERS, metavar="N")
+    # --- LoRA, PoSE
+    lora_rank: int = _flag(0, "LoRA+ (LongLoRA): LoRA on attention + trainable embeddings and norms "
+                           "(0: full fine-tuning)")
+    lora_alpha: float = _flag(16.0, "LoRA scale numerator (scale: alpha / rank)")
+    lora_keep_adapter: bool = _flag(False, "save the adapter instead of merging it")
+    pose_target: int | None = _flag(None, "PoSE: spread positions over this longer window")
+    # --- runs
+    no_save: bool = _flag(False, "skip the final model (benchmarks)")
+    time_limit: float | None = _flag(None, "minutes: stop after the step that passes it, then save")
+    data_workers: int = field(default_factory=_default_data_workers,
+                              metadata={"help": "DataLoader worker processes (default: 2 on GPU, 0 on CPU)"})
+
+    @property
+    def model_path(self) -> str:
+        """Where the model loads from: ``--model``, or the built-in default's build in the output directory."""
+        return os.path.join(self.output_dir, "tiny_init") if self.model == models.TINY else self.model
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(annotation) -> type:
+    """``int`` for ``int`` and ``int | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        [annotation] = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` as the manual: the description as written, each flag's default after its help (left out where
+    the help already states it, and for flags that default to nothing: None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS:
+            return text
+        if "(default" in text or "; default" in text:  # says it in words, e.g. "(default: all)"
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def quiet_on_other_ranks(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser``, whose usage errors only rank 0 of a launch prints (every rank parses the same command line);
+    the other ranks exit with the same code, 2, silently."""
+    if os.environ.get("RANK", "0") != "0":
+        parser.error = lambda message: parser.exit(2)  # type: ignore[method-assign]
+    return parser
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of ``TrainConfig``: one ``--flag`` per field, its type, default and help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        options = dict(f.metadata)
+        options["help"] = options["help"].replace("%", "%%")  # argparse formats help strings
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = _value_type(hints[f.name])
+        if kind is bool:
+            options["action"] = "store_true"
+        else:
+            options["type"] = kind
+        parser.add_argument(_flag_name(f.name), default=default, **options)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, *, description: str | None = None) -> TrainConfig:
+    """The checked ``TrainConfig`` of command line ``argv`` (default: ``sys.argv[1:]``); SystemExit for a
+    flag that does not parse or a value that makes no sense (``check_config``)."""
+    namespace = quiet_on_other_ranks(build_parser(description)).parse_args(argv)
+    return check_config(TrainConfig(**vars(namespace)))
+
+
+def _at_least(cfg: TrainConfig, name: str, low: int, why: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and value < low:
+        raise SystemExit(f"{_flag_name(name)} must be at least {low}{why}; got {value}")
+
+
+def _finite(cfg: TrainConfig, name: str, *, positive: bool = True, example: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        bound = "> 0" if positive else ">= 0"
+        raise SystemExit(f"{_flag_name(name)} must be a finite number {bound}{example}; got {value}")
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg``, once checked: SystemExit, naming the flag and a sensible value, for values that make no sense;
+    a warning (stderr, rank 0) when ``--checkpoint-every`` is not below ``--max-steps`` (no checkpoint)."""
+    _finite(cfg, "lr", example=" (e.g. --lr 2e-5)")
+    for name in ("max_steps", "batch_size", "grad_accum", "sp_size", "ulysses_degree", "keep_checkpoints",
+                 "loss_chunk"):
+        _at_least(cfg, name, 1)
+    _at_least(cfg, "seq_length", 2, " (tokens per row: a token and the one it predicts)")
+    for name in ("checkpoint_every", "warmup_steps", "tiled_mlp", "lora_rank", "data_workers"):
+        _at_least(cfg, name, 0, " (0: off)" if name in ("checkpoint_every", "tiled_mlp", "lora_rank") else "")
+    for name in ("offload_activations", "no_gradient_checkpointing"):
+        if getattr(cfg, name) < ALL_LAYERS:
+            raise SystemExit(f"{_flag_name(name)} must be at least 0 (a number of layers), or given without a "
+                             f"number for all layers; got {getattr(cfg, name)}")
+    _finite(cfg, "weight_decay", positive=False, example=" (e.g. --weight-decay 0.1)")
+    _finite(cfg, "max_grad_norm", example=" (e.g. --max-grad-norm 1.0)")
+    _finite(cfg, "time_limit", example=" (minutes)")
+    if cfg.lora_rank:
+        _finite(cfg, "lora_alpha", example=" (e.g. --lora-alpha 16)")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:  # also refuses NaN
+        raise SystemExit(f"--min-lr-ratio must be in [0, 1] (the final learning rate as a fraction of --lr); "
+                         f"got {cfg.min_lr_ratio}")
+    if cfg.pose_target is not None and cfg.pose_target <= cfg.seq_length:
+        raise SystemExit(f"--pose-target {cfg.pose_target} must be above --seq-length {cfg.seq_length} (the "
+                         "longer window PoSE spreads positions over), or leave it out")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise SystemExit(f"--seed must be in [0, 2**32 - 1]; got {cfg.seed}")
+    try:
+        models.check_rope_theta(cfg.rope_theta)
+        models.parse_rope_scaling(cfg.rope_scaling)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if cfg.checkpoint_every and cfg.checkpoint_every >= cfg.max_steps and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --checkpoint-every {cfg.checkpoint_every} is not below --max-steps {cfg.max_steps}: no "
+              "checkpoint will be written before the final model", file=sys.stderr)
+    return cfg
