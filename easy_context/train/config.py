@@ -43,12 +43,12 @@ class TrainConfig:
     # --- model and data
     model: str = _flag(models.TINY, "hub name, local path, shape:llama2-7b (random init) or tiny")
     tiny_preset: str = _flag("tiny", "size of the built-in model", choices=list(PRESETS))
-    dataset: str = _flag("tiny", "hub name, save_to_disk folder, jsonl/parquet file, or tiny "
+    dataset: str = _flag("tiny:answers+0.05", "hub name, save_to_disk folder, jsonl/parquet file, or tiny "
                          "(tiny:answers: loss on the answers only; tiny:answers+0.05: and on 5% of the other "
                          "tokens)")
     text_column: str = _flag("text", "the dataset column holding raw text (a dataset with input_ids uses those)")
     dataset_split: str = _flag("train", "the split of a hub dataset")
-    seq_length: int = _flag(1024, "tokens per training row")
+    seq_length: int = _flag(256, "tokens per training row")
     # --- parallelism and attention
     backend: str = _flag("zigzag_ring", "attention backend; s2attn: LongLoRA's shifted sparse attention "
                          "(training only; contiguous shards)", choices=list(REGISTRY))
@@ -60,13 +60,13 @@ class TrainConfig:
     # --- optimization
     batch_size: int = _flag(1, "rows per data-parallel group per micro-step")
     grad_accum: int = _flag(1, "micro-steps per optimizer step")
-    lr: float = _flag(2e-5, "peak learning rate")
-    warmup_steps: int = _flag(0, "optimizer steps of linear warmup")
-    schedule: str = _flag("constant", "learning rate after the warmup", choices=list(SCHEDULES))
-    min_lr_ratio: float = _flag(0.0, "final learning rate of a decaying schedule, as a fraction of --lr")
-    weight_decay: float = _flag(0.1, "AdamW weight decay")
+    lr: float = _flag(5e-4, "peak learning rate")
+    warmup_steps: int = _flag(20, "optimizer steps of linear warmup")
+    schedule: str = _flag("cosine", "learning rate after the warmup", choices=list(SCHEDULES))
+    min_lr_ratio: float = _flag(0.1, "final learning rate of a decaying schedule, as a fraction of --lr")
+    weight_decay: float = _flag(0.0, "AdamW weight decay")
     max_grad_norm: float = _flag(1.0, "gradient clipping norm")
-    max_steps: int = _flag(100, "optimizer steps")
+    max_steps: int = _flag(1000, "optimizer steps")
     seed: int = _flag(42, "seed of the model init, data order and PoSE positions")
     # --- output, checkpoints and resume
     output_dir: str = _flag("output/default", "where the log, checkpoints and final model go (one run each)")

@@ -18,9 +18,9 @@ def config(**overrides) -> TrainConfig:
 def test_the_defaults_are_train_pys_and_flags_land_in_typed_fields():
     cfg = parse_config([])
     assert (cfg.model, cfg.dataset, cfg.seq_length, cfg.backend, cfg.sp_size, cfg.lr) == (
-        "tiny", "tiny", 1024, "zigzag_ring", None, 2e-5)
+        "tiny", "tiny:answers+0.05", 256, "zigzag_ring", None, 5e-4)
     assert (cfg.max_steps, cfg.seed, cfg.output_dir, cfg.resume, cfg.offload_activations) == (
-        100, 42, "output/default", False, 0)
+        1000, 42, "output/default", False, 0)
     cfg = parse_config(["--seq-length", "256", "--backend", "usp", "--ulysses-degree", "2", "--lr", "1e-3",
                         "--rope-theta", "1e7", "--resume", "--offload-activations", "--no-gradient-checkpointing",
                         "3", "--time-limit", "0.5", "--dataset", "tiny:answers+0.05"])
@@ -87,8 +87,8 @@ def test_parse_config_checks_the_values(argv, message):
     (dict(max_grad_norm=0.0), "--max-grad-norm must be a finite number > 0"),
     (dict(time_limit=0.0), "--time-limit must be a finite number > 0"),
     (dict(time_limit=-10.0), "--time-limit must be a finite number > 0"),
-    (dict(pose_target=1024), "--pose-target .* must be above --seq-length 1024"),
-    (dict(pose_target=512), "--pose-target .* must be above --seq-length 1024"),
+    (dict(pose_target=256), "--pose-target .* must be above --seq-length 256"),
+    (dict(pose_target=128), "--pose-target .* must be above --seq-length 256"),
     (dict(data_workers=-1), "--data-workers must be at least 0"),
     (dict(offload_activations=-3), "--offload-activations must be at least 0"),
     (dict(no_gradient_checkpointing=-2), "--no-gradient-checkpointing must be at least 0"),
