@@ -41,6 +41,11 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | Non
     return t * softcap, t
 
 
+def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
+    """(device type, autocast on?, its dtype) in force now on ``device``."""
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token losses [N] of softmax(h W^T + b) against labels, logits recomputed chunkwise in backward."""
 
@@ -55,10 +60,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses[a:a + chunk_size] = torch.where(keep, torch.logsumexp(z, dim=1) - picked, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.args = (chunk_size, ignore_index, softcap)
+        ctx.autocast = _autocast_state(hidden.device.type)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
+        # Autograd runs backward outside the caller's autocast: recompute under the forward's, so that the
+        # matmuls take the same bf16 inputs as the forward's (float32 master weights would make them float32).
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _ChunkedLinearCrossEntropy._backward(ctx, grad_losses)
+
+    @staticmethod
+    def _backward(ctx, grad_losses):
         hidden, weight, bias, labels = ctx.saved_tensors
         chunk_size, ignore_index, softcap = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

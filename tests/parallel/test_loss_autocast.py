@@ -1,0 +1,62 @@
+"""The chunked loss under autocast (float32 master weights, bf16 compute: the DDP path) computes as a bf16 linear
+layer would, in backward too: its matmuls take the autocast dtype, while the softmax and sums stay float32."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from easy_context.parallel.loss import chunked_cross_entropy
+
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
+
+
+class MatmulInputDtypes(TorchDispatchMode):
+    """Records the dtypes of the tensor inputs of every matmul that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in MATMULS:
+            self.seen.append((name, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(seed: int, n: int = 96, hidden: int = 48, vocab: int = 200):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
+    labels = torch.randint(vocab, (n,), generator=g)
+    labels[:7] = -100
+    return h, w, labels
+
+
+def test_backward_matmuls_run_in_the_autocast_dtype_like_the_forward(seed):
+    h, w, labels = _inputs(seed)
+    h.requires_grad_()
+    w.requires_grad_()
+    with MatmulInputDtypes() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h, w, labels, chunk_size=32, reduction="mean")
+        loss.backward()  # outside autocast, as a training loop calls it
+    assert rec.seen and all(dtypes == (torch.bfloat16,) * len(dtypes) for _, dtypes in rec.seen), rec.seen
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+
+
+def test_under_autocast_it_equals_a_bf16_linear_and_float32_cross_entropy(seed):
+    h, w, labels = _inputs(seed)
+    mine = [t.clone().requires_grad_() for t in (h, w)]
+    ref = [t.clone().requires_grad_() for t in (h, w)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(*mine, labels, chunk_size=32, reduction="mean")
+        logits = F.linear(*ref)
+    want = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # same bf16 logits, float32 softmax
+    for got, exp in zip(mine, ref):  # bf16 products and sums in another order: bf16 rounding
+        torch.testing.assert_close(got.grad, exp.grad, rtol=2e-2, atol=2e-3)
