@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers/ -> the repo
-TINY_ARGS = ["--seq-length", "256", "--lr", "1e-3", "--weight-decay", "0.0", "--seed", "3"]
+TINY_ARGS = ["--seq-length", "256", "--lr", "1e-3", "--weight-decay", "0.0", "--seed", "3", "--dataset", "tiny",
+             "--warmup-steps", "0", "--schedule", "constant"]  # loss on every token, constant lr
 
 
 def env() -> dict:
