@@ -29,7 +29,7 @@ import os
 from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
 from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
-from easy_context.eval.lengths import check_lengths, int_at_least, length_sweep
+from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
 from easy_context.eval.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
                                       haystack_tokens, score)
@@ -49,12 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int_at_least(1), default=5,
                    help="random numbers per cell (the same in every cell)")
     p.add_argument("--seed", type=int, default=0, help="seed of the numbers")
-    p.add_argument("--lengths", type=int_at_least(2), nargs="+",
-                   help="context lengths in tokens (or --min-length/--max-length/--length-step)")
-    p.add_argument("--min-length", type=int_at_least(2), help="smallest context length of a sweep")
-    p.add_argument("--max-length", type=int_at_least(2), help="largest context length of a sweep")
-    p.add_argument("--length-step", type=int_at_least(1), help="tokens between lengths (default: doubling from "
-                                                               "--min-length)")
+    add_length_args(p)
     p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, 0-100 (or --depth-step)")
     p.add_argument("--depth-step", type=float, default=10.0, help="percent; depths 0, step, ..., 100")
     p.add_argument("--scoring", choices=SCORINGS, default="forward",

@@ -34,7 +34,7 @@ from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
 from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
 from easy_context.eval.documents import collect_documents, dataset_rows, text_dir_rows
-from easy_context.eval.lengths import check_lengths, int_at_least, length_sweep
+from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
 from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, check_protocol, describe_protocol,
                                           evaluate_perplexity)
@@ -54,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-f", "--feature", help="column to read (default: input_ids if present, else text)")
     p.add_argument("--samples", type=int_at_least(1),
                    help="use the first N documents long enough for the largest length (default: all)")
-    p.add_argument("--lengths", type=int_at_least(2), nargs="+",
-                   help="context lengths in tokens (or --min-length/--max-length/--length-step)")
-    p.add_argument("--min-length", type=int_at_least(2), help="smallest context length of a sweep")
-    p.add_argument("--max-length", type=int_at_least(2), help="largest context length of a sweep")
-    p.add_argument("--length-step", type=int_at_least(1), help="tokens between lengths (default: doubling from "
-                                                               "--min-length)")
+    add_length_args(p)
     p.add_argument("--protocol", choices=PROTOCOLS, default="truncate",
                    help="truncate: each document's first L tokens, one pass; sliding: L-token windows every "
                         "--stride tokens, each token scored once")

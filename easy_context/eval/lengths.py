@@ -21,6 +21,16 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def add_length_args(parser: argparse.ArgumentParser) -> None:
+    """The sweep's flags, shared by the evals: ``--lengths``, or ``--min-length``/``--max-length``/``--length-step``."""
+    parser.add_argument("--lengths", type=int_at_least(2), nargs="+",
+                        help="context lengths in tokens (or --min-length/--max-length/--length-step)")
+    parser.add_argument("--min-length", type=int_at_least(2), help="smallest context length of a sweep")
+    parser.add_argument("--max-length", type=int_at_least(2), help="largest context length of a sweep")
+    parser.add_argument("--length-step", type=int_at_least(1),
+                        help="tokens between lengths (default: doubling from --min-length)")
+
+
 def length_sweep(lengths: Iterable[int] | None = None, min_length: int | None = None,
                  max_length: int | None = None, step: int | None = None) -> list[int]:
     """Sorted distinct lengths: the explicit list, else min..max every ``step`` (no step: doubling from min).
