@@ -36,6 +36,7 @@ from easy_context.hf.models import load_config, load_tokenizer
 from easy_context.eval.documents import collect_documents, dataset_rows, text_dir_rows
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
+from easy_context.parallel.plan import resolve_plan
 from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, check_protocol, describe_protocol,
                                           evaluate_perplexity)
 
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
                     dtype=str(dtype).removeprefix("torch."), rope_theta=args.rope_theta,
                     rope_scaling=args.rope_scaling, max_length=max(lengths))
     store = PerplexityResults(args.output, settings)  # every rank reads it before the first collective
+    plan = resolve_plan(args.backend, ulysses_degree=args.ulysses_degree)  # collective: groups once, for every model
     for name in args.model:
         todo = [n for n in lengths if not store.has(name, n)]
         log(f"{name}: {len(todo)} of {len(lengths)} lengths to evaluate", flush=True)
@@ -108,9 +110,8 @@ def main(argv=None) -> None:
                                           feature=args.feature, samples=args.samples)
         log(f"{name}: {len(docs)} documents, {skipped} skipped as shorter than {max(lengths)} tokens", flush=True)
         header = describe_protocol(args.protocol, stride, bos=bos is not None, source=args.dataset or args.text_dir)
-        model = load_eval_model(name, launch.device, backend=args.backend, dtype=dtype, rope_theta=args.rope_theta,
-                                rope_scaling=args.rope_scaling, ulysses_degree=args.ulysses_degree,
-                                max_length=max(lengths))
+        model = load_eval_model(name, launch.device, dtype=dtype, rope_theta=args.rope_theta,
+                                rope_scaling=args.rope_scaling, max_length=max(lengths), plan=plan)
 
         def save(r, name=name, header=header):  # each length as it completes: a kill keeps what is done
             log(f"{name}  L={r.length}  ppl={r.perplexity:.4f}  ({r.tokens} tokens)")

@@ -14,7 +14,7 @@ from ..hf.plan import apply_plan
 from ..hf.self_check import self_check_config
 from ..parallel.groups import group_layout, group_rank_size
 from ..parallel.inputs import SeqParallelInputs, shard_batch, whole_batch
-from ..parallel.plan import resolve_plan
+from ..parallel.plan import ParallelPlan, resolve_plan
 from .lengths import int_at_least
 
 Tensor = torch.Tensor
@@ -51,16 +51,17 @@ def eval_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_eval_model(name_or_path: str, device: torch.device, *, backend: str | None = "zigzag_ring",
                     dtype: torch.dtype = torch.float32, rope_theta: float | None = None,
                     rope_scaling: str | dict | None = None, ulysses_degree: int | None = None,
-                    max_length: int | None = None):
+                    max_length: int | None = None, plan: ParallelPlan | None = None):
     """Collective: a causal LM in eval mode on ``device`` whose attention runs ``backend`` over all launched
-    processes (None: the model's own attention, each process on whole sequences, for generation).
+    processes (None: the model's own attention, each process on whole sequences, for generation). A job that
+    loads several models passes its ``plan`` (``resolve_plan``, collective) instead, so its groups are built once.
 
     Sequence-parallel, the plumbing is first proven exact on a 2-layer random probe of the same config
     (``self_check_config``) at positions reaching ``max_length`` (the sweep's largest length), before the weights
     load. Not on the trained model itself: in bf16, a trained model's sharpened attention drifts from sdpa's by
     more than the half-precision tolerance with nothing wrong (5e-2 relative on the 8-layer proof model, whose
     logits still agreed to 1.2e-2)."""
-    plan = resolve_plan(backend or "data_parallel", ulysses_degree=ulysses_degree)
+    plan = plan or resolve_plan(backend or "data_parallel", ulysses_degree=ulysses_degree)
     if not plan.backend.exact:
         raise ValueError(f"{plan.backend.name} is not exact attention (it is for training only): evaluate "
                          f"with one of {', '.join(sorted(BACKENDS))}")
