@@ -68,7 +68,7 @@ def load_dataset(cfg: TrainConfig, tokenizer, vocab_size: int) -> torch.utils.da
                                    split=cfg.dataset_split, seed=cfg.seed, vocab_size=vocab_size)
 
 
-def shard_batch(cfg: TrainConfig, plan: ParallelPlan, ids: torch.Tensor, labels: torch.Tensor | None, *,
+def step_inputs(cfg: TrainConfig, plan: ParallelPlan, ids: torch.Tensor, labels: torch.Tensor | None, *,
                 micro_step: int) -> SeqParallelInputs:
     """This rank's part of one full batch (``labels`` None: the loss on every token); with PoSE, its positions
     drawn alike on every rank of an SP group, anew for each micro-step and DP group."""
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   cfg.data_workers):
         if loop.done():
             break
-        b = shard_batch(cfg, plan, ids.to(accelerator.device), labels, micro_step=loop.micro)
+        b = step_inputs(cfg, plan, ids.to(accelerator.device), labels, micro_step=loop.micro)
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
