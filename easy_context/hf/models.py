@@ -277,7 +277,6 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a hub name or local path ("tiny": the built-in one, e.g. beside a random ``shape:``
     model), with no length limit (long-context use) and a pad token."""
     if name_or_path == TINY:
-
         return build_tokenizer()
     check_model_source(name_or_path, weights=False, flag="--model/--tokenizer")
     from transformers import AutoTokenizer

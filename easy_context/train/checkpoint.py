@@ -255,7 +255,6 @@ def save_model(accelerator, model, tokenizer, output_dir: str, prefix: str = "mo
         hf_model = accelerator.unwrap_model(model)
         hf_model = getattr(hf_model, "model", hf_model)
         if any(".lora_" in k for k in state_dict):
-
             save_lora_model(hf_model, tmp, merge=merge_lora, state_dict=state_dict)
         else:
             state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
