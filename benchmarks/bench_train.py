@@ -43,15 +43,14 @@ def matmul_ceiling(n: int = 8192, iters: int = 20) -> float:
 
 
 def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
-    """(6 N + 6 L d S, N) for a model name or named shape."""
+    """(6 N + 6 L d S, N) for a model name or named shape; N counted on a meta-device copy (no memory)."""
+    from transformers import AutoModelForCausalLM
+
     from easy_context.hf import models
 
     cfg = models.load_config(model)
-    n = (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-         + cfg.num_hidden_layers * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads
-                                                                      + 2 * cfg.num_key_value_heads)
-                                    + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
-         + cfg.hidden_size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
     return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq, n
 
 

@@ -25,6 +25,14 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 SHAPE_PREFIX = "shape:"
 TINY = "tiny"  # the built-in default world (world/default.py): its model is built in the output directory
@@ -163,9 +171,9 @@ def is_shape(name: str) -> bool:
 
 
 def shape_config(name: str, **overrides):
-    """A LlamaConfig of a named shape ("shape:llama2-7b", "shape:llama3-8b"; fields overridable as keyword
-    arguments or in the name: "shape:llama3-8b,num_hidden_layers=2") for random-init benchmarks."""
-    from transformers import LlamaConfig
+    """The config of a named shape (``SHAPES``: "shape:llama3-8b", "shape:qwen2.5-7b", ...; fields overridable as
+    keyword arguments or in the name: "shape:llama3-8b,num_hidden_layers=2") for random-init benchmarks."""
+    from transformers import AutoConfig, LlamaConfig
 
     key = name[len(SHAPE_PREFIX):] if is_shape(name) else name
     key, *fields = key.split(",")
@@ -176,7 +184,9 @@ def shape_config(name: str, **overrides):
         overrides.setdefault(k, json.loads(v))
     if key not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}: use one of {', '.join(SHAPE_PREFIX + s for s in SHAPES)}")
-    config = LlamaConfig(**{**SHAPES[key], **overrides})
+    fields = {**SHAPES[key], **overrides}
+    model_type = fields.pop("model_type", "llama")
+    config = LlamaConfig(**fields) if model_type == "llama" else AutoConfig.for_model(model_type, **fields)
     heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
     if heads % kv_heads or hidden % heads:
         raise ValueError(f"model shape {name!r}: num_attention_heads ({heads}) must be a multiple of "

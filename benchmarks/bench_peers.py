@@ -1,0 +1,199 @@
+"""This recipe against the tools users would pick instead: the same shape, length, optimizer and steps, one after
+another on one machine.
+
+  python benchmarks/bench_peers.py --model shape:llama3.2-1b --seqlens 16384,32768,131072 --steps 4 \
+      --json results/peers.json
+
+Systems (``--systems``): ``hf``, ``hf_liger`` and ``alst`` run in ``peer_step.py`` (its doc says how each is set
+up); ``ours_ddp`` and ``ours_zero3`` are train.py under ``accelerate_configs/ddp.yaml`` and ``zero3.yaml``
+with the flags in ``OURS`` (the recipe's defaults when that list is empty). A system that cannot run here (a
+missing package, no GPU) is a row that says why. Every system: AdamW, random tokens, one sequence per step,
+``--steps`` steps of which the first ``--warmup`` are not timed; figures are medians of the timed steps.
+
+Columns: tokens/s per GPU; MFU = (6 N + 6 L d S) x tokens/s per GPU / 989 TFLOP/s (N parameters, L layers, d
+hidden size, S sequence length; the same formula for every system, recomputation not counted); peak GPU memory
+(the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
+each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
+``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
+``--gpus P`` runs this recipe's rows on P processes; the peers' P-GPU rows (ALST's Ulysses at sp=P, PyTorch's
+context_parallel) are listed as not run: they need a machine of P GPUs to be built against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench_train import PEAK, error_tail, model_flops_per_token, run as run_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = {"hf": [], "hf_liger": ["liger_kernel"], "alst": ["liger_kernel", "deepspeed", "arctic_training"]}
+# this recipe's paths: (accelerate config, train.py flags beyond the defaults)
+OURS = {"ours_ddp": ("ddp", []), "ours_zero3": ("zero3", [])}
+SYSTEMS = (*PEERS, *OURS)
+
+
+def missing(system: str) -> str | None:
+    """Why ``system`` cannot run on this machine (None: it can)."""
+    if system in PEERS:
+        absent = [m for m in PEERS[system] if importlib.util.find_spec(m) is None]
+        if absent:
+            return "not installed: " + ", ".join(m.replace("_", "-") for m in absent)
+        if system != "hf" and not torch.cuda.is_available():
+            return "needs a CUDA GPU (Liger's kernels are Triton)"
+    if system == "ours_zero3" and importlib.util.find_spec("deepspeed") is None:
+        return "not installed: deepspeed"
+    return None
+
+
+def median_figures(records: list[dict], warmup: int) -> dict | None:
+    """Median step time, tokens/s and the peaks over the timed records (None when none were timed)."""
+    timed = records[warmup:]
+    if not timed:
+        return None
+    return {"step_s": statistics.median(r["step_s"] for r in timed),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "peak_gpu_gib": max(r["peak_gpu_gib"] for r in records),
+            "host_peak_gib": max(r.get("host_peak_gib", r.get("host_rss_gib", 0.0)) for r in records),
+            "steps_timed": len(timed)}
+
+
+def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeout: float) -> dict:
+    """One peer_step.py process: {"ok", "records", "tail", "cmd"}."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "peer_step.py"), "--system", system, "--model", model,
+           "--seq-length", str(seq), "--steps", str(steps)]
+    if system == "alst":
+        cmd += ["--offload", offload] + (["--activation-offload"] if seq >= 65536 else [])
+    try:
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        out, ok = res.stdout + res.stderr, res.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        out, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
+    records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]
+    return {"ok": ok and bool(records), "records": records, "tail": error_tail(out), "cmd": " ".join(cmd)}
+
+
+def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: float, extra: list[str]) -> dict:
+    """train.py under this recipe's ``system`` config: {"ok", "records", "tail", "cmd"}."""
+    config, flags = OURS[system]
+    if not torch.cuda.is_available():
+        flags = [*flags, "--kernel", "reference"] if "--kernel" not in flags else flags
+    r = run_train(gpus, config, model, seq, "zigzag_ring", steps, [*flags, *extra], timeout)
+    return {"ok": r["ok"] and bool(r["records"]), "records": r["records"], "tail": r["tail"], "cmd": r["cmd"]}
+
+
+def measure(system: str, args, seq: int) -> dict:
+    """One row: the system at ``seq`` with its figures, or why it did not run."""
+    row = {"system": system, "seq": seq, "gpus": args.gpus}
+    why = missing(system)
+    if why is None and system in PEERS and args.gpus > 1:
+        why = f"{args.gpus}-GPU peer rows are not built yet (they need a {args.gpus}-GPU machine to build against)"
+    if why:
+        return {**row, "skipped": why}
+    started = time.time()
+    r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout) if system in PEERS
+         else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split()))
+    row.update(cmd=r["cmd"], wall_s=time.time() - started)
+    figures = median_figures(r["records"], args.warmup) if r["ok"] else None
+    if figures is None:
+        return {**row, "error": r["tail"][-1500:]}
+    flops, params = model_flops_per_token(args.model, seq)
+    per_gpu = figures["tokens_per_s"] / (args.gpus if system in OURS else 1)
+    return {**row, **figures, "params": params, "tokens_per_s_per_gpu": per_gpu, "mfu": flops * per_gpu / PEAK}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each measured row's speed and peak GPU memory as ratios to the fastest peer's at its length."""
+    for seq in {r["seq"] for r in rows}:
+        peers = [r for r in rows if r["seq"] == seq and r["system"] in PEERS and "mfu" in r]
+        best = max(peers, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        for r in rows:
+            if r["seq"] == seq and "mfu" in r and best is not None:
+                r["best_peer"] = best["system"]
+                r["speed_vs_best_peer"] = r["tokens_per_s_per_gpu"] / best["tokens_per_s_per_gpu"]
+                if best["peak_gpu_gib"] > 0:  # 0 on a CPU run
+                    r["memory_vs_best_peer"] = r["peak_gpu_gib"] / best["peak_gpu_gib"]
+
+
+def longest(system: str, args) -> dict:
+    """The longest length of the doubling search from ``--longest`` that completes (rows of every try)."""
+    start, limit = (int(x) for x in args.longest.split(","))
+    tries, best, seq = [], None, start
+    while seq <= limit:
+        row = measure(system, args, seq)
+        tries.append(row)
+        if "mfu" not in row:
+            break
+        best, seq = seq, seq * 2
+    return {"system": system, "longest": best, "tries": tries}
+
+
+def table(rows: list[dict], longest_rows: list[dict]) -> str:
+    """The markdown table of the rows (and the longest column when searched)."""
+    top = {r["system"]: r["longest"] for r in longest_rows}
+    head = "| system | S | tok/s/GPU | MFU | step s | peak GPU GiB | peak host GiB | speed vs best peer | memory vs best peer |"
+    lines = [head + (" longest |" if top else ""), "|---" * (9 + bool(top)) + "|"]
+    for r in rows:
+        tail = f" {top.get(r['system'])} |" if top else ""
+        if "mfu" in r:
+            memory = f"{r['memory_vs_best_peer']:.2f}x" if "memory_vs_best_peer" in r else ""
+            ratio = f"{r['speed_vs_best_peer']:.2f}x ({r['best_peer']}) | {memory} |" if "best_peer" in r else " | |"
+            lines.append(f"| {r['system']} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
+                         f"{r['step_s']:.3f} | {r['peak_gpu_gib']:.1f} | {r['host_peak_gib']:.1f} | {ratio}{tail}")
+        else:
+            why = r.get("skipped") or "failed: " + (r["error"].strip().splitlines() or ["?"])[0][:120]
+            lines.append(f"| {r['system']} | {r['seq']} | {why} | | | | | | |{tail}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shape:llama3.2-1b", help="a named shape (random init, no download)")
+    p.add_argument("--seqlens", default="16384,32768,131072")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--offload", choices=("none", "optimizer", "all"), default="none",
+                   help="alst's ZeRO-3 offload (ArcticTraining's 8B one-GPU recipes offload all)")
+    p.add_argument("--extra", default="", help="more train.py flags for this recipe's rows")
+    p.add_argument("--longest", default="", help="START,MAX: per system, double the length from START up to MAX "
+                   "until a run fails; the last that completed is its longest")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--json", default=None, help="write the rows here (the table goes to stdout)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.systems.split(",")) - set(SYSTEMS))
+    if unknown:
+        p.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.steps <= args.warmup:
+        p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): nothing would be timed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = []
+    for seq in map(int, args.seqlens.split(",")):
+        for system in args.systems.split(","):
+            rows.append(measure(system, args, seq))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cmd", "error")}), flush=True)
+    add_ratios(rows)
+    longest_rows = [longest(s, args) for s in args.systems.split(",")] if args.longest else []
+    print(f"\n{args.model}, {args.gpus} GPU(s), {args.steps} steps ({args.warmup} untimed), MFU over "
+          f"{PEAK / 1e12:.0f} TFLOP/s\n" + table(rows, longest_rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "gpus": args.gpus, "peak_flops": PEAK, "rows": rows,
+                       "longest": longest_rows, "torch": torch.__version__}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
