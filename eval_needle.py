@@ -9,7 +9,7 @@ default), so a 1M-token context fits across GPUs; one process and CPU work too.
     torchrun --standalone --nproc_per_node 2 eval_needle.py --model output/default/model --lengths 256 512 1024 \\
         --depth-step 25 --samples 2 --output results/needle/default_2proc.json
     # 8 GPUs (torchrun --nproc_per_node 8 is the same), EasyContext's 1M run on its own prompt; its haystack of
-    # essays is a folder of .txt files: add --haystack-dir FOLDER
+    # essays is a folder of .txt files: add --haystack FOLDER (--haystack pydoc: real text that ships with Python)
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 eval_needle.py \\
         --model PY007/EasyContext-1M-Llama-2-7B --min-length 50000 --max-length 1000000 \\
         --length-step 50000 --samples 2 --template easycontext
@@ -31,16 +31,22 @@ from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
-from easy_context.eval.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep, digits_right,
-                                      haystack_tokens, score)
+from easy_context.eval.needle import (GENERATED, SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep,
+                                      digits_right, haystack_tokens, score)
+from easy_context.world.real_text import SPLITS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub name or local path of a causal LM")
     p.add_argument("--tokenizer", help="hub name or local path (default: the model's)")
-    p.add_argument("--haystack-dir", help="folder of .txt files, read in name order (default: built-in generated "
-                                          "filler text, no download)")
+    p.add_argument("--haystack", default=GENERATED,
+                   help="the text the needle hides in: generated (built-in filler sentences), pydoc (the Python "
+                        "standard library's documentation, real English that every Python carries) or a folder of "
+                        ".txt files read in name order")
+    p.add_argument("--haystack-dir", dest="haystack", metavar="FOLDER", help="the same as --haystack FOLDER")
+    p.add_argument("--text-split", choices=SPLITS, default="heldout",
+                   help="pydoc haystack: which documents (a model trained on the train part is measured on heldout)")
     p.add_argument("--template", choices=list(TEMPLATES), default="default",
                    help="default: the built-in needle, question and answer (what the built-in model is trained "
                         "on); easycontext: EasyContext's 'long story book' prompt, answer = the digits")
@@ -75,7 +81,7 @@ def main(argv=None) -> None:
     check_lengths(lengths, load_config(args.model, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling),
                   allow_extrapolation=args.allow_extrapolation, rope_theta=args.rope_theta)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    hay, haystack = haystack_tokens(tokenizer, max(lengths), args.haystack_dir)
+    hay, haystack = haystack_tokens(tokenizer, max(lengths), args.haystack, split=args.text_split)
     task = NeedleTask(tokenizer, hay, template=args.template, key=args.key, digits=args.digits, seed=args.seed)
     task.check(lengths, args.samples)
     settings = dict(model=args.model, tokenizer=args.tokenizer or args.model, template=args.template, key=args.key,

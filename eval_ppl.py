@@ -11,6 +11,9 @@ scored once. Documents shorter than the largest length are skipped (the count is
     python3 -c "from easy_context.hf.models import load_tokenizer; from easy_context.world import default; \\
         default.save_text_documents('results/docs', load_tokenizer('output/default/model'), 4, 1100)"
     python3 eval_ppl.py --model output/default/model --text-dir results/docs --lengths 256 512 1024
+    # real text with no download: the held-out part of the Python standard library's documentation
+    python3 eval_ppl.py --model output/default/model --real-text pydoc --lengths 256 512 1024 --samples 4 \\
+        --output results/ppl_pydoc.csv
     # the same on two gloo processes sharing each sequence
     torchrun --standalone --nproc_per_node 2 eval_ppl.py --model output/default/model --text-dir results/docs \\
         --lengths 256 512 1024 --output results/ppl_2proc.csv
@@ -33,10 +36,11 @@ import os
 from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
 from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
-from easy_context.eval.documents import collect_documents, dataset_rows, text_dir_rows
+from easy_context.eval.documents import collect_documents, dataset_rows, real_text_rows, text_dir_rows
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
 from easy_context.parallel.plan import resolve_plan
+from easy_context.world.real_text import PYDOC, SPLITS, corpus
 from easy_context.eval.perplexity import (PROTOCOLS, PerplexityResults, check_protocol, describe_protocol,
                                           evaluate_perplexity)
 
@@ -50,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("-d", "--dataset", help="hub name, save_to_disk folder, .jsonl or .parquet file; rows with "
                                              "pre-tokenized input_ids or a text column")
     src.add_argument("--text-dir", help="folder of .txt files, one document each (name order)")
+    src.add_argument("--real-text", metavar="SOURCE",
+                     help=f"real text joined and cut into documents of the largest length: {PYDOC} (the Python "
+                          "standard library's documentation: English that ships with Python, no download) or a "
+                          "folder of .txt files")
+    p.add_argument("--text-split", choices=SPLITS, default="heldout",
+                   help="--real-text: which documents, split by name (a model trained on the train part is "
+                        "measured on heldout)")
     p.add_argument("--subset", help="hub dataset: its configuration name")
     p.add_argument("--split", default="test", help="hub dataset: the split to read")
     p.add_argument("-f", "--feature", help="column to read (default: input_ids if present, else text)")
@@ -88,7 +99,9 @@ def main(argv=None) -> None:
     log = print if launch.is_main else (lambda *a, **k: None)
     # What the numbers depend on (not the backend or the process count): a rerun with these resumes, others are
     # refused. The largest length picks the documents (long enough) and where sliding windows stop.
-    settings = dict(protocol=args.protocol, stride=stride, source=args.dataset or args.text_dir, subset=args.subset,
+    # Real text is named with its Python version and digest: another Python's docs are another experiment.
+    source_name = args.dataset or args.text_dir or corpus(args.real_text, args.text_split)[1]
+    settings = dict(protocol=args.protocol, stride=stride, source=source_name, subset=args.subset,
                     split=args.split, feature=args.feature, samples=args.samples, tokenizer=args.tokenizer,
                     dtype=str(dtype).removeprefix("torch."), rope_theta=args.rope_theta,
                     rope_scaling=args.rope_scaling, max_length=max(lengths))
@@ -104,12 +117,17 @@ def main(argv=None) -> None:
         tokenizer = load_tokenizer(args.tokenizer or name)
         bos = tokenizer.bos_token_id
         check_protocol(lengths, args.protocol, stride, bos=bos is not None)
-        source = text_dir_rows(args.text_dir) if args.text_dir else dataset_rows(args.dataset, subset=args.subset,
-                                                                                 split=args.split)
-        docs, skipped = collect_documents(source, tokenizer, min_tokens=max(lengths) - (bos is not None),
-                                          feature=args.feature, samples=args.samples)
+        min_tokens = max(lengths) - (bos is not None)
+        if args.real_text:
+            source, _ = real_text_rows(args.real_text, tokenizer, min_tokens, split=args.text_split)
+        elif args.text_dir:
+            source = text_dir_rows(args.text_dir)
+        else:
+            source = dataset_rows(args.dataset, subset=args.subset, split=args.split)
+        docs, skipped = collect_documents(source, tokenizer, min_tokens=min_tokens, feature=args.feature,
+                                          samples=args.samples)
         log(f"{name}: {len(docs)} documents, {skipped} skipped as shorter than {max(lengths)} tokens", flush=True)
-        header = describe_protocol(args.protocol, stride, bos=bos is not None, source=args.dataset or args.text_dir)
+        header = describe_protocol(args.protocol, stride, bos=bos is not None, source=source_name)
         model = load_eval_model(name, launch.device, dtype=dtype, rope_theta=args.rope_theta,
                                 rope_scaling=args.rope_scaling, max_length=max(lengths), plan=plan)
 

@@ -1,5 +1,6 @@
-"""The documents an eval reads: the .txt files of a directory (also the needle's haystack), dataset rows, and the
-tokenized documents a perplexity sweep scores (those long enough for its largest length)."""
+"""The documents an eval reads: the .txt files of a directory (also the needle's haystack), dataset rows, real text
+(``world.real_text``) cut into documents of a given token count, and the tokenized documents a perplexity sweep
+scores (those long enough for its largest length)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from typing import Iterable, Iterator
 
 from ..train.data import load_raw
+from ..world import real_text
 
 
 def text_files(path: str, what: str = "text directory") -> Iterator[str]:
@@ -26,6 +28,19 @@ def text_dir_rows(path: str) -> Iterator[dict]:
     """One row {"text": ...} per .txt file of ``path``, sorted by name; ValueError when there are none."""
     for text in text_files(path):
         yield {"text": text}
+
+
+def real_text_rows(source: str, tokenizer, tokens: int, *, split: str = "heldout") -> tuple[list[dict], str]:
+    """(rows, description): the ``split`` documents of real text ``source`` ("pydoc" or a folder of .txt files)
+    joined by blank lines, tokenized once and cut into consecutive rows {"input_ids"} of ``tokens`` ids each (the
+    remainder dropped): a corpus of short documents read as the long ones a perplexity sweep needs. ValueError
+    when it holds fewer than ``tokens`` tokens."""
+    text, what = real_text.corpus(source, split)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        raise ValueError(f"{what} holds {len(ids)} tokens, fewer than the {tokens} the largest length needs: use "
+                         "shorter lengths or more text (--text-split all)")
+    return [{"input_ids": ids[i:i + tokens]} for i in range(0, len(ids) - tokens + 1, tokens)], what
 
 
 def dataset_rows(spec: str, *, subset: str | None = None, split: str = "test") -> Iterable[dict]:

@@ -5,7 +5,8 @@ A cell's prompt has exactly ``length`` tokens, answer included: [BOS] + template
 first tokens with the needle inserted at ``depth`` % of them (moved forward to just after the next token
 that ends a sentence, found by decoding the haystack's tokens) + the question; then the answer. Every piece
 is tokenized on its own, as EasyContext did and as ``world.default.retrieval_ids`` builds the default model's data.
-The haystack (a directory of .txt files read in name order, or generated filler) is tokenized once.
+The haystack (generated filler, the standard library's documentation (``world.real_text``), or a directory of .txt
+files read in name order) is tokenized once.
 
 Teacher-forced scoring: the answer is appended, and the cell is correct only if the argmax prediction at
 every answer position is the answer's token (= greedy decoding starts with exactly the answer). Logits
@@ -27,13 +28,14 @@ import torch.distributed as dist
 
 from ..hf.attention import registered_backend
 from ..parallel.groups import group_rank_size, sp_process_group
-from ..world import haystack
+from ..world import haystack, real_text
 from .documents import text_files
 from .model import sp_shard
 from .results import ResultsFile, write_csv
 
 Tensor = torch.Tensor
 SCORINGS = ("forward", "generate")
+GENERATED = "generated"  # the built-in filler haystack; "pydoc" and folders are real text
 SENTENCE_ENDS = (".", "!", "?")
 FILLER_SEED = 0
 MAX_DEPTHS = 1001  # a depth step of 0.1%: more rows than a heatmap can show
@@ -71,14 +73,20 @@ def read_haystack_dir(path: str) -> str:
     return text
 
 
-def haystack_tokens(tokenizer, num_tokens: int, haystack_dir: str | None = None) -> tuple[list[int], str]:
+def haystack_tokens(tokenizer, num_tokens: int, source: str | None = None, *,
+                    split: str = "heldout") -> tuple[list[int], str]:
     """(ids, description): ``num_tokens`` haystack token ids, the text tokenized once and repeated as needed.
-    No directory: generated filler sentences (``haystack.filler_sentence``, the default model's filler)."""
-    if haystack_dir is not None:
-        text = read_haystack_dir(haystack_dir)
+    ``source``: None or "generated": generated filler sentences (``haystack.filler_sentence``, the default model's
+    filler); "pydoc": the ``split`` documents of ``real_text``'s standard-library docs; anything else: a directory
+    of .txt files, concatenated in name order (a folder named pydoc: ./pydoc)."""
+    if source == real_text.PYDOC:
+        text, what = real_text.corpus(source, split)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif source not in (None, GENERATED):
+        text = read_haystack_dir(source)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        what = f"{os.path.basename(os.path.normpath(haystack_dir))} (sha256 {digest})"
+        what = f"{os.path.basename(os.path.normpath(source))} (sha256 {digest})"
     else:
         rng, ids = random.Random(FILLER_SEED), []
         while len(ids) < num_tokens:  # sentence by sentence, so a longer haystack extends a shorter one
@@ -160,8 +168,10 @@ class NeedleTask:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def prompt(self, length: int, depth: float, number: str) -> NeedlePrompt:
-        """The ``length``-token sequence of a cell (module doc)."""
+    def prompt(self, length: int, depth: float, number: str, offset: int = 0) -> NeedlePrompt:
+        """The ``length``-token sequence of a cell (module doc). Its haystack part starts ``offset`` tokens into the
+        haystack, modulo the starts that leave room for it (0: EasyContext's, the same text in every cell; others
+        vary it, for training rows)."""
         t = self.template
         bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         head = bos + self._encode(t.prefix)
@@ -174,7 +184,8 @@ class NeedleTask:
                              f"{length - room} tokens")
         if room > len(self.haystack):
             raise ValueError(f"the haystack has {len(self.haystack)} tokens, {room} are needed")
-        hay = self.haystack[:room]
+        start = offset % (len(self.haystack) - room + 1)
+        hay = self.haystack[start:start + room]
         at = insertion_point(hay, depth, self.ends)
         ids = head + hay[:at] + needle + hay[at:] + question + answer
         return NeedlePrompt(ids, len(ids) - len(answer), len(head) + at)

@@ -1,8 +1,9 @@
-"""Figures of the evals: the needle heatmap (EasyContext's colours) and the perplexity-vs-length plot.
+"""Figures of the evals: the needle heatmap (EasyContext's colours), the same heatmap per task of the RULER-style suite
+and its task x length summary, and the perplexity-vs-length plot.
 
-``needle_figure`` / ``perplexity_figure`` build a matplotlib Figure (object API: no pyplot state, no backend
-switch); ``needle_heatmap`` / ``perplexity_plot`` write one to a PNG atomically. matplotlib and seaborn are
-imported when a figure is drawn.
+``needle_figure`` / ``task_figure`` / ``summary_figure`` / ``perplexity_figure`` build a matplotlib Figure (object
+API: no pyplot state, no backend switch); ``needle_heatmap`` / ``task_heatmap`` / ``summary_heatmap`` /
+``perplexity_plot`` write one to a PNG atomically. matplotlib and seaborn are imported when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -58,42 +59,99 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _grid_figure(grid, xlabels: list[str], ylabels: list[str], title: str, *, xlabel: str, ylabel: str,
+                 vmax: float = 1.0, cbar_label: str = "Score", row_gap: int | None = None):
+    """A red (0) -> green (``vmax``) heatmap Figure of ``grid`` (rows x columns, NaN: blank); grids up to
+    ``ANNOTATE_MAX_CELLS`` a side have each cell's value written in it, black or white, whichever contrasts more.
+    ``row_gap``: a white line above that row (e.g. before an average row)."""
+    import numpy as np
+    import seaborn as sns
+    from matplotlib.colors import LinearSegmentedColormap
+
+    rows, cols = grid.shape
+    fig = _figure(min(17.5, 3 + 0.8 * cols + 0.06 * max(map(len, ylabels), default=0)), min(8.0, 2 + 0.45 * rows))
+    ax = fig.add_subplot()
+    cmap = LinearSegmentedColormap.from_list("needle", NEEDLE_COLORS)
+    sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap=cmap, mask=np.isnan(grid), linewidths=0.5, linecolor="white",
+                xticklabels=xlabels, yticklabels=ylabels, cbar_kws={"label": cbar_label})
+    if max(rows, cols) <= ANNOTATE_MAX_CELLS:
+        fontsize = 9 if cols <= 12 else 7
+        for (i, j), score in np.ndenumerate(grid):
+            if not np.isnan(score):
+                ax.text(j + 0.5, i + 0.5, f"{score:.2g}" if vmax == 1 else f"{score:.0f}", ha="center",
+                        va="center", fontsize=fontsize, color=_text_colour(cmap(score / vmax)))
+    if row_gap is not None:
+        ax.axhline(row_gap, color="white", linewidth=4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=45 if cols > 12 else 0)
+    ax.tick_params(axis="y", labelrotation=0)
+    ax.set_title(title)
+    return fig
+
+
+def _mean_grid(records: list[dict], value: Callable[[dict], float]):
+    """(grid [depths x lengths] of mean values, depths, lengths) of records with a depth and a length."""
+    import numpy as np
+
+    scores = defaultdict(list)
+    for r in records:
+        scores[(r["depth"], int(r["length"]))].append(float(value(r)))
+    depths = sorted({d for d, _ in scores}, key=lambda d: (d is not None, d or 0.0))
+    lengths = sorted({n for _, n in scores})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for (d, n), values in scores.items():
+        grid[depths.index(d), lengths.index(n)] = sum(values) / len(values)
+    return grid, depths, lengths
+
+
 def needle_figure(records: list[dict], title: str, value: Callable[[dict], float] | None = None):
     """Mean score per (depth, length) of needle records as a heatmap Figure: length on x, depth on y, red (0) ->
     green (1); cells never scored stay blank; grids up to ``ANNOTATE_MAX_CELLS`` a side have each scored cell's
     value written in it, black or white, whichever contrasts more (black on all of EasyContext's colours). The
     score is ``correct`` or ``value(record)``."""
-    import numpy as np
-    import seaborn as sns
-    from matplotlib.colors import LinearSegmentedColormap
+    records = [dict(r, depth=float(r["depth"])) for r in records]
+    grid, depths, lengths = _mean_grid(records, value or (lambda r: r["correct"]))
+    return _grid_figure(grid, [tokens_label(n) for n in lengths], [f"{d:g}" for d in depths], title,
+                        xlabel="Context length (tokens)", ylabel="Needle depth (%)")
 
-    scores = defaultdict(list)
-    for r in records:
-        scores[(float(r["depth"]), int(r["length"]))].append(float(r["correct"] if value is None else value(r)))
-    depths = sorted({d for d, _ in scores})
-    lengths = sorted({n for _, n in scores})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for (d, n), values in scores.items():
-        grid[depths.index(d), lengths.index(n)] = sum(values) / len(values)
-    fig = _figure(min(17.5, 3 + 0.8 * len(lengths)), min(8.0, 2 + 0.45 * len(depths)))
-    ax = fig.add_subplot()
-    annotate = max(len(depths), len(lengths)) <= ANNOTATE_MAX_CELLS
-    cmap = LinearSegmentedColormap.from_list("needle", NEEDLE_COLORS)
-    sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap=cmap, mask=np.isnan(grid), linewidths=0.5, linecolor="white",
-                xticklabels=[tokens_label(n) for n in lengths], yticklabels=[f"{d:g}" for d in depths],
-                cbar_kws={"label": "Score"})
-    if annotate:
-        fontsize = 9 if len(lengths) <= 12 else 7
-        for (i, j), score in np.ndenumerate(grid):
-            if not np.isnan(score):
-                ax.text(j + 0.5, i + 0.5, f"{score:.2g}", ha="center", va="center", fontsize=fontsize,
-                        color=_text_colour(cmap(score)))
-    ax.set_xlabel("Context length (tokens)")
-    ax.set_ylabel("Needle depth (%)")
-    ax.tick_params(axis="x", labelrotation=45 if len(lengths) > 12 else 0)
-    ax.tick_params(axis="y", labelrotation=0)
-    ax.set_title(title)
-    return fig
+
+def task_figure(records: list[dict], title: str):
+    """Mean ``score`` (0-1, shown as percent) per (depth, length) of one task's records as a needle-style heatmap;
+    records without a depth (the aggregation tasks) make one row, "all"."""
+    grid, depths, lengths = _mean_grid(records, lambda r: 100 * r["score"])
+    has_depth = any(d is not None for d in depths)
+    return _grid_figure(grid, [tokens_label(n) for n in lengths], ["all" if d is None else f"{d:g}" for d in depths],
+                        title, xlabel="Context length (tokens)", ylabel="Evidence depth (%)" if has_depth else "",
+                        vmax=100.0, cbar_label="Score (%)")
+
+
+def task_heatmap(records: list[dict], path: str, title: str) -> str:
+    """Write ``task_figure(records, title)`` to the PNG ``path`` atomically. Returns ``path``."""
+    return _save(task_figure(records, title), path)
+
+
+def summary_figure(table: dict, title: str, ylabel: str = "Task"):
+    """A row x length heatmap of a suite summary (``eval.ruler.summary``: scores 0-100 per task and length, or
+    ``eval.ruler.comparison``: per model), rows in order, then their average when the table has one; each cell
+    annotated when the grid is small."""
+    import numpy as np
+
+    rows, lengths = table["tasks"], table["lengths"]
+    values = [[table["scores"][t].get(str(n), np.nan) for n in lengths] for t in rows]
+    labels = list(rows)
+    if table.get("average"):
+        values.append([table["average"].get(str(n), np.nan) for n in lengths])
+        labels.append("average")
+    grid = np.array(values, dtype=float)
+    return _grid_figure(grid, [tokens_label(n) for n in lengths], labels, title, xlabel="Context length (tokens)",
+                        ylabel=ylabel, vmax=100.0, cbar_label="Score (%)",
+                        row_gap=len(rows) if table.get("average") else None)
+
+
+def summary_heatmap(table: dict, path: str, title: str, ylabel: str = "Task") -> str:
+    """Write ``summary_figure(table, title, ylabel)`` to the PNG ``path`` atomically. Returns ``path``."""
+    return _save(summary_figure(table, title, ylabel), path)
 
 
 def needle_heatmap(records: list[dict], path: str, title: str,

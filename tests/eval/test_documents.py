@@ -46,3 +46,18 @@ def test_documents_from_every_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt files"):
         list(text_dir_rows(str(tmp_path / "empty")))
+
+
+def test_real_text_rows_cut_one_token_stream_into_equal_documents(tmp_path):
+    from easy_context.eval.documents import real_text_rows
+    from easy_context.world.default import build_tokenizer
+
+    tok = build_tokenizer()
+    (tmp_path / "a.txt").write_text("The first document. " * 30)
+    (tmp_path / "b.txt").write_text("The second one. " * 30)
+    rows, what = real_text_rows(str(tmp_path), tok, 50, split="all")
+    stream = tok("The first document. " * 30 + "\n\n" + "The second one. " * 30, add_special_tokens=False)["input_ids"]
+    assert [r["input_ids"] for r in rows] == [stream[i:i + 50] for i in range(0, len(stream) - 49, 50)]
+    assert what.startswith(tmp_path.name) and "2 documents" in what
+    with pytest.raises(ValueError, match="fewer than the 100000 the largest length needs"):
+        real_text_rows(str(tmp_path), tok, 100_000, split="all")

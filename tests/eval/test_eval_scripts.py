@@ -162,3 +162,16 @@ def test_eval_ppl_reruns_resume_keep_other_models_and_refuse_other_settings(worl
     out = _run([*args, "-m", str(world / "world"), "--samples", "1"], ok=False)
     assert out.returncode != 0 and "different settings (samples: None there, 1 now)" in out.stderr
     assert path.read_text() == before
+
+
+def test_eval_ppl_on_real_text_cuts_the_held_out_docs_into_documents(world):
+    path = world / "ppl_real" / "ppl.csv"
+    out = _run(["eval_ppl.py", "-m", str(world / "world"), "--real-text", "pydoc", "--lengths", "256", "512",
+                "--samples", "3", "--output", str(path)])
+    assert "3 documents, 0 skipped" in out.stdout
+    header = path.read_text().splitlines()[0]
+    assert "documents: pydoc (Python" in header and "heldout" in header and "sha256" in header
+    with open(path) as f:
+        f.readline()
+        rows = list(csv.DictReader(f))
+    assert [r["length"] for r in rows] == ["256", "512"] and rows[0]["tokens"] == str(3 * 255)

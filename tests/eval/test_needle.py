@@ -228,3 +228,20 @@ def test_depth_steps_that_give_more_depths_than_a_heatmap_can_show_are_refused()
     for step in (1e-4, 1e-12):  # 1e-12: a list of 1e14 depths, never finished
         with pytest.raises(ValueError, match=r"--depth-step .* gives more than 1001 depths: use at least 0\.1"):
             depth_sweep(step=step)
+
+
+def test_real_text_haystack_and_offsets(tok):
+    from easy_context.world import real_text
+
+    ids, what = haystack_tokens(tok, 3000, "pydoc")
+    text, described = real_text.corpus("pydoc", "heldout")
+    assert what == described and ids == tok(text, add_special_tokens=False)["input_ids"][:3000]
+    assert haystack_tokens(tok, 300, "generated") == haystack_tokens(tok, 300)
+    task = NeedleTask(tok, ids)
+    at0, moved = task.prompt(512, 50, "1234567"), task.prompt(512, 50, "1234567", offset=700)
+    assert len(moved.ids) == 512 and moved.ids != at0.ids and moved.answer_ids == at0.answer_ids
+    assert moved.ids[1:11] == ids[700:710]  # the haystack part starts 700 tokens in
+    fixed = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (
+        haystack.needle("Singapore", "1234567"), haystack.question("Singapore"), haystack.answer("1234567")))
+    starts = len(ids) - (512 - 1 - fixed) + 1  # the offsets that leave room for the haystack part
+    assert task.prompt(512, 50, "1234567", offset=700 + starts).ids == moved.ids  # past the end: wraps around

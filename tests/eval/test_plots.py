@@ -177,3 +177,26 @@ def test_large_needle_grid_has_no_annotations(tmp_path, monkeypatch):
     records = _grid(range(1000, 26000, 1000), range(0, 101, 5), lambda n, d: (n + d) % 3 == 0)
     ax = _needle_figure(monkeypatch, tmp_path, records)
     assert len(ax.texts) == 0
+
+
+def test_task_heatmap_shows_percent_and_one_row_for_depthless_tasks(tmp_path, monkeypatch):
+    from easy_context.eval.plots import task_heatmap
+
+    records = [dict(task="fwe", length=n, depth=None, sample=s, score=v) for n in (1024, 2048)
+               for s, v in enumerate((1.0, 0.5 if n == 2048 else 1.0))]
+    fig = _saved_figure(monkeypatch, lambda: task_heatmap(records, str(tmp_path / "t.png"), "t"))
+    (ax,) = [a for a in fig.axes if a.collections and a.get_xlabel()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["all"]
+    assert sorted(t.get_text() for t in ax.texts) == ["100", "75"]
+
+
+def test_summary_heatmap_has_a_row_per_task_then_the_average(tmp_path, monkeypatch):
+    from easy_context.eval.plots import summary_heatmap
+
+    table = dict(tasks=["needle", "vt"], lengths=[1024, 2048], scores={"needle": {"1024": 100.0, "2048": 50.0},
+                                                                      "vt": {"1024": 20.0}},
+                 average={"1024": 60.0, "2048": 50.0})
+    fig = _saved_figure(monkeypatch, lambda: summary_heatmap(table, str(tmp_path / "s.png"), "t"))
+    (ax,) = [a for a in fig.axes if a.collections and a.get_xlabel()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["needle", "vt", "average"]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["100", "50", "20", "60", "50"])  # vt at 2K: blank

@@ -1,4 +1,4 @@
-"""The three scripts' ``--help`` is the manual: every flag has help, defaults show, the text names concepts, not
+"""The scripts' ``--help`` is the manual: every flag has help, defaults show, the text names concepts, not
 source files, and every CPU example in it runs as printed (against the model the main training job writes)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ SCRIPTS = {  # script: flag help lines that must show their default
     "train.py": ["--backend", "--max-steps", "--output-dir", "--schedule"],
     "eval_needle.py": ["--samples", "--depth-step", "--scoring", "--backend", "--dtype"],
     "eval_ppl.py": ["--split", "--protocol", "--stride", "--output", "--backend"],
+    "eval_ruler.py": ["--haystack", "--samples", "--depth-step", "--scoring", "--text-split", "--backend"],
 }
 
 
@@ -97,15 +98,17 @@ def test_the_eval_examples_run_as_printed(tmp_path):
     from easy_context.world.default import build_default_world
 
     build_default_world(str(tmp_path / "output" / "default" / "model"))  # where the main job puts its model
-    for script in ("eval_needle.py", "eval_ppl.py"):
+    for script in ("eval_needle.py", "eval_ppl.py", "eval_ruler.py"):
         os.symlink(os.path.join(REPO, script), tmp_path / script)
     e = dict(env(), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
              HF_HUB_OFFLINE="1")
-    examples = _examples(_help("eval_needle.py")) + _examples(_help("eval_ppl.py"))
-    assert len(examples) == 5, examples  # needle: 1 and 2 processes; ppl: the documents, 1 and 2 processes
+    examples = _examples(_help("eval_needle.py")) + _examples(_help("eval_ppl.py")) + _examples(_help("eval_ruler.py"))
+    # needle: 1 and 2 processes; ppl: the documents, 1 process, real text, 2 processes; ruler: 1, 2, the comparison
+    assert len(examples) == 9, examples
     for command in examples:
         res = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=e, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     assert (tmp_path / "results" / "ppl.csv").exists() and (tmp_path / "results" / "ppl_2proc.csv").exists()
     assert (tmp_path / "results" / "needle" / "default_2proc.json").exists()
+    assert (tmp_path / "results" / "ppl_pydoc.csv").exists() and (tmp_path / "results" / "ruler" / "comparison.png").exists()

@@ -1,0 +1,41 @@
+# Settings shared by the RULER-style proof (sourced by proof_stage1.sh, proof_extend.sh, proof_eval.sh; every one
+# can be overridden from the environment). The story, on GPUs, with nothing downloaded:
+#   1. proof_stage1.sh: a 26M-parameter Llama trained from scratch at SHORT tokens (a length curriculum up to it) on
+#      real text (the Python standard library's docs, train part) mixed with the task generators of eval_ruler.py;
+#   2. proof_extend.sh: the same model extended to LONG = 16-64 x SHORT by a sequence-parallel fine-tune (zigzag ring
+#      over the GPUs, YaRN by LONG/SHORT) on the same mixture at longer lengths;
+#   3. proof_eval.sh: the task suite and perplexity on held-out real text, up to LONG, for the stage-1 model as is,
+#      three no-training baselines (raised RoPE theta, YaRN, dynamic NTK) and the extended model; then the
+#      comparison (eval_ruler.py --compare).
+#     bash scripts/proof_stage1.sh && bash scripts/proof_extend.sh && bash scripts/proof_eval.sh
+# Outputs and timings go to $OUT; a step whose output exists is skipped (rerun after a failure to resume).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  NPROC=${NPROC:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
+else
+  NPROC=${NPROC:-2}
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+OUT=${OUT:-output/proof_ruler}
+PRESET=${PRESET:-small}             # world/default.py: "small" is the 26M-parameter Llama
+SHORT=${SHORT:-2048}                # stage 1's training length
+LONG=${LONG:-32768}                 # the extension's target: 16 x SHORT (65536: 32 x, 131072: 64 x)
+FACTOR=$(( LONG / SHORT ))
+TEXT=${TEXT:-pydoc}                 # the real text: pydoc, or a folder of .txt files
+TASKS=${TASKS:-"needle multikey multivalue multiquery vt cwe fwe"}
+DATA_PROCS=${DATA_PROCS:-$(nproc)}  # processes that write the training rows
+LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC")
+mkdir -p "$OUT"
+T0=$(date +%s)
+mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
+
+# rows LENGTH COUNT: the folder of COUNT training rows of LENGTH tokens (task samples over the train part of the
+# text, 20% plain text rows; loss on the answers and 5% of the other tokens), written once, tokenized as $INIT.
+rows() {
+  local dir="$OUT/data/rows_$1_$2"
+  [ -d "$dir" ] || python3 -c "from easy_context.eval.task_mixture import write_mixture
+write_mixture('$dir', '$OUT/init', $1, $2, tasks='$TASKS'.split(), source='$TEXT', split='train', num_proc=$DATA_PROCS)" >&2
+  echo "$dir"
+}

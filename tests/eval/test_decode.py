@@ -1,0 +1,54 @@
+"""Greedy decoding over teacher-forced passes: its tokens are what transformers' own greedy generate makes, a model
+that continues the draft costs one pass and a wrong one at most a pass per token, and sequence-parallel decoding
+on 2 processes gives the single-process tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from easy_context import apply_seq_parallel_monkey_patch
+from easy_context.eval.decode import greedy_tokens
+from easy_context.eval.needle import answer_predictions
+from tests.eval.test_needle import chain_model
+from tests.helpers.distributed import run_distributed
+from tests.helpers.tiny_models import tiny_model
+
+
+def _generate(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_equal_generate_and_count_passes(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_model("llama", seed)
+    prompt = torch.randint(128, (40,), generator=g).tolist()
+    reference = _generate(model, prompt, 8)
+    wrong_draft = [(t + 1) % 128 for t in reference]
+    tokens, passes = greedy_tokens(model, prompt, wrong_draft)
+    assert tokens == reference and passes == 8  # every draft token wrong: one pass per token
+    tokens, passes = greedy_tokens(model, prompt, reference)
+    assert tokens == reference and passes == 1  # the draft is what the model says: one pass
+    half = reference[:4] + wrong_draft[4:]
+    assert greedy_tokens(model, prompt, half) == (reference, 4)  # 4 right + the 5th in one pass, then 3 more
+    forced, passes = greedy_tokens(model, prompt, wrong_draft, exact=False)
+    assert passes == 1 and forced == answer_predictions(model, prompt + wrong_draft, len(prompt), 8)
+
+
+def _sp_worker(rank, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(128, (61,), generator=g).tolist()
+    draft = torch.randint(128, (7,), generator=g).tolist()
+    expected = greedy_tokens(tiny_model("llama", seed), prompt, draft)
+    for backend in ("zigzag_ring", "ulysses"):
+        model = apply_seq_parallel_monkey_patch(backend, tiny_model("llama", seed))
+        assert greedy_tokens(model, prompt, draft) == expected, backend
+    chain = list(range(2, 12))  # a model that knows a continuation across both ranks' tokens: one pass
+    model = apply_seq_parallel_monkey_patch("zigzag_ring", chain_model(128, chain))
+    assert greedy_tokens(model, [50, 60] + chain[:3], chain[3:]) == (chain[3:], 1)
+
+
+def test_sequence_parallel_decoding_equals_single_process(seed):
+    run_distributed(_sp_worker, 2, seed)

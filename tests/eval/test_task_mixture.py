@@ -1,0 +1,73 @@
+"""Training rows of the task suite: exactly the length asked, the same for the same index and seed; labels on every
+answer token, on no BOS, and on about the asked share of the other tokens; plain text rows labelled throughout;
+tasks that cannot fit a length are named and left out; the folder written reads back row for row."""
+
+from __future__ import annotations
+
+import pytest
+
+from easy_context.eval.needle import haystack_tokens
+from easy_context.eval.task_mixture import (TRAIN_SEED, TaskMixture, corpus_tokens, save_task_mixture,
+                                            tasks_that_fit)
+from easy_context.eval.tasks import build_tasks
+from easy_context.world.default import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mixture(tok):
+    text, _ = haystack_tokens(tok, 20000)
+    tasks = build_tasks(["needle", "multikey", "vt", "fwe"], tok, text, seed=TRAIN_SEED)
+    return TaskMixture(tasks, text, 600, size=64, seed=3, text_share=0.25, text_fraction=0.1)
+
+
+def test_rows_are_exact_reproducible_and_labelled_on_the_answers(tok, mixture):
+    kinds, labelled, others = set(), 0, 0
+    for i in range(len(mixture)):
+        ids, labels, kind, start = mixture.row(i)
+        kinds.add(kind)
+        assert len(ids) == len(labels) == 600 and ids[0] == tok.bos_token_id and labels[0] == -100
+        if kind == "text":
+            assert start is None and labels[1:] == ids[1:]
+            continue
+        assert labels[start:] == ids[start:]  # the whole answer
+        assert all(lab in (-100, t) for lab, t in zip(labels, ids))
+        labelled += sum(lab != -100 for lab in labels[1:start])
+        others += start - 1
+    assert kinds == {"text", "needle", "multikey", "vt", "fwe"}
+    assert 0.07 < labelled / others < 0.13  # text_fraction 0.1 of the other tokens
+    row = mixture[5]
+    assert row["input_ids"].tolist() == mixture.row(5)[0] and row["labels"].tolist() == mixture.row(5)[1]
+    again = TaskMixture(mixture.tasks, mixture.text, 600, size=64, seed=3, text_share=0.25, text_fraction=0.1)
+    assert again.row(17) == mixture.row(17)
+    other = TaskMixture(mixture.tasks, mixture.text, 600, size=64, seed=4, text_share=0.25, text_fraction=0.1)
+    assert other.row(17) != mixture.row(17)
+
+
+def test_tasks_that_do_not_fit_are_named(tok):
+    text, _ = haystack_tokens(tok, 4000)
+    fit, skipped = tasks_that_fit(build_tasks(["needle", "cwe"], tok, text), 300)
+    assert [t.name for t in fit] == ["needle"] and "too short for a cwe prompt" in skipped["cwe"]
+    with pytest.raises(ValueError, match="text_share 1"):
+        TaskMixture([], text, 300)
+    with pytest.raises(ValueError, match="not in the mixture"):
+        TaskMixture(fit, text, 300, weights={"cwe": 1.0})
+
+
+def test_the_written_folder_reads_back_row_for_row(tok, mixture, tmp_path):
+    from datasets import load_from_disk
+
+    small = TaskMixture(mixture.tasks, mixture.text, 600, size=6, seed=3)
+    ds = load_from_disk(save_task_mixture(str(tmp_path / "rows"), small))
+    assert ds.column_names == ["input_ids", "labels"] and len(ds) == 6
+    for i in range(6):
+        assert (ds[i]["input_ids"], ds[i]["labels"]) == small.row(i)[:2]
+
+
+def test_corpus_tokens_of_pydoc_are_its_train_part(tok):
+    ids, what = corpus_tokens(tok, "pydoc", "train")
+    assert "train" in what and len(ids) > 500_000
