@@ -16,6 +16,7 @@ from .hf.self_check import self_check, self_check_config
 from .parallel.inputs import SeqParallelInputs, prepare_seq_parallel_inputs, shift_labels
 from .memory.keep import keep_attention_outputs
 from .attention.kernels import AttentionKernel, available_kernels, get_kernel, select_kernel
+from .attention.documents import Documents, attention_work
 from .attention.layouts import gather, local_ranges, position_ids, shard, unshard
 from .hf.lora import apply_lora_plus, load_lora_model, save_lora_model
 from .parallel.loss import SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
@@ -37,7 +38,7 @@ __all__ = [
     "BACKENDS", "Backend", "backend_layout", "get_backend",
     "AttentionKernel", "available_kernels", "get_kernel", "select_kernel",
     "gather", "local_ranges", "position_ids", "shard", "unshard",
-    "merge_", "ring_attention", "zigzag_ring_attention",
+    "merge_", "ring_attention", "zigzag_ring_attention", "Documents", "attention_work",
     "ulysses_attention", "usp_attention", "new_usp_group", "USPGroup", "dist_flash_attention",
     "ParallelGroups", "init_groups", "SeqParallelInputs", "prepare_seq_parallel_inputs", "shift_labels",
     "SPLoss", "chunked_cross_entropy", "sequence_parallel_cross_entropy",

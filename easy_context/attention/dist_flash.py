@@ -26,6 +26,10 @@ Backward runs the same table with the final (out, lse) of the forward: a "kv" st
 owner's dq locally and returns dk/dv to the K/V's rank; a "q" step receives the owner's
 (q, dout, out, lse), keeps dk/dv for its own K/V and returns dq. Non-causal attention has no
 imbalance and uses the plain ring schedule.
+
+Packed documents (``documents=``): each block is cut along the documents (``documents.block_pieces``); a block
+whose documents do not meet computes nothing, and a helper returns lse -inf (and zeros) for the rows it did not
+compute, which the owner's merge leaves as they were.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import torch
 import torch.distributed as dist
 
 from .comm import empty_in_order, global_rank, in_order_of, p2p, rank_and_size
+from .documents import Bounds, Documents
 from .kernels import AttentionKernel
 from .merge import RowSum, merge_
 from .precision import accumulation_dtype
-from .ring import ALL, BlockwiseAttention, prepare_call, ring_schedule, run_ring
+from .ring import (ALL, Block, BlockwiseAttention, by_rows_and_heads_backward, by_rows_and_heads_forward, pieces,
+                   piece_backward, piece_forward, prepare_call, ring_schedule, run_ring)
 
 Tensor = torch.Tensor
 _TAG = 13
@@ -75,11 +81,11 @@ Tensors = list[Tensor]
 
 
 def _run_steps(rank: int, world: int, group, payload: dict[str, Tensors], result_like: dict[str, Tensors],
-               local: Callable[[], None], compute: Callable[[str, Tensors], Tensors],
+               local: Callable[[], None], compute: Callable[[str, Tensors, int], Tensors],
                absorb: Callable[[str, Tensors], None]) -> None:
     """Drive the schedule: ``local()`` at step 0; at step t every rank sends ``payload[kind]`` to rank + t,
-    runs ``compute(kind, received)`` on what rank - t sent and returns those results to it during step
-    t + 1, where the sender hands them to ``absorb(kind, results)``."""
+    runs ``compute(kind, received, rank - t)`` on what rank - t sent and returns those results to it during
+    step t + 1, where the sender hands them to ``absorb(kind, results)``."""
     steps = num_steps(world)
     inbox: tuple[str, Tensors] | None = None
     outbox: list[tuple[Tensor, int]] = []
@@ -107,32 +113,57 @@ def _run_steps(rank: int, world: int, group, payload: dict[str, Tensors], result
         elif inbox is not None:
             peer = global_rank(group, (rank - t) % world)
             # a kernel picks its outputs' layout; they travel in the layout the peer receives them in
-            outbox = [(in_order_of(x, like), peer) for x, like in zip(compute(*inbox), result_like[inbox[0]])]
+            results = compute(*inbox, (rank - t) % world)
+            outbox = [(in_order_of(x, like), peer) for x, like in zip(results, result_like[inbox[0]])]
         received = pending.wait()
         inbox = (in_kind, received[:n_in]) if in_kind else None
         if back_kind and result_like[back_kind]:
             absorb(back_kind, received[n_in:])
 
 
-def dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group,
-                       kernel: AttentionKernel) -> tuple[Tensor, Tensor]:
-    """Causal local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] with the balanced schedule."""
+def _block(bounds: Bounds | None, q_rank: int, kv_rank: int, world: int):
+    """The pieces of rank ``q_rank``'s queries against rank ``kv_rank``'s keys (whole contiguous chunks)."""
+    blk = Block(ALL, ALL, q_rank == kv_rank)
+    return pieces([blk], bounds, "contiguous", q_rank, kv_rank, world)
+
+
+def dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group, kernel: AttentionKernel,
+                       documents: Documents | None = None) -> tuple[Tensor, Tensor]:
+    """Causal local out [B,H,S,D] (q dtype) and float32 lse [B,H,S] with the balanced schedule (within
+    ``documents`` of the whole sequence, when given)."""
+    return by_rows_and_heads_forward(_dist_flash_forward, q, k, v, documents, scale, group, kernel)
+
+
+def _dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, bounds: Bounds | None, scale: float, group,
+                        kernel: AttentionKernel) -> tuple[Tensor, Tensor]:
     rank, world = rank_and_size(group)
     acc = accumulation_dtype(q.dtype)
     out = torch.empty_like(q, dtype=acc)  # q's memory order, which cuDNN's backward then takes as is
     lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
 
     def local():
-        b_out, b_lse = kernel.forward(q, k, v, True, scale)
-        out.copy_(b_out)
-        lse.copy_(b_lse)
+        for p in _block(bounds, rank, rank, world):  # diagonal pieces: they cover every row once
+            b_out, b_lse = piece_forward(kernel, q, k, v, p, scale)
+            out[:, :, p.q].copy_(b_out)
+            lse[:, :, p.q].copy_(b_lse)
 
-    def compute(kind, got):
+    def compute(kind, got, src):
         if kind == "kv":
-            merge_(out, lse, *kernel.forward(q, got[0], got[1], False, scale))
+            for p in _block(bounds, rank, src, world):
+                merge_(out[:, :, p.q], lse[:, :, p.q], *piece_forward(kernel, q, got[0], got[1], p, scale))
             return []
-        b_out, b_lse = kernel.forward(got[0], k, v, False, scale)
-        return [b_out, b_lse.to(acc)]
+        o_q = got[0]
+        ps = _block(bounds, src, rank, world)
+        if bounds is None:
+            b_out, b_lse = piece_forward(kernel, o_q, k, v, ps[0], scale)
+            return [b_out, b_lse.to(acc)]
+        h_out = torch.zeros_like(o_q)  # rows no document reaches: lse -inf, nothing to merge
+        h_lse = torch.full(o_q.shape[:3], float("-inf"), dtype=acc, device=o_q.device)
+        for p in ps:
+            b_out, b_lse = piece_forward(kernel, o_q, k, v, p, scale)
+            h_out[:, :, p.q].copy_(b_out)
+            h_lse[:, :, p.q].copy_(b_lse)
+        return [h_out, h_lse]
 
     def absorb(kind, got):
         merge_(out, lse, got[0], got[1])
@@ -143,26 +174,49 @@ def dist_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group,
 
 
 def dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                        group, kernel: AttentionKernel) -> tuple[Tensor, Tensor, Tensor]:
+                        group, kernel: AttentionKernel,
+                        documents: Documents | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of the local shards for causal attention, given the final local out and lse."""
+    return by_rows_and_heads_backward(_dist_flash_backward, dout, q, k, v, out, lse, documents, scale, group, kernel)
+
+
+def _dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         bounds: Bounds | None, scale: float, group,
+                         kernel: AttentionKernel) -> tuple[Tensor, Tensor, Tensor]:
     rank, world = rank_and_size(group)
     acc = accumulation_dtype(q.dtype)
     dq, dk, dv = (RowSum(t, acc) for t in (q, k, v))
 
-    def local():
-        for acc_t, g in zip((dq, dk, dv), kernel.backward(dout, q, k, v, out, lse, True, scale)):
-            acc_t.add(ALL, g)
+    def add(p, grads, targets) -> None:
+        for acc_t, rows, g in zip(targets, (p.q, p.k, p.k), grads):
+            acc_t.add(rows, g)
 
-    def compute(kind, got):
+    def local():
+        for p in _block(bounds, rank, rank, world):
+            add(p, piece_backward(kernel, dout, q, k, v, out, lse, p, scale), (dq, dk, dv))
+
+    def compute(kind, got, src):
         if kind == "kv":  # own queries, their K/V: keep dq, return dk/dv
-            b_dq, b_dk, b_dv = kernel.backward(dout, q, got[0], got[1], out, lse, False, scale)
-            dq.add(ALL, b_dq)
-            return [b_dk, b_dv]
+            ps = _block(bounds, rank, src, world)
+            if bounds is None:
+                b_dq, b_dk, b_dv = piece_backward(kernel, dout, q, got[0], got[1], out, lse, ps[0], scale)
+                dq.add(ALL, b_dq)
+                return [b_dk, b_dv]
+            b_dk, b_dv = RowSum(got[0], acc), RowSum(got[1], acc)
+            for p in ps:
+                add(p, piece_backward(kernel, dout, q, got[0], got[1], out, lse, p, scale), (dq, b_dk, b_dv))
+            return [b_dk.result().to(k.dtype), b_dv.result().to(v.dtype)]
         o_q, o_dout, o_out, o_lse = got  # their queries, own K/V: keep dk/dv, return dq
-        b_dq, b_dk, b_dv = kernel.backward(o_dout, o_q, k, v, o_out, o_lse, False, scale)
-        dk.add(ALL, b_dk)
-        dv.add(ALL, b_dv)
-        return [b_dq]
+        ps = _block(bounds, src, rank, world)
+        if bounds is None:
+            b_dq, b_dk, b_dv = piece_backward(kernel, o_dout, o_q, k, v, o_out, o_lse, ps[0], scale)
+            dk.add(ALL, b_dk)
+            dv.add(ALL, b_dv)
+            return [b_dq]
+        b_dq = RowSum(o_q, acc)
+        for p in ps:
+            add(p, piece_backward(kernel, o_dout, o_q, k, v, o_out, o_lse, p, scale), (b_dq, dk, dv))
+        return [b_dq.result().to(q.dtype)]
 
     def absorb(kind, got):
         for acc_t, g in zip((dk, dv) if kind == "kv" else (dq,), got):
@@ -175,15 +229,17 @@ def dist_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 def dist_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                          group: dist.ProcessGroup | None = None, kernel: str | AttentionKernel | None = None,
-                         return_lse: bool = False, check: bool = True):
+                         return_lse: bool = False, check: bool = True, documents: Documents | None = None):
     """Exact attention over a sequence split in the ``contiguous`` layout across ``group``, load-balanced.
 
     Same contract as ``ring.ring_attention`` (q [B, H, S_local, D], k/v [B, H_kv, S_local, D]; returns
-    out, plus the float32 lse [B, H, S_local] if ``return_lse``); causal runs in P//2 + 1 steps.
+    out, plus the float32 lse [B, H, S_local] if ``return_lse``; ``documents`` too); causal runs in P//2 + 1 steps.
     """
     name = "dist_flash_attention"
     if not causal:
-        return run_ring(q, k, v, causal, scale, group, kernel, ring_schedule, return_lse, check, name)
-    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name)
-    out, lse = BlockwiseAttention.apply(q, k, v, dist_flash_forward, dist_flash_backward, scale, group, kern)
+        return run_ring(q, k, v, causal, scale, group, kernel, ring_schedule, return_lse, check, name,
+                        documents=documents)
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name, documents=documents)
+    out, lse = BlockwiseAttention.apply(q, k, v, dist_flash_forward, dist_flash_backward, scale, group, kern,
+                                        documents)
     return (out, lse) if return_lse else out

@@ -9,12 +9,20 @@ Contract shared by all kernels, layout ``[batch, heads, seq, head_dim]``:
 
 ``k``/``v`` may have fewer heads than ``q`` (GQA/MQA); ``dk``/``dv`` come back with k/v's head count.
 ``causal`` means top-left aligned and is only used for square diagonal blocks.
+
+Packed documents (``forward_varlen`` / ``backward_varlen``, same contract plus ``cu_seqlens``): q and k rows are
+cut alike into segments ``[cu_seqlens[i], cu_seqlens[i + 1])`` and each segment attends only to itself (causal
+inside when ``causal``). The float64 reference and the CPU flash kernel apply a document mask in one call; flash
+uses PyTorch's own varlen flash op (``aten._flash_attention_forward`` with cumulative lengths); cuDNN gives long
+documents a call of their own and runs of short ones to that varlen op (``CudnnKernel.OWN_CALL_WORK``); any other
+kernel runs one call per segment.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -60,18 +68,33 @@ class AttentionKernel:
                  causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         return backward_by_head_groups(self._backward_gqa, dout, q, k, v, out, lse, causal, scale)
 
-    def _forward_gqa(self, q, k, v, causal, scale):
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Sequence[int], causal: bool,
+                       scale: float) -> tuple[Tensor, Tensor]:
+        """``forward`` within documents: rows (q and k alike, equal lengths) cut at ``cu_seqlens`` (0, ..., S)."""
+        return forward_by_head_groups(self._forward_gqa, q, k, v, causal, scale, tuple(cu_seqlens))
+
+    def backward_varlen(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        cu_seqlens: Sequence[int], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``backward`` of ``forward_varlen``."""
+        return backward_by_head_groups(self._backward_gqa, dout, q, k, v, out, lse, causal, scale, tuple(cu_seqlens))
+
+    def _forward_gqa(self, q, k, v, causal, scale, cu_seqlens=None):
         if not self.native_gqa:
             n_rep = q.shape[1] // k.shape[1]
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        return self._forward(q, k, v, causal, scale)
+        if cu_seqlens is None:
+            return self._forward(q, k, v, causal, scale)
+        return self._forward_varlen(q, k, v, cu_seqlens, causal, scale)
 
-    def _backward_gqa(self, dout, q, k, v, out, lse, causal, scale):
+    def _backward_gqa(self, dout, q, k, v, out, lse, causal, scale, cu_seqlens=None):
         h_kv = k.shape[1]
         if not self.native_gqa:
             n_rep = q.shape[1] // h_kv
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
+        if cu_seqlens is None:
+            dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
+        else:
+            dq, dk, dv = self._backward_varlen(dout, q, k, v, out, lse, cu_seqlens, causal, scale)
         if not self.native_gqa:
             dk, dv = sum_kv_groups(dk, h_kv), sum_kv_groups(dv, h_kv)
         return dq, dk, dv
@@ -82,6 +105,23 @@ class AttentionKernel:
     def _backward(self, dout, q, k, v, out, lse, causal, scale):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _forward_varlen(self, q, k, v, cu_seqlens, causal, scale):
+        # one call per document (kernels without a varlen path)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=accumulation_dtype(q.dtype), device=q.device)
+        for a, b in zip(cu_seqlens, cu_seqlens[1:]):
+            out[:, :, a:b], lse[:, :, a:b] = self._forward(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal, scale)
+        return out, lse
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for a, b in zip(cu_seqlens, cu_seqlens[1:]):
+            rows = slice(a, b)
+            dq[:, :, rows], dk[:, :, rows], dv[:, :, rows] = self._backward(
+                dout[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], out[:, :, rows], lse[:, :, rows],
+                causal, scale)
+        return dq, dk, dv
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}>"
 
@@ -90,26 +130,48 @@ def _causal_mask(sq: int, sk: int, device) -> Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
 
 
+def document_mask(cu_seqlens: Sequence[int], causal: bool, device=None) -> Tensor:
+    """[S, S] bool, True where a query row may see a key column: same segment of ``cu_seqlens`` (and key <= query
+    when ``causal``)."""
+    lengths = torch.tensor([b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])])
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+    same = doc[:, None] == doc[None, :]
+    return same.tril() if causal else same
+
+
+def _allowed(q: Tensor, k: Tensor, causal: bool, cu_seqlens) -> Tensor | None:
+    if cu_seqlens is not None:
+        return document_mask(cu_seqlens, causal, q.device)
+    return _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+
+
 class ReferenceKernel(AttentionKernel):
     """Materializes the score matrix in float32 (float64 for float64 inputs); any device, for tests."""
 
     name = "reference"
 
-    def _scores(self, q, k, causal, scale):
+    def _scores(self, q, k, causal, scale, cu_seqlens=None):
         ct = accumulation_dtype(q.dtype)
         s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
-        if causal:
-            s = s.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        allowed = _allowed(q, k, causal, cu_seqlens)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
         return s, ct
 
-    def _forward(self, q, k, v, causal, scale):
-        s, ct = self._scores(q, k, causal, scale)
+    def _forward(self, q, k, v, causal, scale, cu_seqlens=None):
+        s, ct = self._scores(q, k, causal, scale, cu_seqlens)
         lse = torch.logsumexp(s, dim=-1)
         out = torch.matmul(torch.exp(s - lse[..., None]), v.to(ct))
         return out.to(q.dtype), lse
 
-    def _backward(self, dout, q, k, v, out, lse, causal, scale):
-        s, ct = self._scores(q, k, causal, scale)
+    def _forward_varlen(self, q, k, v, cu_seqlens, causal, scale):
+        return self._forward(q, k, v, causal, scale, cu_seqlens)
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+        return self._backward(dout, q, k, v, out, lse, causal, scale, cu_seqlens)
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale, cu_seqlens=None):
+        s, ct = self._scores(q, k, causal, scale, cu_seqlens)
         p = torch.exp(s - lse.to(ct)[..., None])
         do = dout.to(ct)
         dv = torch.matmul(p.transpose(-1, -2), do)
@@ -140,6 +202,22 @@ class CPUFlashKernel(AttentionKernel):
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+
+    @staticmethod
+    def _additive_mask(q: Tensor, cu_seqlens, causal: bool) -> Tensor:
+        allowed = document_mask(cu_seqlens, causal, q.device)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        return mask[None, None]
+
+    def _forward_varlen(self, q, k, v, cu_seqlens, causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=self._additive_mask(q, cu_seqlens, causal), scale=scale)
+        return out, lse.to(accumulation_dtype(lse.dtype))
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, False,
+            attn_mask=self._additive_mask(q, cu_seqlens, causal), scale=scale)
 
 
 class _CudaAuxCache:
@@ -201,6 +279,35 @@ def strided_like_q(x: Tensor, q: Tensor) -> Tensor:
     return torch.empty_strided(q.shape, q.stride(), dtype=x.dtype, device=x.device).copy_(x)
 
 
+@functools.lru_cache(maxsize=256)
+def _batch_cu_seqlens(cu_seqlens: tuple[int, ...], batch: int, seq: int, device: torch.device) -> Tensor:
+    """int32 cumulative lengths of ``batch`` rows of ``seq`` tokens, each cut at ``cu_seqlens``, rows back to back:
+    what the varlen flash op reads."""
+    starts = [r * seq + c for r in range(batch) for c in cu_seqlens[:-1]] + [batch * seq]
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """[B, H, S, D] -> [B * S, H, D] (a view of a [B, S, H, D] buffer)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, h, d)
+
+
+def _untokens(x: Tensor, batch: int) -> Tensor:
+    """Inverse of ``_tokens``: [B * S, H, D] -> [B, H, S, D]."""
+    t, h, d = x.shape
+    return x.view(batch, t // batch, h, d).transpose(1, 2)
+
+
+def _flash_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: tuple[int, ...], causal: bool,
+                          scale: float | None) -> tuple:
+    """``aten._flash_attention_forward`` over documents: the raw result (out [T, H, D], lse [H, T], rng, unused)."""
+    cu = _batch_cu_seqlens(cu_seqlens, q.shape[0], q.shape[2], q.device)
+    longest = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
+    return torch.ops.aten._flash_attention_forward(_tokens(q), _tokens(k), _tokens(v), cu, cu, longest, longest, 0.0,
+                                                   causal, False, scale=scale)
+
+
 class CudnnKernel(AttentionKernel):
     """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper)."""
 
@@ -230,6 +337,48 @@ class CudnnKernel(AttentionKernel):
             dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)
 
+    # A document with at least this much work (tokens^2 x heads x head_dim) gets a cuDNN call of its own (about
+    # 535 TFLOP/s on an H200, against about 300 for the varlen flash op); runs of smaller ones share one varlen
+    # flash call, since a call of its own costs about 0.3 ms fwd+bwd whatever its size. On an H200 with 32 heads
+    # of 128 the crossover lies between documents of 1K and 2K tokens (benchmarks/bench_varlen.py).
+    OWN_CALL_WORK = 2048 * 2048 * 32 * 128
+
+    def _document_runs(self, q: Tensor, k: Tensor, cu_seqlens) -> list[tuple[int, int, tuple | None]]:
+        """(first row, end row, cumulative lengths inside, or None for one cuDNN call) covering the rows."""
+        flash = get_kernel("flash")
+        varlen = flash.supports(q, k) is None and flash.has_varlen(q)
+        per_token = q.shape[1] * q.shape[3]
+        runs: list[list] = []
+        for a, b in zip(cu_seqlens, cu_seqlens[1:]):
+            if not varlen or (b - a) ** 2 * per_token >= self.OWN_CALL_WORK:
+                runs.append([a, b, None])
+            elif runs and runs[-1][2] is not None:
+                runs[-1][1] = b
+                runs[-1][2].append(b - runs[-1][0])
+            else:
+                runs.append([a, b, [0, b - a]])
+        return [(a, b, None if cu is None or len(cu) == 2 else tuple(cu)) for a, b, cu in runs]
+
+    def _forward_varlen(self, q, k, v, cu_seqlens, causal, scale):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=accumulation_dtype(q.dtype), device=q.device)
+        for a, b, cu in self._document_runs(q, k, cu_seqlens):
+            rows = slice(a, b)
+            args = (q[:, :, rows], k[:, :, rows], v[:, :, rows])
+            out[:, :, rows], lse[:, :, rows] = (self._forward(*args, causal, scale) if cu is None else
+                                                get_kernel("flash")._forward_varlen(*args, cu, causal, scale))
+        return out, lse
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for a, b, cu in self._document_runs(q, k, cu_seqlens):
+            rows = slice(a, b)
+            args = (dout[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], out[:, :, rows], lse[:, :, rows])
+            dq[:, :, rows], dk[:, :, rows], dv[:, :, rows] = (
+                self._backward(*args, causal, scale) if cu is None else
+                get_kernel("flash")._backward_varlen(*args, cu, causal, scale))
+        return dq, dk, dv
+
 
 class FlashKernel(AttentionKernel):
     """PyTorch's built-in FlashAttention-2 kernel (``aten._scaled_dot_product_flash_attention``)."""
@@ -238,9 +387,35 @@ class FlashKernel(AttentionKernel):
 
     def __init__(self):
         self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False))
+        self._varlen_aux = _CudaAuxCache(lambda t: _flash_varlen_forward(t, t, t, (0, t.shape[2]), False, None))
 
     def supports(self, q, k):
         return _cuda_dtype_reason(q, _HALF) or _ampere_head_dim_reason(q, 256)
+
+    def has_varlen(self, q: Tensor) -> bool:
+        """Whether this torch's varlen flash op gives the per-token lse [H, T] that the ring merge needs."""
+        lse = self._varlen_aux.get(q)[1]
+        return lse.dim() == 2 and lse.shape[1] == 16
+
+    def _forward_varlen(self, q, k, v, cu_seqlens, causal, scale):
+        if not self.has_varlen(q):
+            return super()._forward_varlen(q, k, v, cu_seqlens, causal, scale)
+        res = _flash_varlen_forward(q, k, v, cu_seqlens, causal, scale)
+        b, h = q.shape[:2]
+        return _untokens(res[0], b), res[1].view(h, b, -1).transpose(0, 1)
+
+    def _backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+        if not self.has_varlen(q):
+            return super()._backward_varlen(dout, q, k, v, out, lse, cu_seqlens, causal, scale)
+        b, h, s, _ = q.shape
+        aux = self._varlen_aux.get(q)
+        cu = _batch_cu_seqlens(tuple(cu_seqlens), b, s, q.device)
+        longest = max(y - x for x, y in zip(cu_seqlens, cu_seqlens[1:]))
+        grads = torch.ops.aten._flash_attention_backward(
+            _tokens(dout).contiguous(), _tokens(q), _tokens(k), _tokens(v), _tokens(out).contiguous(),
+            lse.transpose(0, 1).reshape(h, b * s).contiguous(), cu, cu, longest, longest, 0.0, causal, aux[2], aux[3],
+            scale=scale)
+        return tuple(_untokens(g, b) for g in grads)
 
     def _forward(self, q, k, v, causal, scale):
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)

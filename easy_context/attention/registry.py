@@ -5,9 +5,10 @@
 attention, an approximation for training only). ``get_backend`` also takes EasyContext's method names.
 
 Every backend's attention has the signature
-``fn(q, k, v, *, causal=True, scale=None, group=None, kernel=None, return_lse=False, check=True)``
+``fn(q, k, v, *, causal=True, scale=None, group=None, kernel=None, return_lse=False, check=True, documents=None)``
 with q [B, H, S_local, D], k/v [B, H_kv, S_local, D], each rank holding its ``layout`` shard of the
-sequence (``layouts.shard``), and returns out [B, H, S_local, D] (plus the float32 lse when asked).
+sequence (``layouts.shard``), and returns out [B, H, S_local, D] (plus the float32 lse when asked);
+``documents`` (``documents.Documents`` of the whole sequence) keeps each token inside its packed document.
 "usp" takes ``group=new_usp_group(...)`` and its layout depends on the degrees: use ``backend_layout``.
 """
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Exchange, empty_in_order, global_rank, in_order_of, p2p, rank_and_size
+from .documents import Documents
 from .kernels import AttentionKernel, repeat_kv
 from .merge import merge_
 from .precision import accumulation_dtype
@@ -179,11 +180,13 @@ def s2_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 
 def s2_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int | None = None, ratio: float = DEFAULT_RATIO,
                  causal: bool = True, scale: float | None = None, group: dist.ProcessGroup | None = None,
-                 kernel: str | AttentionKernel | None = None, return_lse: bool = False, check: bool = True):
+                 kernel: str | AttentionKernel | None = None, return_lse: bool = False, check: bool = True,
+                 documents: Documents | None = None):
     """Causal S²-Attn (module doc) of q [B,H,S_local,D], k/v [B,H_kv,S_local,D], each rank's contiguous shard.
 
     The group size is ``group_size`` or ``int(ratio * full length)``; it must be even and divide every
     rank's shard. Returns out [B,H,S_local,D] (plus the float32 lse if ``return_lse``); differentiable.
+    Packed ``documents`` are refused: the shifted groups would cross them.
     """
     _, world = rank_and_size(group)
     size = 0
@@ -192,6 +195,9 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int | None = No
         nonlocal size
         if not causal:
             raise ValueError("s2_attention is LongLoRA's causal training attention; causal=False is not supported")
+        if documents is not None:
+            raise ValueError("s2_attention: packed documents are not implemented for S²-Attn (its shifted groups "
+                             "would cross them); train packed batches with an exact backend, or one document per row")
         if q.shape[1] % 2:
             raise ValueError(f"S²-Attn shifts half of the heads, so the head count must be even; "
                              f"got {q.shape[1]}")

@@ -10,7 +10,8 @@ GQA: the kv heads are split like the q heads when P divides them. Otherwise each
 heads because H is a multiple of both H_kv and P. So the only requirement is P | H.
 
 ``AllToAllAttention`` is the sandwich with any sequence-complete inner attention; USP reuses it
-with a zigzag ring as the inner attention.
+with a zigzag ring as the inner attention. Packed documents need nothing of the all-to-all: the inner call holds
+the whole sequence, so it is one varlen kernel call (``kernel.forward_varlen``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import rank_and_size
+from .documents import Documents, backward_by_rows, forward_by_rows
 from .kernels import AttentionKernel, repeat_kv, sum_kv_groups
 from .reuse import reuse_or_compute
 from .ring import prepare_call
@@ -77,17 +79,32 @@ class InnerAttention(Protocol):
 
 @dataclass(frozen=True)
 class LocalAttention:
-    """One kernel call over the whole gathered sequence (Ulysses' inner attention)."""
+    """One kernel call over the whole gathered sequence (Ulysses' inner attention), within ``documents``."""
 
     kernel: AttentionKernel
     causal: bool
     scale: float
+    documents: Documents | None = None
 
     def forward(self, q, k, v):
-        return self.kernel.forward(q, k, v, self.causal, self.scale)
+        if self.documents is None:
+            return self.kernel.forward(q, k, v, self.causal, self.scale)
+        return forward_by_rows(self._forward, q, k, v, self.documents)
 
     def backward(self, dout, q, k, v, out, lse):
-        return self.kernel.backward(dout, q, k, v, out, lse, self.causal, self.scale)
+        if self.documents is None:
+            return self.kernel.backward(dout, q, k, v, out, lse, self.causal, self.scale)
+        return backward_by_rows(self._backward, dout, q, k, v, out, lse, self.documents)
+
+    def _forward(self, q, k, v, bounds):
+        if len(bounds) == 2:  # one document: the plain call
+            return self.kernel.forward(q, k, v, self.causal, self.scale)
+        return self.kernel.forward_varlen(q, k, v, bounds, self.causal, self.scale)
+
+    def _backward(self, dout, q, k, v, out, lse, bounds):
+        if len(bounds) == 2:
+            return self.kernel.backward(dout, q, k, v, out, lse, self.causal, self.scale)
+        return self.kernel.backward_varlen(dout, q, k, v, out, lse, bounds, self.causal, self.scale)
 
 
 class AllToAllAttention(torch.autograd.Function):
@@ -122,11 +139,12 @@ class AllToAllAttention(torch.autograd.Function):
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                       group: dist.ProcessGroup | None = None, kernel: str | AttentionKernel | None = None,
-                      return_lse: bool = False, check: bool = True):
+                      return_lse: bool = False, check: bool = True, documents: Documents | None = None):
     """Exact attention over a sequence split in the ``contiguous`` layout across ``group``, by all-to-all.
 
     q [B, H, S_local, D], k/v [B, H_kv, S_local, D] with H divisible by the group size P. Returns out
     [B, H, S_local, D] (q dtype), plus the float32 lse [B, H, S_local] if ``return_lse``, sequence-sharded.
+    ``documents``: packed documents of the whole sequence, as in ``ring.ring_attention``.
     """
     name = "ulysses_attention"
     _, world = rank_and_size(group)
@@ -136,6 +154,6 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, s
         if err:
             raise err
 
-    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name, heads_split)
-    out, lse = AllToAllAttention.apply(q, k, v, group, LocalAttention(kern, causal, scale))
+    scale, kern = prepare_call(q, k, v, causal, scale, group, kernel, check, name, heads_split, documents)
+    out, lse = AllToAllAttention.apply(q, k, v, group, LocalAttention(kern, causal, scale, documents))
     return (out, lse) if return_lse else out

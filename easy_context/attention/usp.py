@@ -5,7 +5,7 @@ Ulysses groups are U consecutive SP ranks (keep them within a node: the all-to-a
 traffic); ring groups are the R ranks with the same ulysses rank. Inputs are in the ``usp{U}x{R}``
 layout (``layouts.py``): after the all-to-all over its Ulysses group, a rank holds H/U heads of
 ring rank r's zigzag piece (chunks r and 2R-1-r of 2R), and the zigzag ring schedule runs unchanged
-over the ring group.
+over the ring group (with packed documents, cut along them in the zigzag layout of R ranks).
 
 ``new_usp_group`` is collective over the whole world (``new_group`` is): every rank calls it, also
 ranks of other SP groups when the world is data parallel x sequence parallel.
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import rank_and_size
+from .documents import Documents
 from .kernels import AttentionKernel
 from .layouts import usp_layout
 from .ring import prepare_call, ring_backward, ring_forward
@@ -130,13 +131,15 @@ class _ZigzagRing:
     causal: bool
     scale: float
     group: ProcessGroup | None
+    documents: Documents | None = None
 
     def forward(self, q, k, v):
-        return ring_forward(q, k, v, self.causal, self.scale, self.group, self.kernel, zigzag_schedule)
+        return ring_forward(q, k, v, self.causal, self.scale, self.group, self.kernel, zigzag_schedule,
+                            self.documents, "zigzag")
 
     def backward(self, dout, q, k, v, out, lse):
         return ring_backward(dout, q, k, v, out, lse, self.causal, self.scale, self.group, self.kernel,
-                             zigzag_schedule)
+                             zigzag_schedule, self.documents, "zigzag")
 
 
 def _resolve_group(group) -> USPGroup:
@@ -150,11 +153,12 @@ def _resolve_group(group) -> USPGroup:
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                   group: USPGroup | None = None, kernel: str | AttentionKernel | None = None,
-                  return_lse: bool = False, check: bool = True):
+                  return_lse: bool = False, check: bool = True, documents: Documents | None = None):
     """Exact attention over a sequence split in the ``usp{U}x{R}`` layout (``group.layout``) across ``group``.
 
     q [B, H, S_local, D], k/v [B, H_kv, S_local, D] with H divisible by U; ``group`` from ``new_usp_group``.
     Returns out [B, H, S_local, D] (q dtype), plus the float32 lse [B, H, S_local] if ``return_lse``.
+    ``documents``: packed documents of the whole sequence, as in ``ring.ring_attention``.
     """
     name = "usp_attention"
     usp = _resolve_group(group)
@@ -171,7 +175,7 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale
             raise ValueError(f"{name}: local length {q.shape[2]} x ulysses_degree {usp.ulysses_degree} must be "
                              f"even (two zigzag chunks); shard with layouts.shard(..., '{usp.layout}', ...)")
 
-    scale, kern = prepare_call(q, k, v, causal, scale, usp.sp_group, kernel, check, name, usp_checks)
-    inner = _ZigzagRing(kern, causal, scale, usp.ring_group)
+    scale, kern = prepare_call(q, k, v, causal, scale, usp.sp_group, kernel, check, name, usp_checks, documents)
+    inner = _ZigzagRing(kern, causal, scale, usp.ring_group, documents)
     out, lse = AllToAllAttention.apply(q, k, v, usp.ulysses_group, inner)
     return (out, lse) if return_lse else out

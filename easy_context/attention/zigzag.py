@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .documents import Documents
 from .kernels import AttentionKernel
 from .ring import ALL, Block, run_ring
 
@@ -33,10 +34,10 @@ def zigzag_schedule(step: int, rank: int, world: int, seq: int, causal: bool) ->
 
 def zigzag_ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None,
                           group: dist.ProcessGroup | None = None, kernel: str | AttentionKernel | None = None,
-                          return_lse: bool = False, check: bool = True):
+                          return_lse: bool = False, check: bool = True, documents: Documents | None = None):
     """Exact attention over a sequence split in the ``zigzag`` layout across ``group``.
 
-    Same contract as ``ring.ring_attention``; the local length must be even (two equal chunks).
+    Same contract as ``ring.ring_attention`` (``documents`` too); the local length must be even (two equal chunks).
     """
     def even_length() -> None:
         if q.shape[2] % 2:
@@ -44,4 +45,4 @@ def zigzag_ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, 
                              f"must be even; got {q.shape[2]} (shard with layouts.shard(..., 'zigzag', ...))")
 
     return run_ring(q, k, v, causal, scale, group, kernel, zigzag_schedule, return_lse, check,
-                    "zigzag_ring_attention", even_length)
+                    "zigzag_ring_attention", even_length, documents, "zigzag")

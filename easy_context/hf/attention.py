@@ -9,9 +9,16 @@ documents) has no effect. Each rank feeds its shard with its global position ids
 (``parallel.inputs.prepare_seq_parallel_inputs``). ``use_sequence_parallel_attention(method, model)`` registers
 and sets it (EasyContext's ``apply_seq_parallel_monkey_patch``, which patches nothing).
 
+Packed documents: position ids that restart (``parallel.inputs``) keep each token inside its document. The
+attention learns the documents of a forward from the position ids the model hands it (every decoder layer
+passes them on): ``causal_lm_loss`` binds the batch's ``Documents`` to that tensor (``bind_documents``), and
+otherwise the first layer reads them from every rank's positions (one small all-gather per forward). Keyed by
+the tensor, not by a context, they also reach the layer's activation-checkpoint recompute in backward.
+
 What the backends cannot honour raises a ValueError instead of silently computing something else:
-padding or custom attention masks, packed-document (varlen) kwargs, attention dropout, soft-capping,
-attention sinks, a sliding window shorter than the sequence, and KV caches (generation). Models the backends
+padding or custom attention masks, flash-attention varlen kwargs (cu_seq_lens_*: give restarting position ids
+instead), attention dropout, soft-capping, attention sinks, a sliding window shorter than the sequence, and KV
+caches (generation). Models the backends
 cannot run at all are refused from their config (``compatibility``). RoPE types whose frequencies follow the
 sequence length (dynamic NTK, LongRoPE) get the whole sequence's on every rank (``rope.follow_sequence_length``).
 """
@@ -24,11 +31,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..attention.comm import rank_and_size
+from ..attention.documents import Documents, gather_documents
 from ..attention.registry import BACKENDS, Backend, get_backend
 from ..attention.reuse import attention_call_scope
-from ..parallel.groups import group_rank_size, sp_process_group
+from ..parallel.groups import group_layout, group_rank_size, sp_process_group
 from .compatibility import reject_non_attention_mixers
 from .rope import config_length_dependent, follow_sequence_length
 
@@ -48,6 +57,8 @@ class Registration:
 
 _REGISTRY: dict[str, Registration] = {}
 _output_hooks: list[Callable[[Tensor], None]] = []  # see attention_output_hook
+# this rank's position ids tensor of a forward -> ((layout, SP group), the whole batch's Documents or None)
+_documents: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def implementation_name(backend: str) -> str:
@@ -105,6 +116,35 @@ def follow_sequence_length_over_group(model) -> None:
                          "each rank would use its own shard's: use linear, yarn or llama3 scaling, or data_parallel")
 
 
+def _documents_key(reg: Registration) -> tuple[str, int]:
+    return group_layout(reg.backend.layout, reg.group), id(sp_process_group(reg.group))
+
+
+def bind_documents(position_ids: Tensor, documents: Documents | None, reg: Registration) -> None:
+    """Tell ``reg``'s attention that a forward with this rank's ``position_ids`` (the very tensor the model gets)
+    holds ``documents`` (of the whole batch; None: one per row), so it need not read them from every rank."""
+    _documents[position_ids] = (_documents_key(reg), documents)
+
+
+def documents_of(position_ids: Tensor | None, reg: Registration) -> Documents | None:
+    """The packed documents of the forward that this rank's ``position_ids`` belong to: bound by
+    ``bind_documents``, else read from every rank's positions (collective over the SP group on a tensor's first
+    use) and remembered for the tensor's lifetime (the other layers, the checkpoint recompute)."""
+    if position_ids is None:
+        return None
+    key = _documents_key(reg)
+    known = _documents.get(position_ids)
+    if known is not None and known[0] == key:
+        return known[1]
+    group = sp_process_group(reg.group)
+    if rank_and_size(group)[1] == 1:
+        docs = Documents.from_position_ids(position_ids)
+    else:
+        docs = gather_documents(position_ids, key[0], group)
+    _documents[position_ids] = (key, docs)
+    return docs
+
+
 def _reject_unsupported(name: str, query: Tensor, key: Tensor, attention_mask, dropout: float, world: int,
                         kwargs: dict) -> None:
     where = f"{name} (sequence-parallel attention)"
@@ -118,7 +158,9 @@ def _reject_unsupported(name: str, query: Tensor, key: Tensor, attention_mask, d
         if kwargs.get(arg) is not None:
             raise ValueError(f"{where}: the model passes {arg}, which these backends do not implement")
     if any(kwargs.get(a) is not None for a in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")):
-        raise ValueError(f"{where}: packed-document (varlen) batches are not supported; give one document per row")
+        raise ValueError(f"{where}: flash-attention varlen kwargs (cu_seq_lens_*) are not read; give packed "
+                         "documents as position ids that restart at 0 with each document (prepare_seq_parallel_inputs "
+                         "shards them, with cu_seqlens= if you have lengths)")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"{where}: query length {query.shape[2]} != key length {key.shape[2]}: KV caches "
                          "(generation) are not supported; call the model with use_cache=False")
@@ -147,9 +189,11 @@ def _make_attention(name: str, reg: Registration):
         _reject_unsupported(name, query, key, attention_mask, dropout, world, kwargs)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         query, key, value = _autocast_qkv(query, key, value)
+        docs = documents_of(kwargs.get("position_ids"), reg)
+        extra = {} if docs is None else {"documents": docs}  # backends without documents never see the argument
         with attention_call_scope(module):
             out = reg.backend.attention(query, key, value, causal=causal, scale=scaling, group=reg.group,
-                                        kernel=reg.kernel, check=reg.check).transpose(1, 2)
+                                        kernel=reg.kernel, check=reg.check, **extra).transpose(1, 2)
         observe_attention_output(out)
         return out, None
 

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
+from ..attention.documents import Documents
 from ..parallel.groups import sp_process_group
 from ..parallel.loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
-from .attention import follow_sequence_length_over_group, registered_backend
+from .attention import bind_documents, follow_sequence_length_over_group, registered_backend
 
 Tensor = torch.Tensor
 # Config attributes that rescale logits in a model's head; the chunked loss does not apply them.
@@ -76,7 +77,8 @@ def _router_aux_share(router_logits, experts: int, top_k: int, group, world: int
 
 def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None, *,
                    group: dist.ProcessGroup | None = None, grad_reduction: str = "mean",
-                   chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, **model_kwargs) -> SPLoss:
+                   chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, documents: Documents | None = None,
+                   **model_kwargs) -> SPLoss:
     """This rank's loss for a causal LM: decoder body on the shard, then the chunked exact SP cross entropy.
 
     The full-vocabulary logits are never built: the loss comes from the last hidden state and the
@@ -85,6 +87,8 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
     targets from ``prepare_seq_parallel_inputs``. ``group``: the ProcessGroup over which the loss is a
     token mean; default the group the model's attention was registered with. For an unpatched
     (data-parallel) model the loss is this rank's own token mean. See ``parallel.loss`` for ``grad_reduction``.
+    ``documents``: the batch's packed documents (``SeqParallelInputs.documents``), handed to the attention of this
+    forward; without them it reads them from the restarting ``position_ids`` itself (one small collective).
     """
     head = model.get_output_embeddings()
     if head is None or model.base_model is model or not isinstance(head, torch.nn.Linear):
@@ -100,11 +104,16 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
             raise ValueError("causal_lm_loss: a padding attention_mask with the router's load-balancing loss "
                              "(config.output_router_logits) is not implemented; give full-length rows, no mask")
         model_kwargs = {**model_kwargs, "output_router_logits": True}
+    if documents is not None and position_ids is None:
+        raise ValueError("causal_lm_loss: documents need this rank's position_ids (restarting with each document, "
+                         "as prepare_seq_parallel_inputs gives them)")
     reg = registered_backend(model)
     if reg is not None:
         follow_sequence_length_over_group(model)  # also when attention was set by hand (apply_s2attn)
         if group is None:
             group = sp_process_group(reg.group)
+        if documents is not None:
+            bind_documents(position_ids, documents, reg)
     out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **model_kwargs)
     hidden = out.last_hidden_state
     args = dict(bias=head.bias, chunk_size=chunk_size, ignore_index=ignore_index, softcap=softcap)
@@ -124,7 +133,7 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
 
 
 class CausalLMWithLoss(torch.nn.Module):
-    """A HF causal LM whose forward(input_ids, target_ids, position_ids) returns this rank's
+    """A HF causal LM whose forward(input_ids, target_ids, position_ids, documents=None) returns this rank's
     (loss, group-mean loss value, group valid-token count) from ``causal_lm_loss``: the module to hand to
     accelerate / DeepSpeed, so the chunked loss runs inside the engine's forward.
 
@@ -145,9 +154,10 @@ class CausalLMWithLoss(torch.nn.Module):
         if isinstance(head, torch.nn.Linear):
             register_external_parameter(self, head.weight)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None):
+    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None,
+                documents: Documents | None = None):
         out = causal_lm_loss(self.model, input_ids, target_ids, position_ids, group=self.group,
-                             grad_reduction=self.grad_reduction, chunk_size=self.chunk_size)
+                             grad_reduction=self.grad_reduction, chunk_size=self.chunk_size, documents=documents)
         return out.loss, out.value, torch.tensor(out.num_tokens, device=out.loss.device)
 
 

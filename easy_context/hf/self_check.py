@@ -3,8 +3,9 @@
 EasyContext's patches once went silently local-only after a transformers upgrade. ``self_check(model)`` runs
 one random batch through the model on this rank's shard and through the same model switched to transformers'
 sdpa on the whole sequence, and compares every attention layer's output, the rotary cos/sin, the logits and
-``causal_lm_loss`` (against the model's own loss) on every rank. ``self_check_config`` does it on a small
-random model of a config, before the real weights load.
+``causal_lm_loss`` (against the model's own loss) on every rank. With ``packed=True`` a second batch of packed
+documents (restarting position ids) is compared with sdpa's own packed-sequence mask, proving that the documents
+reach every layer. ``self_check_config`` does it on a small random model of a config, before the real weights load.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import torch
 import torch.distributed as dist
 
+from ..attention.documents import Documents
 from ..attention.layouts import check_length, num_chunks, shard
 from ..attention.registry import Backend, get_backend
 from ..parallel.groups import group_layout, group_rank_size
@@ -89,8 +91,26 @@ def _default_tol(model) -> float:
     return 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 2e-2
 
 
+def _packed_errors(model, name: str, ids: Tensor, layout: str, rank: int, world: int) -> tuple[float, float]:
+    """(attention, logits) relative errors of ``model`` on this rank's shard of ``ids`` packed as four documents
+    (one crossing the shards) against sdpa on the whole sequence, which reads restarting positions as documents.
+    The model runs in eval mode under no_grad; ``name`` is its registered attention."""
+    s = ids.shape[1]
+    docs = Documents(((0, 1, 1 + s // 4, 1 + s // 4 + s // 2, s),))
+    pos = docs.position_ids(ids.device).expand_as(ids)
+    ours, _, out = _forward(model, shard(ids, layout, rank, world), shard(pos, layout, rank, world))
+    model.set_attn_implementation(_REFERENCE)
+    try:  # no attention_mask: transformers builds its packed-sequence mask from the restarting positions
+        ref, _, ref_out = _forward(model, ids, pos)
+    finally:
+        model.set_attn_implementation(name)
+    attn = max((_rel_err(o, shard(r, layout, rank, world)) for o, r in zip(ours, ref)), default=float("inf"))
+    attn = attn if len(ours) == len(ref) else float("inf")
+    return attn, _rel_err(out.logits, shard(ref_out.logits, layout, rank, world))
+
+
 def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float | None = None,
-               seed: int = 0, train_len: int | None = None) -> dict[str, float]:
+               seed: int = 0, train_len: int | None = None, packed: bool = False) -> dict[str, float]:
     """Collective over the world: raise RuntimeError unless the patched model matches full-sequence sdpa.
 
     One no-grad forward of the same random batch: the patched model on this rank's shard, and the
@@ -100,7 +120,8 @@ def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float 
     in every layer. ``train_len``: the training length; the probe's positions then reach it as training's
     do on every rank (``_probe_positions``), so RoPE that depends on the length is checked in its regime.
     The rotary embeddings' cos/sin are compared too: a random model's near-uniform attention hides wrong
-    frequencies from the outputs. Returns the worst errors over all ranks.
+    frequencies from the outputs. ``packed``: also a batch of packed documents (module doc; "packed" in the
+    result). Returns the worst errors over all ranks.
     """
     reg = registered_backend(model)
     if reg is None:
@@ -130,6 +151,7 @@ def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float 
                 ref, ref_rotary, ref_out = _forward(model, ids, pos, labels=ids, attention_mask=torch.ones_like(ids))
             finally:
                 model.set_attn_implementation(name)
+            packed_errs = _packed_errors(model, name, ids, layout, rank, world) if packed else (0.0, 0.0)
     finally:
         model.train(training)
     missing = float(len(ours) != len(ref) or not ours)
@@ -137,10 +159,11 @@ def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float 
     rope = max((_rel_err(o, shard(r, layout, rank, world, dim=-2)) for o, r in zip(rotary, ref_rotary)), default=0.0)
     rope = rope if len(rotary) == len(ref_rotary) else float("inf")
     errs = torch.tensor([attn, rope, _rel_err(logits, shard(ref_out.logits, layout, rank, world)),
-                         _rel_err(loss, ref_out.loss), missing], dtype=torch.float64, device=param.device)
+                         _rel_err(loss, ref_out.loss), missing, max(packed_errs)], dtype=torch.float64,
+                        device=param.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    attn, rope, logit_err, loss_err, missing = errs.tolist()
+    attn, rope, logit_err, loss_err, missing, packed_err = errs.tolist()
     if missing:
         raise RuntimeError(f"self_check: {name} ran in {len(ours)} attention calls where sdpa ran in {len(ref)} "
                            f"(rank {rank}): transformers did not route every attention layer through it, so "
@@ -153,7 +176,14 @@ def self_check(model, *, seq_len: int | None = None, batch: int = 1, tol: float 
                            "a transformers change in how attention is called)")
     if loss_err > tol:
         raise _loss_mismatch(loss_err, tol, f"under {name} differs from full-sequence sdpa with")
-    return {"attention": attn, "rotary": rope, "logits": logit_err, "loss": loss_err}
+    if packed_err > tol:
+        raise RuntimeError(f"self_check: on packed documents (restarting position ids) {name} differs from "
+                           f"full-sequence sdpa with its packed-sequence mask by {packed_err:.2e} relative (attention "
+                           f"outputs and logits, tolerance {tol:.0e}): the documents do not reach this model's "
+                           "attention (its layers must pass position_ids on to the attention function). Do not train "
+                           "packed batches with it: give one document per row")
+    result = {"attention": attn, "rotary": rope, "logits": logit_err, "loss": loss_err}
+    return {**result, "packed": packed_err} if packed else result
 
 
 def _check_own_loss(model, *, seq_len: int = 64, batch: int = 1, tol: float | None = None,
@@ -179,12 +209,13 @@ def _check_own_loss(model, *, seq_len: int = 64, batch: int = 1, tol: float | No
 
 
 def self_check_config(config, method: str | Backend, *, group=None, kernel=None, device=None, layers: int = 2,
-                      seq_len: int | None = None, train_len: int | None = None) -> dict[str, float]:
+                      seq_len: int | None = None, train_len: int | None = None,
+                      packed: bool = False) -> dict[str, float]:
     """``self_check`` on a ``layers``-layer random model of ``config`` (bf16 on CUDA, float32 on CPU): proves
     the attention plumbing (routing, group, layout, positions at the training length ``train_len``) and the
     loss wrapper exact before the real weights are loaded. ``method``: a Backend or its name; one that does not
     split the sequence ("data_parallel") checks the loss wrapper only (``causal_lm_loss`` against the model's
-    own loss, one process, no collective)."""
+    own loss, one process, no collective). ``packed``: also check packed documents (``self_check``)."""
     from transformers import AutoModelForCausalLM
 
     backend = method if isinstance(method, Backend) else get_backend(method)
@@ -204,7 +235,7 @@ def self_check_config(config, method: str | Backend, *, group=None, kernel=None,
         probe = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device)
     if backend.sequence_parallel:
         use_sequence_parallel_attention(backend, probe, group=group, kernel=kernel)
-        result = self_check(probe, seq_len=seq_len, train_len=train_len)
+        result = self_check(probe, seq_len=seq_len, train_len=train_len, packed=packed)
     else:
         result = _check_own_loss(probe, seq_len=seq_len or 64)
     del probe

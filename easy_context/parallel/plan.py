@@ -43,12 +43,14 @@ class ParallelPlan:
             check_length(seq_len, self.layout, self.groups.sp_size)
 
     def shard_inputs(self, input_ids: Tensor, labels: Tensor | None = None, position_ids: Tensor | None = None,
-                     *, allow_position_skips: bool = False) -> SeqParallelInputs:
-        """This rank's (input_ids, position_ids, target_ids) of a full batch [B, S] (labels shifted once)."""
+                     *, allow_position_skips: bool = False, cu_seqlens=None) -> SeqParallelInputs:
+        """This rank's (input_ids, position_ids, target_ids, documents) of a full batch [B, S] (labels shifted
+        once; packed documents from positions that restart at 0, or from ``cu_seqlens``)."""
         if not self.backend.sequence_parallel:
-            return whole_batch(input_ids, labels, position_ids, allow_position_skips=allow_position_skips)
+            return whole_batch(input_ids, labels, position_ids, allow_position_skips=allow_position_skips,
+                               cu_seqlens=cu_seqlens)
         return shard_batch(self.layout, input_ids, labels, position_ids, group=self.attention_group,
-                           allow_position_skips=allow_position_skips)
+                           allow_position_skips=allow_position_skips, cu_seqlens=cu_seqlens)
 
 
 def resolve_plan(backend: str, *, sp_size: int | None = None, ulysses_degree: int | None = None,

@@ -36,7 +36,11 @@ def test_one_process_plan_runs_whole_sequences(seed):
         assert plan.groups.sp_size == 1 and not plan.sequence_parallel
         got = plan.shard_inputs(ids, labels)
         assert torch.equal(got.input_ids, ids) and torch.equal(got.target_ids, shift_labels(labels))
-        assert torch.equal(got.position_ids, torch.arange(24)[None])
+        assert torch.equal(got.position_ids, torch.arange(24)[None]) and got.documents is None
+        packed = plan.shard_inputs(ids, labels, cu_seqlens=[0, 10, 24])  # two documents, positions made
+        assert packed.documents.bounds == ((0, 10, 24),)
+        assert torch.equal(packed.position_ids, torch.cat([torch.arange(10), torch.arange(14)])[None])
+        assert (packed.target_ids[:, 9] == -100).all()  # no target across the boundary
 
 
 def test_a_plan_that_cannot_work_is_refused():
@@ -53,11 +57,14 @@ def _plans_shard_like_the_entry_point(rank: int, world: int, seed: int) -> None:
                                  ("s2attn", None, "contiguous")):
         plan = resolve_plan(name, ulysses_degree=degree)
         assert plan.sequence_parallel and plan.layout == layout and plan.groups.sp_size == world
-        mine = plan.shard_inputs(ids, labels)
-        want = prepare_seq_parallel_inputs(plan.backend.name if name != "s2attn" else "ring", ids, labels,
-                                           group=plan.attention_group)
-        for a, b in zip(mine.__dict__.values(), want.__dict__.values()):
-            assert torch.equal(a, b), name
+        packed = torch.cat([torch.arange(5), torch.arange(19)])[None]  # packed documents shard alike
+        for pos in (None, packed):
+            mine = plan.shard_inputs(ids, labels, pos)
+            want = prepare_seq_parallel_inputs(plan.backend.name if name != "s2attn" else "ring", ids, labels, pos,
+                                               group=plan.attention_group)
+            for a, b in zip(mine.__dict__.values(), want.__dict__.values()):
+                assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+        assert mine.documents.bounds == ((0, 5, 24),)
         gathered = [torch.empty_like(mine.input_ids) for _ in range(world)]
         torch.distributed.all_gather(gathered, mine.input_ids)
         assert torch.equal(unshard(gathered, layout), ids)
