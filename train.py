@@ -44,8 +44,8 @@ SMOKE_TEST = ("The built-in model learns the data's format here (loss far below 
               "needles: that takes the GPU curriculum, OUT=output/proof bash scripts/demo.sh (docs/proof.md).")
 
 
-def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype):
-    """The model at ``path`` with the memory options of ``cfg``, LoRA+ and the plan's attention."""
+def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool):
+    """The model at ``path`` with ``cfg``'s memory options, LoRA+ and the plan's attention (``packed``: packed rows)."""
     model = models.load_model(path, config=config, dtype=dtype)
     offload.setup_checkpointing(model, offload=cfg.offload_activations, skip_last=cfg.no_gradient_checkpointing)
     if cfg.keep_attention:
@@ -56,24 +56,29 @@ def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: 
         ec.apply_tiled_mlp(model, cfg.tiled_mlp)
     if cfg.lora_rank:
         ec.apply_lora_plus(model, r=cfg.lora_rank, alpha=cfg.lora_alpha)
-    # PoSE's position jumps need our attention also when data parallel (sdpa reads them as documents)
-    return apply_plan(model, plan, position_jumps=bool(cfg.pose_target))
+    # data parallel: PoSE's jumps and packed rows need our attention (sdpa: documents; an [S, S] mask)
+    return apply_plan(model, plan, position_jumps=bool(cfg.pose_target), packed_documents=packed)
 
 
 def load_dataset(cfg: TrainConfig, tokenizer, vocab_size: int) -> torch.utils.data.Dataset:
     """The training rows of ``--dataset`` (uniform random tokens for "random" or a model without a tokenizer)."""
     if cfg.dataset == "random" or tokenizer is None:  # benchmarks: no tokenizer needed
         return data.RandomTokens(vocab_size, cfg.seq_length, seed=cfg.seed)
-    return data.load_training_data(cfg.dataset, tokenizer, cfg.seq_length, text_column=cfg.text_column,
-                                   split=cfg.dataset_split, seed=cfg.seed, vocab_size=vocab_size)
+    dataset = data.load_training_data(cfg.dataset, tokenizer, cfg.seq_length, text_column=cfg.text_column,
+                                      split=cfg.dataset_split, seed=cfg.seed, vocab_size=vocab_size,
+                                      prompt_format=cfg.prompt_format, packing=not cfg.one_example_per_row,
+                                      ignore_columns=cfg.ignored_columns)
+    if getattr(dataset, "summary", "") and is_main_process():
+        print(dataset.summary)
+    return dataset
 
 
-def step_inputs(cfg: TrainConfig, plan: ParallelPlan, ids: torch.Tensor, labels: torch.Tensor | None, *,
-                micro_step: int) -> SeqParallelInputs:
-    """This rank's part of one full batch (``labels`` None: the loss on every token); with PoSE, its positions
-    drawn alike on every rank of an SP group, anew for each micro-step and DP group."""
+def step_inputs(cfg: TrainConfig, plan: ParallelPlan, ids: torch.Tensor, labels: torch.Tensor | None,
+                positions: torch.Tensor | None = None, *, micro_step: int) -> SeqParallelInputs:
+    """This rank's part of one full batch (``labels`` None: loss on every token; ``positions``: packed examples'); with
+    PoSE, its positions drawn alike on every rank of an SP group, anew for each micro-step and DP group."""
     labels = ids if labels is None else labels.to(ids.device)
-    positions = None
+    positions = None if positions is None else positions.to(ids.device)
     if cfg.pose_target:
         seed = cfg.seed * 1_000_003 + micro_step * 7919 + plan.groups.dp_rank
         positions = pose_batch_position_ids(ids.shape[0], ids.shape[1], cfg.pose_target, seed=seed,
@@ -114,12 +119,14 @@ def main(argv: list[str] | None = None) -> None:
                                skip_last=cfg.no_gradient_checkpointing, input_bytes=input_bytes)
     tokenizer = None if models.is_shape(model_path) else models.load_tokenizer(model_path)
     dataset = load_dataset(cfg, tokenizer, config.vocab_size)
+    packed = data.restarts_positions(dataset)  # packed documents: each attends only to itself
+    data.check_packed_rows(dataset, plan, pose=bool(cfg.pose_target), device=state.device)
     sampler = data.ShardedSampler(len(dataset), groups.dp_rank, groups.dp_size, seed=cfg.seed)
     # A 2-layer random copy proves the attention plumbing (data parallel: the loss) exact before the real
     # weights load. S²-Attn approximates attention: its plumbing is checked with the exact ring backend.
     check_backend = plan.backend if plan.backend.exact else "ring"
     ec.self_check_config(config, check_backend, group=plan.attention_group, kernel=plan.kernel,
-                         device=state.device, train_len=cfg.pose_target or cfg.seq_length)
+                         device=state.device, train_len=cfg.pose_target or cfg.seq_length, packed=packed)
 
     # --- model: RoPE settings, the plan's attention, the loss inside the module DeepSpeed wraps ---------------
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
     if cfg.tiled_mlp and ds is None and state.num_processes > 1:
         raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
-    model = build_model(cfg, model_path, config, plan, dtype)
+    model = build_model(cfg, model_path, config, plan, dtype, packed)
     wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk)
     if ds is not None:
         ds.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.batch_size,
@@ -156,16 +163,16 @@ def main(argv: list[str] | None = None) -> None:
                      tokens_per_step=cfg.batch_size * cfg.seq_length * cfg.grad_accum * groups.dp_size,
                      max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, time_limit=cfg.time_limit,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
-    for epoch, row, (ids, labels) in data.batches(dataset, sampler, cfg.batch_size, cfg.seq_length,
-                                                  cfg.data_workers):
+    for epoch, row, (ids, labels, positions) in data.batches(dataset, sampler, cfg.batch_size, cfg.seq_length,
+                                                             cfg.data_workers):
         if loop.done():
             break
-        b = step_inputs(cfg, plan, ids.to(accelerator.device), labels, micro_step=loop.micro)
+        b = step_inputs(cfg, plan, ids.to(accelerator.device), labels, positions, micro_step=loop.micro)
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
         with accelerator.accumulate(wrapped):
-            loss, value, _ = wrapped(b.input_ids, b.target_ids, b.position_ids)
+            loss, value, _ = wrapped(b.input_ids, b.target_ids, b.position_ids, b.documents)
             if not loop.agree(value):  # a non-finite loss on some rank: no rank takes its backward (nor step)
                 break
             accelerator.backward(loss)

@@ -22,6 +22,7 @@ import torch
 from ..attention.registry import REGISTRY
 from ..hf import models
 from ..world.default import PRESETS
+from .instructions import INSTRUCTION_COLUMNS, MESSAGES, PROMPT_FORMATS
 from .schedule import SCHEDULES
 
 ALL_LAYERS = -1  # a layer-count flag given without its number (--offload-activations): every layer
@@ -43,11 +44,20 @@ class TrainConfig:
     # --- model and data
     model: str = _flag(models.TINY, "hub name, local path, shape:llama2-7b (random init) or tiny")
     tiny_preset: str = _flag("tiny", "size of the built-in model", choices=list(PRESETS))
-    dataset: str = _flag("tiny:answers+0.05", "hub name, save_to_disk folder, jsonl/parquet file, or tiny "
+    dataset: str = _flag("tiny:answers+0.05", "hub name, save_to_disk folder, jsonl/json/parquet file, or tiny "
                          "(tiny:answers: loss on the answers only; tiny:answers+0.05: and on 5% of the other "
-                         "tokens)")
+                         "tokens; tiny:instructions: generated long instructions). Rows of input_ids, text, or "
+                         "instructions (instruction/input/output or chat messages: loss on the responses only)")
     text_column: str = _flag("text", "the dataset column holding raw text (a dataset with input_ids uses those)")
     dataset_split: str = _flag("train", "the split of a hub dataset")
+    prompt_format: str = _flag("auto", "instruction data: the tokenizer's chat template (chat), LongAlpaca's "
+                               "Llama-2 [INST] prompt (llama2), or auto: chat when the tokenizer has a template, "
+                               "else llama2", choices=list(PROMPT_FORMATS))
+    one_example_per_row: bool = _flag(False, "instruction data: one example per row, right-padded (LongLoRA's "
+                                      "way), instead of several packed into a row with position ids restarting "
+                                      "at each example")
+    ignore_columns: str | None = _flag(None, "instruction data: comma-separated columns to leave out (any column "
+                                       "besides instruction/input/output or messages is refused otherwise)")
     seq_length: int = _flag(256, "tokens per training row")
     # --- parallelism and attention
     backend: str = _flag("zigzag_ring", "attention backend; s2attn: LongLoRA's shifted sparse attention "
@@ -103,6 +113,11 @@ class TrainConfig:
     def model_path(self) -> str:
         """Where the model loads from: ``--model``, or the built-in default's build in the output directory."""
         return os.path.join(self.output_dir, "tiny_init") if self.model == models.TINY else self.model
+
+    @property
+    def ignored_columns(self) -> tuple[str, ...]:
+        """The column names of ``--ignore-columns``."""
+        return tuple(c.strip() for c in (self.ignore_columns or "").split(",") if c.strip())
 
 
 def _flag_name(name: str) -> str:
@@ -200,6 +215,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.pose_target is not None and cfg.pose_target <= cfg.seq_length:
         raise SystemExit(f"--pose-target {cfg.pose_target} must be above --seq-length {cfg.seq_length} (the "
                          "longer window PoSE spreads positions over), or leave it out")
+    kept = [c for c in cfg.ignored_columns if c in (*INSTRUCTION_COLUMNS, MESSAGES)]
+    if kept:
+        raise SystemExit(f"--ignore-columns {','.join(kept)}: the instruction columns "
+                         f"({'/'.join(INSTRUCTION_COLUMNS)}, {MESSAGES}) are the data; name only other columns")
     if not 0 <= cfg.seed < 2 ** 32:
         raise SystemExit(f"--seed must be in [0, 2**32 - 1]; got {cfg.seed}")
     try:

@@ -112,6 +112,19 @@ def test_sensible_arguments_pass_and_checkpoints_that_never_come_are_a_warning(c
     assert "--checkpoint-every 20 is not below --max-steps 10: no checkpoint" in capsys.readouterr().err
 
 
+def test_instruction_data_flags_parse_and_instruction_columns_cannot_be_ignored(capsys):
+    cfg = parse_config([])
+    assert (cfg.prompt_format, cfg.one_example_per_row, cfg.ignored_columns) == ("auto", False, ())
+    cfg = parse_config(["--dataset", "long.json", "--prompt-format", "llama2", "--one-example-per-row",
+                        "--ignore-columns", "file, id"])
+    assert (cfg.prompt_format, cfg.one_example_per_row, cfg.ignored_columns) == ("llama2", True, ("file", "id"))
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--prompt-format", "alpaca"])
+    assert e.value.code == 2 and "invalid choice: 'alpaca'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--ignore-columns output: the instruction columns .* are the data"):
+        parse_config(["--ignore-columns", "file,output"])
+
+
 def test_usage_errors_are_printed_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")  # every rank parses the same command line under a launcher
     with pytest.raises(SystemExit) as e:
