@@ -97,18 +97,18 @@ def load_training_data(source: str, tokenizer, seq_len: int, *, text_column: str
     row shorter than ``seq_len`` or holding a token id outside [0, ``vocab_size``) (every row checked:
     ``check_rows``), or bad instruction data. ``prompt_format``, ``packing`` and ``ignore_columns`` apply to
     instruction data only: ``instructions.tokenize_examples`` and ``instruction_rows``."""
+    sft_options = prompt_format != "auto" or not packing or bool(ignore_columns)
+    if source == "tiny" or source.startswith("tiny:answers"):  # needs no datasets package
+        _no_sft_options(source, sft_options, "generated retrieval rows")
+        return _tiny_data(source, tokenizer, seq_len, seed)
     import datasets
 
-    sft_options = prompt_format != "auto" or not packing or bool(ignore_columns)
     if source == TINY_INSTRUCTIONS:
         # lengths up to 7/8 of a row: the prompt format's own tokens fit the rest
         rows = instruction_examples(tokenizer, TINY_INSTRUCTION_COUNT, max(1, seq_len * 7 // 8), seed=seed)
         return instruction_rows(datasets.Dataset.from_list(rows), tokenizer, seq_len, source=source,
                                 prompt_format=prompt_format, packing=packing, ignore_columns=ignore_columns,
                                 vocab_size=vocab_size)
-    if source == "tiny" or source.startswith("tiny:answers"):
-        _no_sft_options(source, sft_options, "generated retrieval rows")
-        return _tiny_data(source, tokenizer, seq_len, seed)
     ds = load_raw(source, split)
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} holds no rows: {_EMPTY_HINT}")

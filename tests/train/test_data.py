@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -267,3 +268,9 @@ def test_packed_rows_are_refused_where_the_job_cannot_keep_examples_apart(tokeni
             data.check_packed_rows(packed, exact)
     else:
         data.check_packed_rows(packed, exact)
+
+
+def test_the_built_in_data_needs_no_datasets_package(monkeypatch, tokenizer):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    ds = data.load_training_data("tiny:answers+0.05", tokenizer, 256)
+    assert len(ds) > 0 and ds[0]["input_ids"].shape[0] >= 256
