@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                               mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
+    offload.check_zero_offload_host(ds and ds.deepspeed_config, models.parameter_count(config), lora=bool(cfg.lora_rank))
     # DeepSpeed (bf16 on GPU) keeps its own fp32 master weights; without it, fp32 weights under autocast.
     dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
     if cfg.tiled_mlp and ds is None and state.num_processes > 1:

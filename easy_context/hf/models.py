@@ -266,6 +266,14 @@ def load_config(name_or_path: str, *, rope_theta: float | None = None, rope_scal
                       max_position_embeddings=max_position_embeddings)
 
 
+def parameter_count(config) -> int:
+    """The parameters of a causal LM of ``config``, counted on the meta device (no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, rope_theta: float | None = None,
                rope_scaling: str | dict | None = None, max_position_embeddings: int | None = None,
                attn_implementation: str = "sdpa", config=None, **shape_overrides):

@@ -16,6 +16,7 @@ Other devices than CUDA GPUs copy synchronously; tensors on the CPU are copied o
 keeps the code path testable without a GPU).
 Host memory: layers x B x S_local x H elements per GPU (at Llama-3-8B's 32 layers and H = 4096, 8 GiB per
 32K local tokens in bf16); PyTorch's pinned allocator rounds each block up to a power of two.
+``check_zero_offload_host`` checks the other tenant of the host, ZeRO-3's offloaded training state, before loading.
 """
 
 from __future__ import annotations
@@ -229,6 +230,41 @@ def check_host_memory(layers: int, input_bytes: int, processes: int, available: 
             f"{need / gib:.1f} GiB of host memory, and {available / gib:.1f} GiB are available: offload at most "
             f"{available // (pinned_bytes(input_bytes) * processes)} layers (--offload-activations N keeps the rest "
             f"on the GPU), or train on shorter sequences")
+
+
+# Host bytes per trained parameter that DeepSpeed ZeRO-3 keeps with its optimizer offloaded (CPU Adam): fp32
+# master weights, fp32 gradients, Adam's two moments; and per parameter with parameters offloaded: bf16 weights.
+OPTIMIZER_OFFLOAD_BYTES, PARAM_OFFLOAD_BYTES = 16, 2
+
+
+def zero_offload_host_bytes(zero: dict, num_params: int, *, lora: bool = False) -> int:
+    """Host bytes ZeRO-3 keeps for ``num_params`` parameters under ``zero`` (a DeepSpeed ``zero_optimization``
+    dict) over all ranks together; with ``lora`` only the small adapters train, so the optimizer's are left out."""
+    def offloaded(key: str) -> bool:
+        return (zero.get(key) or {}).get("device") in ("cpu", "nvme")  # nvme still stages through pinned host
+
+    optimizer = OPTIMIZER_OFFLOAD_BYTES if offloaded("offload_optimizer") and not lora else 0
+    return num_params * (optimizer + (PARAM_OFFLOAD_BYTES if offloaded("offload_param") else 0))
+
+
+def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bool = False,
+                            available: int | None = None) -> None:
+    """Before any weights load: ValueError, saying what to change, unless the ZeRO-3 states that ``ds_config``
+    offloads (this machine's share of all ranks': LOCAL_WORLD_SIZE / WORLD_SIZE) fit ``available`` host bytes
+    (default MemAvailable; no check where unknown or without DeepSpeed)."""
+    zero = (ds_config or {}).get("zero_optimization") or {}
+    available = host_available_bytes() if available is None else available
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / int(os.environ.get("WORLD_SIZE", "1"))
+    need = zero_offload_host_bytes(zero, num_params, lora=lora) * share
+    if available is None or need <= available:
+        return
+    gib = 2 ** 30
+    raise ValueError(
+        f"the DeepSpeed config offloads {num_params / 1e9:.2f}B parameters' training state to this machine's host: "
+        f"{need / gib:.1f} GiB ({OPTIMIZER_OFFLOAD_BYTES} bytes per parameter with the optimizer offloaded: fp32 "
+        f"weights, fp32 gradients, Adam's two moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded), "
+        f"and {available / gib:.1f} GiB are available. Spread it over more GPUs or machines (ZeRO-3 splits it over "
+        "every rank), train LoRA adapters (--lora-rank 8), use a smaller model, or a machine with more host memory")
 
 
 def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0) -> None:

@@ -319,3 +319,29 @@ def test_offload_that_cannot_fit_host_memory_is_refused_with_the_layers_that_wou
     # 350K local tokens x 4096 x 2 bytes = 2.67 GiB, pinned as 4 GiB: the rounding is what does not fit
     with pytest.raises(ValueError, match=r"pinned as 4.00 GiB"):
         check_host_memory(32, 350 * 1024 * 4096 * 2, 1, available=100 * gib)
+
+
+def test_zero3_offload_needs_16_bytes_a_parameter_for_the_optimizer_and_2_for_the_weights():
+    from easy_context.memory.offload import zero_offload_host_bytes
+
+    both = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    assert zero_offload_host_bytes(both, 1000) == 18_000
+    assert zero_offload_host_bytes({"offload_optimizer": {"device": "cpu"}}, 1000) == 16_000
+    assert zero_offload_host_bytes({"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "none"}},
+                                   1000) == 2_000
+    assert zero_offload_host_bytes({}, 1000) == 0
+    assert zero_offload_host_bytes(both, 1000, lora=True) == 2_000  # adapters' optimizer states are negligible
+
+
+def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host(monkeypatch):
+    from easy_context.memory.offload import check_zero_offload_host
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match=r"8\.03B parameters.*134\.6 GiB.*120\.0 GiB are available.*--lora-rank"):
+        check_zero_offload_host(config, 8_030_261_248, available=120 * 2**30)
+    check_zero_offload_host(config, 8_030_261_248, lora=True, available=120 * 2**30)  # LoRA: 15 GiB of weights
+    check_zero_offload_host(None, 8_030_261_248, available=1)  # no DeepSpeed: nothing offloaded
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two machines of one GPU each: this host holds half
+    check_zero_offload_host(config, 8_030_261_248, available=70 * 2**30)
