@@ -11,7 +11,7 @@ import easy_context
 
 PKG = os.path.dirname(easy_context.__file__)
 # Lowest first. The default world is a leaf any layer may build on; it imports no other layer.
-LAYERS = ("world", "attention", "parallel", "hf", "memory", "train", "eval")
+LAYERS = ("world", "attention", "parallel", "hf", "memory", "train", "cepe", "eval")
 
 
 def modules() -> list[str]:

@@ -28,12 +28,13 @@ from .schedule import SCHEDULES
 ALL_LAYERS = -1  # a layer-count flag given without its number (--offload-activations): every layer
 
 
-def _flag(default: typing.Any, help: str, **argparse_options: typing.Any) -> typing.Any:
+def flag(default: typing.Any, help: str, **argparse_options: typing.Any) -> typing.Any:
     """A field with its command-line help and extra ``argparse`` options (choices, nargs, const, metavar)."""
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
-def _default_data_workers() -> int:
+def default_data_workers() -> int:
+    """DataLoader workers by default: 2 on a GPU machine, none on CPU (the CPU is the one computing)."""
     return 2 if torch.cuda.is_available() else 0
 
 
@@ -42,71 +43,71 @@ class TrainConfig:
     """Every train.py flag (``--seq-length`` is ``seq_length``), with train.py's defaults."""
 
     # --- model and data
-    model: str = _flag(models.TINY, "hub name, local path, shape:llama2-7b (random init) or tiny")
-    tiny_preset: str = _flag("tiny", "size of the built-in model", choices=list(PRESETS))
-    dataset: str = _flag("tiny:answers+0.05", "hub name, save_to_disk folder, jsonl/json/parquet file, or tiny "
+    model: str = flag(models.TINY, "hub name, local path, shape:llama2-7b (random init) or tiny")
+    tiny_preset: str = flag("tiny", "size of the built-in model", choices=list(PRESETS))
+    dataset: str = flag("tiny:answers+0.05", "hub name, save_to_disk folder, jsonl/json/parquet file, or tiny "
                          "(tiny:answers: loss on the answers only; tiny:answers+0.05: and on 5% of the other "
                          "tokens; tiny:instructions: generated long instructions). Rows of input_ids, text, or "
                          "instructions (instruction/input/output or chat messages: loss on the responses only)")
-    text_column: str = _flag("text", "the dataset column holding raw text (a dataset with input_ids uses those)")
-    dataset_split: str = _flag("train", "the split of a hub dataset")
-    prompt_format: str = _flag("auto", "instruction data: the tokenizer's chat template (chat), LongAlpaca's "
+    text_column: str = flag("text", "the dataset column holding raw text (a dataset with input_ids uses those)")
+    dataset_split: str = flag("train", "the split of a hub dataset")
+    prompt_format: str = flag("auto", "instruction data: the tokenizer's chat template (chat), LongAlpaca's "
                                "Llama-2 [INST] prompt (llama2), or auto: chat when the tokenizer has a template, "
                                "else llama2", choices=list(PROMPT_FORMATS))
-    one_example_per_row: bool = _flag(False, "instruction data: one example per row, right-padded (LongLoRA's "
+    one_example_per_row: bool = flag(False, "instruction data: one example per row, right-padded (LongLoRA's "
                                       "way), instead of several packed into a row with position ids restarting "
                                       "at each example")
-    ignore_columns: str | None = _flag(None, "instruction data: comma-separated columns to leave out (any column "
+    ignore_columns: str | None = flag(None, "instruction data: comma-separated columns to leave out (any column "
                                        "besides instruction/input/output or messages is refused otherwise)")
-    seq_length: int = _flag(256, "tokens per training row")
+    seq_length: int = flag(256, "tokens per training row")
     # --- parallelism and attention
-    backend: str = _flag("zigzag_ring", "attention backend; s2attn: LongLoRA's shifted sparse attention "
+    backend: str = flag("zigzag_ring", "attention backend; s2attn: LongLoRA's shifted sparse attention "
                          "(training only; contiguous shards)", choices=list(REGISTRY))
-    sp_size: int | None = _flag(None, "ranks per sequence-parallel group (default: all)")
-    ulysses_degree: int | None = _flag(None, "usp: Ulysses part of --sp-size (rest: ring)")
-    kernel: str | None = _flag(None, "attention kernel (default: fastest available)")
-    rope_theta: float | None = _flag(None, "new RoPE base; default: keep the model's")
-    rope_scaling: str | None = _flag(None, 'e.g. "yarn:factor=8" or a JSON object; default: keep')
+    sp_size: int | None = flag(None, "ranks per sequence-parallel group (default: all)")
+    ulysses_degree: int | None = flag(None, "usp: Ulysses part of --sp-size (rest: ring)")
+    kernel: str | None = flag(None, "attention kernel (default: fastest available)")
+    rope_theta: float | None = flag(None, "new RoPE base; default: keep the model's")
+    rope_scaling: str | None = flag(None, 'e.g. "yarn:factor=8" or a JSON object; default: keep')
     # --- optimization
-    batch_size: int = _flag(1, "rows per data-parallel group per micro-step")
-    grad_accum: int = _flag(1, "micro-steps per optimizer step")
-    lr: float = _flag(5e-4, "peak learning rate")
-    warmup_steps: int = _flag(20, "optimizer steps of linear warmup")
-    schedule: str = _flag("cosine", "learning rate after the warmup", choices=list(SCHEDULES))
-    min_lr_ratio: float = _flag(0.1, "final learning rate of a decaying schedule, as a fraction of --lr")
-    weight_decay: float = _flag(0.0, "AdamW weight decay")
-    max_grad_norm: float = _flag(1.0, "gradient clipping norm")
-    max_steps: int = _flag(1000, "optimizer steps")
-    seed: int = _flag(42, "seed of the model init, data order and PoSE positions")
+    batch_size: int = flag(1, "rows per data-parallel group per micro-step")
+    grad_accum: int = flag(1, "micro-steps per optimizer step")
+    lr: float = flag(5e-4, "peak learning rate")
+    warmup_steps: int = flag(20, "optimizer steps of linear warmup")
+    schedule: str = flag("cosine", "learning rate after the warmup", choices=list(SCHEDULES))
+    min_lr_ratio: float = flag(0.1, "final learning rate of a decaying schedule, as a fraction of --lr")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "gradient clipping norm")
+    max_steps: int = flag(1000, "optimizer steps")
+    seed: int = flag(42, "seed of the model init, data order and PoSE positions")
     # --- output, checkpoints and resume
-    output_dir: str = _flag("output/default", "where the log, checkpoints and final model go (one run each)")
-    checkpoint_every: int = _flag(0, "save full training state every N steps (0: off)")
-    keep_checkpoints: int = _flag(2, "how many of the newest checkpoints to keep")
-    resume: bool = _flag(False, "continue from the newest complete checkpoint")
-    resume_from: str | None = _flag(None, "continue from this checkpoint: step_N or a path")
-    wandb: str | None = _flag(None, "also log to this Weights & Biases project (the log is always in "
+    output_dir: str = flag("output/default", "where the log, checkpoints and final model go (one run each)")
+    checkpoint_every: int = flag(0, "save full training state every N steps (0: off)")
+    keep_checkpoints: int = flag(2, "how many of the newest checkpoints to keep")
+    resume: bool = flag(False, "continue from the newest complete checkpoint")
+    resume_from: str | None = flag(None, "continue from this checkpoint: step_N or a path")
+    wandb: str | None = flag(None, "also log to this Weights & Biases project (the log is always in "
                               "OUTPUT_DIR/log.jsonl)")
     # --- memory
-    no_gradient_checkpointing: int = _flag(0, "activation checkpointing off (N: off for the last N layers only: "
+    no_gradient_checkpointing: int = flag(0, "activation checkpointing off (N: off for the last N layers only: "
                                            "speed for memory)", nargs="?", const=ALL_LAYERS, metavar="N")
-    keep_attention: bool = _flag(False, "keep each layer's attention output for the checkpoint recompute instead "
+    keep_attention: bool = flag(False, "keep each layer's attention output for the checkpoint recompute instead "
                                  "of running attention again (speed for memory)")
-    fuse_pointwise: bool = _flag(False, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; same "
+    fuse_pointwise: bool = flag(False, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; same "
                                  "math)")
-    loss_chunk: int = _flag(1024, "tokens per logits chunk of the loss")
-    tiled_mlp: int = _flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
-    offload_activations: int = _flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
+    loss_chunk: int = flag(1024, "tokens per logits chunk of the loss")
+    tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
+    offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
                                      "host memory", nargs="?", const=ALL_LAYERS, metavar="N")
     # --- LoRA, PoSE
-    lora_rank: int = _flag(0, "LoRA+ (LongLoRA): LoRA on attention + trainable embeddings and norms "
+    lora_rank: int = flag(0, "LoRA+ (LongLoRA): LoRA on attention + trainable embeddings and norms "
                            "(0: full fine-tuning)")
-    lora_alpha: float = _flag(16.0, "LoRA scale numerator (scale: alpha / rank)")
-    lora_keep_adapter: bool = _flag(False, "save the adapter instead of merging it")
-    pose_target: int | None = _flag(None, "PoSE: spread positions over this longer window")
+    lora_alpha: float = flag(16.0, "LoRA scale numerator (scale: alpha / rank)")
+    lora_keep_adapter: bool = flag(False, "save the adapter instead of merging it")
+    pose_target: int | None = flag(None, "PoSE: spread positions over this longer window")
     # --- runs
-    no_save: bool = _flag(False, "skip the final model (benchmarks)")
-    time_limit: float | None = _flag(None, "minutes: stop after the step that passes it, then save")
-    data_workers: int = field(default_factory=_default_data_workers,
+    no_save: bool = flag(False, "skip the final model (benchmarks)")
+    time_limit: float | None = flag(None, "minutes: stop after the step that passes it, then save")
+    data_workers: int = field(default_factory=default_data_workers,
                               metadata={"help": "DataLoader worker processes (default: 2 on GPU, 0 on CPU)"})
 
     @property
@@ -120,11 +121,12 @@ class TrainConfig:
         return tuple(c.strip() for c in (self.ignore_columns or "").split(",") if c.strip())
 
 
-def _flag_name(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of a config field: ``seq_length`` -> ``--seq-length``."""
     return "--" + name.replace("_", "-")
 
 
-def _value_type(annotation) -> type:
+def value_type(annotation) -> type:
     """``int`` for ``int`` and ``int | None``."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         [annotation] = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -161,12 +163,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         options = dict(f.metadata)
         options["help"] = options["help"].replace("%", "%%")  # argparse formats help strings
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kind = _value_type(hints[f.name])
+        kind = value_type(hints[f.name])
         if kind is bool:
             options["action"] = "store_true"
         else:
             options["type"] = kind
-        parser.add_argument(_flag_name(f.name), default=default, **options)
+        parser.add_argument(flag_name(f.name), default=default, **options)
     return parser
 
 
@@ -177,38 +179,40 @@ def parse_config(argv: list[str] | None = None, *, description: str | None = Non
     return check_config(TrainConfig(**vars(namespace)))
 
 
-def _at_least(cfg: TrainConfig, name: str, low: int, why: str = "") -> None:
+def at_least(cfg, name: str, low: int, why: str = "") -> None:
+    """SystemExit naming the flag unless ``cfg.<name>`` is None or at least ``low``."""
     value = getattr(cfg, name)
     if value is not None and value < low:
-        raise SystemExit(f"{_flag_name(name)} must be at least {low}{why}; got {value}")
+        raise SystemExit(f"{flag_name(name)} must be at least {low}{why}; got {value}")
 
 
-def _finite(cfg: TrainConfig, name: str, *, positive: bool = True, example: str = "") -> None:
+def finite(cfg, name: str, *, positive: bool = True, example: str = "") -> None:
+    """SystemExit naming the flag unless ``cfg.<name>`` is None or a finite number > 0 (>= 0 unless ``positive``)."""
     value = getattr(cfg, name)
     if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         bound = "> 0" if positive else ">= 0"
-        raise SystemExit(f"{_flag_name(name)} must be a finite number {bound}{example}; got {value}")
+        raise SystemExit(f"{flag_name(name)} must be a finite number {bound}{example}; got {value}")
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg``, once checked: SystemExit, naming the flag and a sensible value, for values that make no sense;
     a warning (stderr, rank 0) when ``--checkpoint-every`` is not below ``--max-steps`` (no checkpoint)."""
-    _finite(cfg, "lr", example=" (e.g. --lr 2e-5)")
+    finite(cfg, "lr", example=" (e.g. --lr 2e-5)")
     for name in ("max_steps", "batch_size", "grad_accum", "sp_size", "ulysses_degree", "keep_checkpoints",
                  "loss_chunk"):
-        _at_least(cfg, name, 1)
-    _at_least(cfg, "seq_length", 2, " (tokens per row: a token and the one it predicts)")
+        at_least(cfg, name, 1)
+    at_least(cfg, "seq_length", 2, " (tokens per row: a token and the one it predicts)")
     for name in ("checkpoint_every", "warmup_steps", "tiled_mlp", "lora_rank", "data_workers"):
-        _at_least(cfg, name, 0, " (0: off)" if name in ("checkpoint_every", "tiled_mlp", "lora_rank") else "")
+        at_least(cfg, name, 0, " (0: off)" if name in ("checkpoint_every", "tiled_mlp", "lora_rank") else "")
     for name in ("offload_activations", "no_gradient_checkpointing"):
         if getattr(cfg, name) < ALL_LAYERS:
-            raise SystemExit(f"{_flag_name(name)} must be at least 0 (a number of layers), or given without a "
+            raise SystemExit(f"{flag_name(name)} must be at least 0 (a number of layers), or given without a "
                              f"number for all layers; got {getattr(cfg, name)}")
-    _finite(cfg, "weight_decay", positive=False, example=" (e.g. --weight-decay 0.1)")
-    _finite(cfg, "max_grad_norm", example=" (e.g. --max-grad-norm 1.0)")
-    _finite(cfg, "time_limit", example=" (minutes)")
+    finite(cfg, "weight_decay", positive=False, example=" (e.g. --weight-decay 0.1)")
+    finite(cfg, "max_grad_norm", example=" (e.g. --max-grad-norm 1.0)")
+    finite(cfg, "time_limit", example=" (minutes)")
     if cfg.lora_rank:
-        _finite(cfg, "lora_alpha", example=" (e.g. --lora-alpha 16)")
+        finite(cfg, "lora_alpha", example=" (e.g. --lora-alpha 16)")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:  # also refuses NaN
         raise SystemExit(f"--min-lr-ratio must be in [0, 1] (the final learning rate as a fraction of --lr); "
                          f"got {cfg.min_lr_ratio}")

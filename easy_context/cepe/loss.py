@@ -1,0 +1,84 @@
+"""The training loss of a CEPE model, as the module handed to accelerate / DeepSpeed: encode the context chunks,
+run the decoder window with that memory, then lm_coef x the exact token-mean cross entropy of the decoder's
+targets (chunked: no [S, vocab] logits) plus, with teacher top-k given, kl_coef x the token-mean top-k KL
+(``distill``).
+
+Sequence parallel (``group``: the SP ProcessGroup), each rank holds its shard of the window and its share of the
+chunks; the memory's queries are then the decoder's shards ("sharded", ``sharded.memory_attention``). Both terms
+follow ``parallel.loss``'s convention: each rank's part is its local sum over the group's token count, times the
+group size for ``grad_reduction="mean"`` (trainers that average gradients).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..attention.comm import rank_and_size
+from ..parallel.loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
+from .distill import RESTS, topk_kl
+from .model import CEPEModel
+
+Tensor = torch.Tensor
+
+
+def _token_mean(local_sum: Tensor, count: Tensor, group, grad_reduction: str) -> SPLoss:
+    """This rank's share of a token mean over ``group`` (None: this rank alone) of a summed quantity."""
+    world = 1 if group is None else rank_and_size(group)[1]
+    if world > 1:
+        dist.all_reduce(count, group=group)
+    share = local_sum / count.clamp_min(1)
+    value = share.detach().clone()
+    if world > 1:
+        dist.all_reduce(value, group=group)
+    return SPLoss(share * world if grad_reduction == "mean" else share, value, int(count.item()))
+
+
+class CEPEWithLoss(torch.nn.Module):
+    """forward(input_ids, target_ids, position_ids, chunk_ids, chunk_mask=None, teacher_probs=None,
+    teacher_ids=None) -> (loss, loss value, number of target tokens) of ``model`` (module doc); ``group``: the SP
+    group or None (each rank trains whole windows and holds all of their chunks)."""
+
+    def __init__(self, model: CEPEModel, *, group=None, kernel: str | None = None, grad_reduction: str = "mean",
+                 chunk_size: int = DEFAULT_CHUNK, lm_coef: float = 1.0, kl_coef: float = 0.0, kl_rest: str = "bucket"):
+        super().__init__()
+        if kl_rest not in RESTS:
+            raise ValueError(f"kl_rest must be one of {RESTS}; got {kl_rest!r}")
+        self.model, self.config = model, model.config
+        self.group, self.kernel, self.grad_reduction, self.chunk_size = group, kernel, grad_reduction, chunk_size
+        self.lm_coef, self.kl_coef, self.kl_rest = lm_coef, kl_coef, kl_rest
+        if "deepspeed" not in sys.modules:  # no DeepSpeed in this process (importing it would take seconds)
+            return
+        try:  # ZeRO-3 gathers the head's weight, used outside its module, for us
+            from deepspeed.zero import register_external_parameter
+        except ImportError:
+            return
+        register_external_parameter(self, model.head().weight)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None, chunk_ids: Tensor,
+                chunk_mask: Tensor | None = None, teacher_probs: Tensor | None = None,
+                teacher_ids: Tensor | None = None):
+        queries = "replicated" if self.group is None else "sharded"
+        memory = self.model.encode(chunk_ids, chunk_mask, group=self.group, queries=queries, kernel=self.kernel)
+        hidden = self.model(input_ids, position_ids, memory)
+        weight = self.model.head().weight
+        if weight.numel() == 0:
+            raise ValueError("the output head's weight is empty here (partitioned by DeepSpeed ZeRO-3, and not "
+                             "gathered): build CEPEWithLoss after deepspeed is imported, so that it registers it")
+        if self.group is None:
+            ce = chunked_cross_entropy(hidden, weight, target_ids, chunk_size=self.chunk_size, reduction="mean")
+            lm = SPLoss(ce, ce.detach(), int((target_ids != -100).sum()))
+        else:
+            lm = sequence_parallel_cross_entropy(hidden, weight, target_ids, group=self.group,
+                                                 grad_reduction=self.grad_reduction, chunk_size=self.chunk_size)
+        loss, value = self.lm_coef * lm.loss, self.lm_coef * lm.value
+        if self.kl_coef and teacher_probs is None:
+            raise ValueError("kl_coef > 0 needs the teacher's top-k probabilities and ids for every window position")
+        if self.kl_coef:
+            kl = topk_kl(hidden, weight, teacher_probs, teacher_ids, rest=self.kl_rest, chunk_size=self.chunk_size)
+            count = torch.tensor(kl.numel(), device=kl.device)
+            part = _token_mean(kl.sum(), count, self.group, self.grad_reduction)
+            loss, value = loss + self.kl_coef * part.loss, value + self.kl_coef * part.value
+        return loss, value, torch.tensor(lm.num_tokens, device=loss.device)
