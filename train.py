@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     config = models.load_config(model_path, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
                                 max_position_embeddings=cfg.seq_length)
     ec.check_model_fits_plan(config, plan)
+    num_params = models.parameter_count(config)  # on the meta device: before DeepSpeed's zero.Init is live
     # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
     input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size
     offload.check_layer_counts(config.num_hidden_layers, offload=cfg.offload_activations,
@@ -122,18 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     packed = data.restarts_positions(dataset)  # packed documents: each attends only to itself
     data.check_packed_rows(dataset, plan, pose=bool(cfg.pose_target), device=state.device)
     sampler = data.ShardedSampler(len(dataset), groups.dp_rank, groups.dp_size, seed=cfg.seed)
-    # A 2-layer random copy proves the attention plumbing (data parallel: the loss) exact before the real
-    # weights load. S²-Attn approximates attention: its plumbing is checked with the exact ring backend.
-    check_backend = plan.backend if plan.backend.exact else "ring"
-    ec.self_check_config(config, check_backend, group=plan.attention_group, kernel=plan.kernel,
-                         device=state.device, train_len=cfg.pose_target or cfg.seq_length, packed=packed)
+    # a 2-layer random copy proves attention and loss exact before the real weights load (S²-Attn's plumbing: ring)
+    ec.self_check_config(config, plan.backend if plan.backend.exact else "ring", group=plan.attention_group,
+                         kernel=plan.kernel, device=state.device, train_len=cfg.pose_target or cfg.seq_length,
+                         packed=packed)
 
     # --- model: RoPE settings, the plan's attention, the loss inside the module DeepSpeed wraps ---------------
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
                               mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
-    offload.check_zero_offload_host(ds and ds.deepspeed_config, models.parameter_count(config), lora=bool(cfg.lora_rank))
+    offload.check_zero_offload_host(ds and ds.deepspeed_config, num_params, lora=bool(cfg.lora_rank))
     # DeepSpeed (bf16 on GPU) keeps its own fp32 master weights; without it, fp32 weights under autocast.
     dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
     if cfg.tiled_mlp and ds is None and state.num_processes > 1:

@@ -243,8 +243,10 @@ def zero_offload_host_bytes(zero: dict, num_params: int, *, lora: bool = False) 
     def offloaded(key: str) -> bool:
         return (zero.get(key) or {}).get("device") in ("cpu", "nvme")  # nvme still stages through pinned host
 
-    optimizer = OPTIMIZER_OFFLOAD_BYTES if offloaded("offload_optimizer") and not lora else 0
-    return num_params * (optimizer + (PARAM_OFFLOAD_BYTES if offloaded("offload_param") else 0))
+    # ZeRO-Offload++'s "ratio": the share of the optimizer states on the CPU (the rest stay on the GPU)
+    ratio = float((zero.get("offload_optimizer") or {}).get("ratio", 1.0))
+    optimizer = OPTIMIZER_OFFLOAD_BYTES * ratio if offloaded("offload_optimizer") and not lora else 0
+    return int(num_params * (optimizer + (PARAM_OFFLOAD_BYTES if offloaded("offload_param") else 0)))
 
 
 def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bool = False,
@@ -263,8 +265,9 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
         f"the DeepSpeed config offloads {num_params / 1e9:.2f}B parameters' training state to this machine's host: "
         f"{need / gib:.1f} GiB ({OPTIMIZER_OFFLOAD_BYTES} bytes per parameter with the optimizer offloaded: fp32 "
         f"weights, fp32 gradients, Adam's two moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded), "
-        f"and {available / gib:.1f} GiB are available. Spread it over more GPUs or machines (ZeRO-3 splits it over "
-        "every rank), train LoRA adapters (--lora-rank 8), use a smaller model, or a machine with more host memory")
+        f"and {available / gib:.1f} GiB are available. Keep part of the optimizer on the GPU (\"ratio\" below 1 in "
+        "offload_optimizer of the DeepSpeed config), spread it over more GPUs or machines (ZeRO-3 splits it over "
+        "every rank), train LoRA adapters (--lora-rank 8), or use a machine with more host memory")
 
 
 def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0) -> None:

@@ -331,6 +331,8 @@ def test_zero3_offload_needs_16_bytes_a_parameter_for_the_optimizer_and_2_for_th
                                    1000) == 2_000
     assert zero_offload_host_bytes({}, 1000) == 0
     assert zero_offload_host_bytes(both, 1000, lora=True) == 2_000  # adapters' optimizer states are negligible
+    part = {"offload_optimizer": {"device": "cpu", "ratio": 0.25}}  # ZeRO-Offload++: a quarter on the CPU
+    assert zero_offload_host_bytes(part, 1000) == 4_000
 
 
 def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host(monkeypatch):
