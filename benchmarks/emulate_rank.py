@@ -185,9 +185,9 @@ def patch(rank: int, world: int) -> None:
     last: dict = {}
     forward = causal_lm.CausalLMWithLoss.forward
 
-    def recording_forward(self, input_ids, target_ids, position_ids=None):
+    def recording_forward(self, input_ids, target_ids, position_ids=None, *args, **kwargs):
         last["module"], last["shape"], last["positions"] = self, list(input_ids.shape), position_ids
-        return forward(self, input_ids, target_ids, position_ids)
+        return forward(self, input_ids, target_ids, position_ids, *args, **kwargs)
 
     causal_lm.CausalLMWithLoss.forward = recording_forward
     write = RunLog.write

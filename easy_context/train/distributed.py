@@ -82,14 +82,16 @@ def run_script(main: Callable[[], None]) -> None:
     """Run a launched script's ``main``. A SystemExit carrying a message (a refusal: bad flags, an output
     directory in use; ``main_decides`` raises it on every rank) is printed by rank 0 alone and handed to the
     launcher's failure report (torchrun's error file: the report names it instead of "To enable traceback see
-    ..."); the other ranks exit with the same code without a word. Other exceptions show on every rank.
+    ..."); the other ranks exit with the same code without a word, unless alone in a fake group (an emulated
+    rank). Other exceptions show on every rank.
     Every rank then ends as ``finish`` does."""
     try:
         main()
     except SystemExit as e:
         code = e.code
         if code is not None and not isinstance(code, int):
-            if os.environ.get("RANK", "0") == "0":
+            alone = dist.is_available() and dist.is_initialized() and dist.get_backend() == "fake"  # emulated rank
+            if os.environ.get("RANK", "0") == "0" or alone:
                 print(code, file=sys.stderr)
                 _tell_launcher(str(code))
             code = 1  # what Python exits with for a SystemExit carrying a message

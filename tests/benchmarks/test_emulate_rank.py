@@ -108,3 +108,12 @@ def test_bench_train_runs_rank_0_of_the_gpu_count_in_one_process():
     assert "--num_processes 1 " in r["cmd"] and "emulate_rank.py --world 4 --" in r["cmd"]
     assert [x["emulate"]["world"] for x in r["records"]] == [4, 4]
     assert r["records"][0]["emulate"]["input_shape"] == [1, 512 // 4]
+
+
+def test_a_refusal_on_an_emulated_rank_other_than_0_is_printed(tmp_path):
+    # alone in its fake group, the emulated rank 1 is the only process that can say why the run stopped
+    (tmp_path / "run" / "model").mkdir(parents=True)  # a finished run's model: a rerun is refused
+    cmd = accelerate_cmd("ddp.yaml", 1, os.path.join("benchmarks", "emulate_rank.py")) + [
+        "--world", "2", "--rank", "1", "--", "train.py", "--output-dir", str(tmp_path / "run"), *TINY_ARGS]
+    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "already holds a run that finished" in res.stderr, res.stderr[-3000:]
