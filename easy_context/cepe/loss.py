@@ -14,26 +14,12 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.distributed as dist
 
-from ..attention.comm import rank_and_size
-from ..parallel.loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy
+from ..parallel.loss import DEFAULT_CHUNK, SPLoss, chunked_cross_entropy, sequence_parallel_cross_entropy, token_mean
 from .distill import RESTS, topk_kl
 from .model import CEPEModel
 
 Tensor = torch.Tensor
-
-
-def _token_mean(local_sum: Tensor, count: Tensor, group, grad_reduction: str) -> SPLoss:
-    """This rank's share of a token mean over ``group`` (None: this rank alone) of a summed quantity."""
-    world = 1 if group is None else rank_and_size(group)[1]
-    if world > 1:
-        dist.all_reduce(count, group=group)
-    share = local_sum / count.clamp_min(1)
-    value = share.detach().clone()
-    if world > 1:
-        dist.all_reduce(value, group=group)
-    return SPLoss(share * world if grad_reduction == "mean" else share, value, int(count.item()))
 
 
 class CEPEWithLoss(torch.nn.Module):
@@ -78,7 +64,10 @@ class CEPEWithLoss(torch.nn.Module):
             raise ValueError("kl_coef > 0 needs the teacher's top-k probabilities and ids for every window position")
         if self.kl_coef:
             kl = topk_kl(hidden, weight, teacher_probs, teacher_ids, rest=self.kl_rest, chunk_size=self.chunk_size)
-            count = torch.tensor(kl.numel(), device=kl.device)
-            part = _token_mean(kl.sum(), count, self.group, self.grad_reduction)
+            if self.group is None:  # this rank alone, as the cross entropy above
+                part = SPLoss(kl.mean(), kl.mean().detach(), kl.numel())
+            else:
+                part = token_mean(kl.sum(), torch.tensor(kl.numel(), device=kl.device), self.group,
+                                  self.grad_reduction)
             loss, value = loss + self.kl_coef * part.loss, value + self.kl_coef * part.value
         return loss, value, torch.tensor(lm.num_tokens, device=loss.device)

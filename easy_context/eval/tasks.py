@@ -42,13 +42,12 @@ A task's score at a length is the mean over its samples, times 100.
 
 from __future__ import annotations
 
-import math
 import random
 import string
 from dataclasses import dataclass
 from typing import Callable
 
-from .needle import TEMPLATES, NeedleTask, insertion_point, sentence_end_ids
+from .needle import NeedleTask, insertion_point, sentence_end_ids
 
 NUM_DIGITS = 7
 ADJECTIVES = ("able", "ancient", "brave", "calm", "clever", "crisp", "eager", "fancy", "fierce", "fresh", "glad",

@@ -163,13 +163,19 @@ def sequence_parallel_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tens
         raise ValueError(f"grad_reduction must be 'mean' (trainer averages gradients) or 'sum'; got {grad_reduction!r}")
     local_sum = chunked_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=chunk_size,
                                       ignore_index=ignore_index, softcap=softcap, reduction="sum")
-    _, world = rank_and_size(group)
     count = (labels != ignore_index).sum()  # int64: exact at any token count
+    return token_mean(local_sum, count, group, grad_reduction)
+
+
+def token_mean(local_sum: Tensor, count: Tensor, group, grad_reduction: str = "mean") -> SPLoss:
+    """The token mean over ``group`` (None: the default group) of a quantity summed over this rank's ``count``
+    tokens (``count`` is all-reduced in place): this rank's share (x P for "mean" gradient reduction), the exact
+    group value and the group's token count."""
+    _, world = rank_and_size(group)
     if world > 1:
         dist.all_reduce(count, group=group)
     share = local_sum / count.clamp_min(1)
     value = share.detach().clone()
     if world > 1:
         dist.all_reduce(value, group=group)
-    loss = share * world if grad_reduction == "mean" else share
-    return SPLoss(loss, value, int(count.item()))
+    return SPLoss(share * world if grad_reduction == "mean" else share, value, int(count.item()))
