@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from easy_context.cepe.io import load_cepe, read_cepe_config
+from easy_context.cepe.io import load_cepe
 from easy_context.eval import cepe as cepe_eval
 from easy_context.eval.documents import collect_documents, text_dir_rows
 from easy_context.eval.lengths import int_at_least
@@ -38,12 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a saved CEPE model directory (OUTPUT/model of a CEPE training run)")
     p.add_argument("--decoder", help="load the frozen decoder from here instead of the path the model records")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, else float32")
-    p.add_argument("--window", type=int_at_least(2), default=256, help="decoder tokens")
+    p.add_argument("--window", type=int_at_least(2), default=cepe_eval.WINDOW, help="decoder tokens")
     p.add_argument("--chunk-size", type=int_at_least(1), help="encoder chunk length (default: the model's)")
     p.add_argument("--contexts", type=int_at_least(0), nargs="+",
-                   help="encoder context lengths in tokens (default: 0, one chunk, doubling to 16 x the window)")
+                   help=f"encoder context lengths in tokens (default: 0, one chunk, doubling to "
+                        f"{cepe_eval.CONTEXT_REACH} x the window)")
     p.add_argument("--score-tokens", type=int_at_least(1),
-                   help="perplexity over the window's last N tokens (default: min(256, window / 2))")
+                   help=f"perplexity over the window's last N tokens (default: min({cepe_eval.SCORE_TOKENS}, "
+                        "window / 2))")
     p.add_argument("--text-dir", help="folder of .txt documents (default: generated documents of the built-in world)")
     p.add_argument("--samples", type=int_at_least(1), default=8, help="documents for the perplexity")
     p.add_argument("--needle-contexts", type=int_at_least(1), nargs="+",
@@ -58,10 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg, _ = read_cepe_config(args.model)  # not a CEPE model: refused before anything loads
+    largest = max([*(args.contexts or [cepe_eval.CONTEXT_REACH * args.window]), *(args.needle_contexts or [])])
+    # not a CEPE model, a window or chunks that do not fit it: refused before anything loads
+    cfg = cepe_eval.check_model(args.model, window=args.window, chunk_size=args.chunk_size, largest_context=largest,
+                                decoder=args.decoder)
     chunk = args.chunk_size or cfg.chunk_size
-    contexts = sorted(set(args.contexts or cepe_eval.context_sweep(args.window, 16 * args.window, chunk)))
-    score = args.score_tokens or min(cepe_eval.SCORE_TOKENS, args.window // 2)
+    contexts = cepe_eval.sweep_contexts(args.contexts, args.window, chunk)
+    score = cepe_eval.default_score_tokens(args.window, args.score_tokens)
+    cepe_eval.check_sweep([], window=args.window, contexts=contexts, score_tokens=score)  # --score-tokens vs window
     depths = depth_sweep(step=args.depth_step)
     launch = init_distributed()
     group = dist.group.WORLD if launch.world > 1 else None
@@ -71,7 +77,11 @@ def main(argv=None) -> None:
                                     samples=args.samples)
     else:
         docs = cepe_eval.default_documents(tokenizer, args.samples, max(contexts) + args.window)
-    cepe_eval.check_sweep(docs, window=args.window, contexts=contexts, score_tokens=score)
+    if not args.skip_needle:
+        needle_contexts = cepe_eval.sweep_contexts(args.needle_contexts or [c for c in contexts if c], args.window,
+                                                   chunk, zero=False)
+        task = cepe_eval.needle_task(tokenizer, args.window, max(needle_contexts))
+        cepe_eval.check_needle_sweep(task, needle_contexts, args.window, args.needle_samples)
     model = load_cepe(args.model, dtype=eval_dtype(args.dtype, launch.device), device=launch.device,
                       decoder=args.decoder).eval()
     pad = tokenizer.pad_token_id or 0
@@ -79,18 +89,15 @@ def main(argv=None) -> None:
     if not args.skip_ppl:
         rows = cepe_eval.evaluate_context_perplexity(model, docs, window=args.window, contexts=contexts,
                                                      chunk_size=chunk, score_tokens=score, group=group, pad_id=pad)
-        caption = (f"decoder window {args.window} tokens + C encoder tokens in chunks of {chunk}; perplexity of the "
-                   f"window's last {score} tokens over {len(docs)} documents")
+        caption = cepe_eval.describe_perplexity(args.window, chunk, score, f"{len(docs)} documents of "
+                                                f"{args.text_dir or 'generated text of the built-in world'}")
         if launch.is_main:
             rows = [{"model": name, **r} for r in rows]
             write_csv(os.path.join(out, "ppl.csv"), rows, cepe_eval.PPL_COLUMNS, header=caption)
-            perplexity_plot(rows, os.path.join(out, "ppl.png"), caption,
-                            title="CEPE: perplexity of the last window vs total context")
+            perplexity_plot(rows, os.path.join(out, "ppl.png"), caption, title=cepe_eval.PPL_TITLE)
             for r in rows:
                 print(f"context {r['context']:>7} + window {r['window']}: perplexity {r['perplexity']:.4f}")
     if not args.skip_needle:
-        needle_contexts = sorted(set(args.needle_contexts or [c for c in contexts if c]))
-        task = cepe_eval.needle_task(tokenizer, args.window, max(needle_contexts))
         settings = dict(model=os.path.abspath(args.model), window=args.window, chunk=chunk, key=task.key,
                         samples=args.needle_samples, depths=depths)
         results = NeedleResults(os.path.join(out, "needle.json"), settings)

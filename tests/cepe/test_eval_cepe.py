@@ -19,6 +19,7 @@ from easy_context.cepe.config import CEPEConfig
 from easy_context.cepe.io import save_cepe
 from easy_context.cepe.model import build_cepe
 from easy_context.eval import cepe as cepe_eval
+from easy_context.eval.needle import NeedleTask, haystack_tokens
 from easy_context.hf.models import load_tokenizer
 from tests.cepe.tiny import tiny_cepe
 from tests.helpers.launch import REPO, env
@@ -52,6 +53,19 @@ def test_perplexity_scores_the_last_window_tokens_and_context_zero_is_the_decode
         cepe_eval.check_sweep(docs, window=20, contexts=[70], score_tokens=6)
 
 
+def test_a_resumed_context_reads_the_windows_of_the_whole_sweep_and_each_row_is_reported_when_done():
+    model = tiny_cepe()
+    docs = [torch.randint(128, (80,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
+    sweep = dict(window=20, chunk_size=8, score_tokens=6)
+    full = cepe_eval.evaluate_context_perplexity(model, docs, contexts=[0, 8, 50], **sweep)
+    seen = []
+    part = cepe_eval.evaluate_context_perplexity(model, docs, contexts=[8], largest_context=50, on_result=seen.append,
+                                                 **sweep)
+    assert part == seen == [full[1]] and full[1]["chunk"] == 8
+    alone = cepe_eval.evaluate_context_perplexity(model, docs, contexts=[8], **sweep)  # cut at 28 tokens: others
+    assert alone[0]["nll"] != full[1]["nll"]
+
+
 def test_the_needle_lies_in_the_context_and_the_question_closes_the_window(tokenizer):
     task = cepe_eval.needle_task(tokenizer, 96, 300)
     ex = cepe_eval.needle_example(task, 300, 96, 50.0, "4815162")
@@ -63,6 +77,18 @@ def test_the_needle_lies_in_the_context_and_the_question_closes_the_window(token
                                     f"{task.key} number is: 4815162.")
     assert tokenizer.decode(ex["window"][ex["answer_start"]:]) == " 4815162."
     assert 120 < ex["needle_at"] < 180  # half-way into the context, moved to a sentence end
+
+
+def test_a_template_prefix_opens_the_context_after_the_bos(tokenizer):
+    hay, _ = haystack_tokens(tokenizer, 300)
+    task = NeedleTask(tokenizer, hay, template="easycontext", key="Oslo")
+    ex = cepe_eval.needle_example(task, 200, 96, 50.0, "4815162")
+    prefix = tokenizer("This is a very long story book: <book>", add_special_tokens=False)["input_ids"]
+    assert ex["context"][:1 + len(prefix)] == [tokenizer.bos_token_id, *prefix] and len(ex["context"]) == 200
+    assert "The special magic Oslo number is: 4815162." in tokenizer.decode(ex["context"])
+    assert tokenizer.decode(ex["window"]).endswith("Answer: The special magic Oslo number is:4815162")
+    with pytest.raises(ValueError, match="a needle cell needs a context of at least"):
+        cepe_eval.check_needle_sweep(task, [1 + len(prefix), 200], 96, samples=2)
 
 
 def test_a_needle_record_is_the_teacher_forced_argmax_of_the_answer(tokenizer):

@@ -16,8 +16,8 @@ from tests.helpers.launch import REPO, env
 
 SCRIPTS = {  # script: flag help lines that must show their default
     "train.py": ["--backend", "--max-steps", "--output-dir", "--schedule"],
-    "eval_needle.py": ["--samples", "--depth-step", "--scoring", "--backend", "--dtype"],
-    "eval_ppl.py": ["--split", "--protocol", "--stride", "--output", "--backend"],
+    "eval_needle.py": ["--samples", "--depth-step", "--scoring", "--backend", "--dtype", "--window"],
+    "eval_ppl.py": ["--split", "--protocol", "--stride", "--output", "--backend", "--window"],
     "eval_ruler.py": ["--haystack", "--samples", "--depth-step", "--scoring", "--text-split", "--backend"],
 }
 
