@@ -14,11 +14,12 @@ Every launched process holds the whole model and a piece of each sequence (``--b
 so a 1M-token context fits across GPUs; one process and CPU work too.
 
     # CPU, the model the main training job writes (output/default/model), two tasks, one process
-    python3 eval_ruler.py --model output/default/model --tasks needle multikey --lengths 512 1024 --depths 50 \\
+    python3 eval_ruler.py --model output/default/model --tasks needle multikey --lengths 512 --depths 50 \\
         --samples 1
-    # the whole suite on two gloo processes sharing each sequence, standard-library docs as the haystack
-    torchrun --standalone --nproc_per_node 2 eval_ruler.py --model output/default/model --lengths 1024 \\
-        --depths 50 --samples 1 --haystack pydoc --scoring forward --output results/ruler/default_2proc.json
+    # three tasks on two gloo processes sharing each sequence, standard-library docs as the haystack
+    torchrun --standalone --nproc_per_node 2 eval_ruler.py --model output/default/model --lengths 512 \\
+        --tasks needle vt multiquery --depths 50 --samples 1 --haystack pydoc --scoring forward \\
+        --output results/ruler/default_2proc.json
     # the two runs side by side (suite average per run and length, score per run and task)
     python3 eval_ruler.py --compare results/ruler/default_model.json results/ruler/default_2proc.json
     # 8 GPUs, 4K-128K, YaRN x16 with no training (a baseline)
