@@ -13,7 +13,6 @@ OUTPUT_DIR gets log.jsonl (one line per step), checkpoints/ (--checkpoint-every)
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from datetime import timedelta
 
@@ -33,9 +32,9 @@ from easy_context.train.config import TrainConfig, parse_config
 from easy_context.train.console import announce_op_builds, is_main_process, show_warnings_once
 from easy_context.train.distributed import finish, main_decides, run_script
 from easy_context.train.loop import TrainLoop
-from easy_context.train.optimizer import build_optimizer
+from easy_context.train.prepare import micro_step, prepare_training
 from easy_context.train.pose import pose_batch_position_ids
-from easy_context.train.run_log import RunLog, log_path
+from easy_context.train.run_log import log_path
 from easy_context.train.stop import StopRequests, launcher_pid
 from easy_context.world.default import build_default_world
 
@@ -140,18 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
     model = build_model(cfg, model_path, config, plan, dtype, packed)
     wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk)
-    if ds is not None:
-        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.batch_size,
-                                   gradient_clipping=cfg.max_grad_norm)
-    optimizer = build_optimizer(model, ds, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-
-    fresh = dict(step=0, tokens=0, epoch=0, row=0)
-    saved = checkpoint.load_checkpoint(accelerator, resume_from) if resume_from else fresh
-    sampler.set_position(saved["epoch"], saved["row"])
-    run_log = RunLog(log_path(out_dir), main=accelerator.is_main_process, resume_step=saved["step"],
-                     wandb_project=cfg.wandb, run_name=os.path.basename(os.path.abspath(out_dir)),
-                     config=dataclasses.asdict(cfg))
+    wrapped, optimizer, saved, run_log = prepare_training(accelerator, wrapped, model, cfg, sampler, out_dir,
+                                                          resume_from)
     if accelerator.is_main_process:
         start = f"resuming from {resume_from}" if resume_from else "fresh start"
         print(f"{state.num_processes} processes = {groups.dp_size} data-parallel x {groups.sp_size} "
@@ -172,15 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
-        with accelerator.accumulate(wrapped):
-            loss, value, _ = wrapped(b.input_ids, b.target_ids, b.position_ids, b.documents)
-            if not loop.agree(value):  # a non-finite loss on some rank: no rank takes its backward (nor step)
-                break
-            accelerator.backward(loss)
-            if ds is None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        inputs = (b.input_ids, b.target_ids, b.position_ids, b.documents)
+        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm):
+            break  # a non-finite loss on some rank: no rank took its backward (nor step)
         loop.end_micro(lr, epoch, row)  # log, checkpoint every N steps
     loop.end()  # stopped by a signal or a non-finite loss: checkpoint, say how to resume, exit non-zero
     final = None

@@ -44,8 +44,8 @@ from easy_context.train import checkpoint, data, run_lock, schedule
 from easy_context.train.console import announce_op_builds, is_main_process, show_warnings_once
 from easy_context.train.distributed import finish, main_decides, run_script
 from easy_context.train.loop import TrainLoop
-from easy_context.train.optimizer import build_optimizer
-from easy_context.train.run_log import RunLog, log_path
+from easy_context.train.prepare import micro_step, prepare_training
+from easy_context.train.run_log import log_path
 from easy_context.train.stop import StopRequests, launcher_pid
 from easy_context.world.default import build_default_world
 
@@ -129,18 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
                               mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None:
-        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_clipping=cfg.max_grad_norm)
-    optimizer = build_optimizer(model, ds, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-
-    fresh = dict(step=0, tokens=0, epoch=0, row=0)
-    saved = checkpoint.load_checkpoint(accelerator, resume_from) if resume_from else fresh
-    sampler.set_position(saved["epoch"], saved["row"])
-    run_log = RunLog(log_path(out_dir), main=accelerator.is_main_process, resume_step=saved["step"],
-                     wandb_project=cfg.wandb, run_name=os.path.basename(os.path.abspath(out_dir)),
-                     config=dataclasses.asdict(cfg))
+    wrapped, optimizer, saved, run_log = prepare_training(accelerator, wrapped, model, cfg, sampler, out_dir,
+                                                          resume_from)
     if accelerator.is_main_process:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         start = f"resuming from {resume_from}" if resume_from else "fresh start"
@@ -167,15 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
-        with accelerator.accumulate(wrapped):
-            loss, value, _ = wrapped(*inputs)
-            if not loop.agree(value):  # a non-finite loss on some rank: no rank takes its backward (nor step)
-                break
-            accelerator.backward(loss)
-            if ds is None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm):
+            break  # a non-finite loss on some rank: no rank took its backward (nor step)
         loop.end_micro(lr, epoch, row)
     loop.end()
     final = None
