@@ -42,9 +42,8 @@ from easy_context.hf.models import load_config, load_tokenizer
 from easy_context.eval import cepe as cepe_eval
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
-from easy_context.eval.needle import (GENERATED, SCORINGS, TEMPLATES, NeedleResults, NeedleTask, depth_sweep,
-                                      digits_right, haystack_tokens, score)
-from easy_context.world.real_text import SPLITS
+from easy_context.eval.needle import (SCORINGS, TEMPLATES, NeedleResults, NeedleTask, add_haystack_args,
+                                      depth_sweep, digits_right, haystack_tokens, score)
 
 NOT_FOR_CEPE = {**cepe_eval.NOT_FOR_CEPE,  # flag dest: why
                 "scoring": "a CEPE needle is scored teacher-forced, the answer closing the decoder window"}
@@ -54,13 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub name or local path of a causal LM")
     p.add_argument("--tokenizer", help="hub name or local path (default: the model's)")
-    p.add_argument("--haystack", default=GENERATED,
-                   help="the text the needle hides in: generated (built-in filler sentences), pydoc (the Python "
-                        "standard library's documentation, real English that every Python carries) or a folder of "
-                        ".txt files read in name order")
+    add_haystack_args(p)
     p.add_argument("--haystack-dir", dest="haystack", metavar="FOLDER", help="the same as --haystack FOLDER")
-    p.add_argument("--text-split", choices=SPLITS, default="heldout",
-                   help="pydoc haystack: which documents (a model trained on the train part is measured on heldout)")
     p.add_argument("--template", choices=list(TEMPLATES), default="default",
                    help="default: the built-in needle, question and answer (what the built-in model is trained "
                         "on); easycontext: EasyContext's 'long story book' prompt, answer = the digits")

@@ -43,11 +43,10 @@ from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
-from easy_context.eval.needle import GENERATED, TEMPLATES, depth_sweep, haystack_tokens
+from easy_context.eval.needle import TEMPLATES, add_haystack_args, depth_sweep, haystack_tokens
 from easy_context.eval.ruler import (SCORINGS, SuiteResults, comparison, output_stem, run_name, score_sample,
                                      summary, sweep, write_comparison, write_summary, write_task_heatmaps)
 from easy_context.eval.tasks import TASKS, build_tasks
-from easy_context.world.real_text import SPLITS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,12 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="hub name or local path (default: the model's)")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
                    help=f"tasks to run, of {', '.join(TASKS)}")
-    p.add_argument("--haystack", default=GENERATED,
-                   help="the text the needles hide in: generated (built-in filler sentences), pydoc (the Python "
-                        "standard library's documentation, real English that every Python carries) or a folder of "
-                        ".txt files read in name order")
-    p.add_argument("--text-split", choices=SPLITS, default="heldout",
-                   help="pydoc haystack: which documents (a model trained on the train part is measured on heldout)")
+    add_haystack_args(p, "the needles hide")
     p.add_argument("--template", choices=list(TEMPLATES), default="default",
                    help="the needle task's prompt: default (what the built-in model is trained on) or easycontext")
     p.add_argument("--samples", type=int_at_least(1), default=3,

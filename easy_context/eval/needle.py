@@ -73,6 +73,17 @@ def read_haystack_dir(path: str) -> str:
     return text
 
 
+def add_haystack_args(parser, hides: str = "the needle hides") -> None:
+    """The haystack flags of an eval script: ``--haystack`` (``haystack_tokens``' source) and ``--text-split``."""
+    parser.add_argument("--haystack", default=GENERATED,
+                        help=f"the text {hides} in: generated (built-in filler sentences), pydoc (the Python "
+                             "standard library's documentation, real English that every Python carries) or a folder "
+                             "of .txt files read in name order")
+    parser.add_argument("--text-split", choices=real_text.SPLITS, default="heldout",
+                        help="pydoc haystack: which documents (a model trained on the train part is measured on "
+                             "heldout)")
+
+
 def haystack_tokens(tokenizer, num_tokens: int, source: str | None = None, *,
                     split: str = "heldout") -> tuple[list[int], str]:
     """(ids, description): ``num_tokens`` haystack token ids, the text tokenized once and repeated as needed.
