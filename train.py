@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     config = models.load_config(model_path, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
                                 max_position_embeddings=cfg.seq_length)
     ec.check_model_fits_plan(config, plan)
-    num_params = models.parameter_count(config)  # on the meta device: before DeepSpeed's zero.Init is live
+    num_params = models.parameter_count(config) if use_ds else 0  # for the ZeRO-3 host check; before zero.Init
     # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
     input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size
     offload.check_layer_counts(config.num_hidden_layers, offload=cfg.offload_activations,

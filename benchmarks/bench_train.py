@@ -44,13 +44,10 @@ def matmul_ceiling(n: int = 8192, iters: int = 20) -> float:
 
 def model_flops_per_token(model: str, seq: int) -> tuple[float, int]:
     """(6 N + 6 L d S, N) for a model name or named shape; N counted on a meta-device copy (no memory)."""
-    from transformers import AutoModelForCausalLM
-
     from easy_context.hf import models
 
     cfg = models.load_config(model)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    n = models.parameter_count(cfg)
     return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq, n
 
 
