@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     for epoch, row, (ids, labels, *_) in data.batches(dataset, sampler, cfg.batch_size, row_len, cfg.data_workers):
         if loop.done():
             break
-        batch = cepe_data.split_rows(ids.to(accelerator.device), None if labels is None else labels.to(ids.device),
-                                     stage=cfg.stage, window=cfg.window, chunk_size=cfg.chunk_size)
-        top = None if teacher is None else window_topk(teacher, batch.teacher_ids.to(accelerator.device),
+        batch = cepe_data.split_rows(ids, labels, stage=cfg.stage, window=cfg.window, chunk_size=cfg.chunk_size,
+                                     device=accelerator.device)
+        top = None if teacher is None else window_topk(teacher, batch.teacher_ids,
                                                        cfg.window, cfg.kl_topk, chunk_size=cfg.loss_chunk)
         inputs = cepe_data.rank_inputs(batch, plan, top)
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,

@@ -55,14 +55,17 @@ def to_chunks(context: Tensor, chunk_size: int, pad_id: int = 0) -> tuple[Tensor
 
 
 def split_rows(ids: Tensor, labels: Tensor | None, *, stage: str, window: int, chunk_size: int,
-               pad_id: int = 0) -> CEPEBatch:
+               pad_id: int = 0, device: torch.device | str | None = None) -> CEPEBatch:
     """The CEPE batch of rows ``ids`` [B, L] (``labels`` [B, L] or None: loss on every decoder token): the last
-    ``window`` tokens to the decoder; to the encoder, the tokens before them (main) or the window itself (warmup)."""
+    ``window`` tokens to the decoder; to the encoder, the tokens before them (main) or the window itself (warmup);
+    every tensor on ``device`` (default: where ``ids`` is)."""
     if stage not in STAGES:
         raise ValueError(f"unknown CEPE stage {stage!r}: use one of {', '.join(STAGES)}")
     if ids.shape[1] < window or (stage == "main" and ids.shape[1] == window):
         raise ValueError(f"rows of {ids.shape[1]} tokens hold no {'context and ' if stage == 'main' else ''}"
                          f"{window}-token window")
+    if device is not None:
+        ids, labels = ids.to(device), None if labels is None else labels.to(device)
     decoder = ids[:, -window:]
     context = decoder if stage == "warmup" else ids[:, :-window]
     chunk_ids, chunk_mask = to_chunks(context, chunk_size, pad_id)

@@ -30,6 +30,14 @@ def test_warmup_stage_the_encoder_reads_the_window_itself():
     assert torch.equal(b.teacher_ids, b.input_ids)
 
 
+@pytest.mark.parametrize("stage", ["main", "warmup"])
+def test_every_tensor_of_the_batch_lands_on_the_device_asked_for(stage):
+    # rows and labels come from the data loader on the CPU; the model is on the GPU ("meta" stands in for it)
+    b = split_rows(ROWS, ROWS.clone(), stage=stage, window=16, chunk_size=8, device="meta")
+    tensors = [b.input_ids, b.labels, b.chunk_ids, b.teacher_ids] + ([] if b.chunk_mask is None else [b.chunk_mask])
+    assert all(t.device.type == "meta" for t in tensors)
+
+
 def test_a_context_that_is_no_whole_number_of_chunks_is_padded_at_its_end():
     ids, mask = to_chunks(ROWS[:, :10], 4, pad_id=99)
     assert ids.shape == mask.shape == (2, 3, 4)
