@@ -307,11 +307,11 @@ def load_tokenizer(name_or_path: str):
 
 
 def position_limit(config) -> int:
-    """The longest context a config's RoPE settings were made for (max_position_embeddings x scaling factor
-    for scaled RoPE other than dynamic)."""
+    """The longest context a config's RoPE settings were made for: max_position_embeddings, or the original
+    limit x the factor of a RoPE scaling (dynamic NTK included: it rescales up to that length as the others do)."""
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "dynamic") and "factor" in rope:
+    if rope.get("rope_type", "default") != "default" and "factor" in rope:
         base = int(rope.get("original_max_position_embeddings", limit))
         limit = max(limit, int(base * float(rope["factor"])))
     return limit

@@ -58,3 +58,14 @@ def test_position_limit():
     check_lengths([4096], config)
     with pytest.raises(ValueError, match="4096"):
         check_lengths([8192], config)
+
+
+@pytest.mark.parametrize("scaling", ["yarn:factor=16", "dynamic:factor=16"])
+def test_a_rope_scaling_by_a_factor_reaches_that_many_times_the_training_length(scaling):
+    # dynamic NTK is made for lengths up to factor x the original too: a no-training baseline at 16x must run
+    from easy_context.hf.models import apply_rope
+
+    config = apply_rope(tiny_model("llama", 0).config, rope_scaling=scaling)  # trained at 1024
+    check_lengths([16 * 1024], config)
+    with pytest.raises(ValueError, match="position limit of 16384"):
+        check_lengths([32 * 1024], config)
