@@ -17,10 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false
 WINDOW=${WINDOW:-256} CHUNK=${CHUNK:-256} WARM_CHUNK=${WARM_CHUNK:-64}
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  NPROC=${NPROC:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
   PRESET=${PRESET:-small} WORKERS=${WORKERS:-4}
-  DECODER=${DECODER:-"128:1700"}            # BATCH:STEPS of the decoder at WINDOW tokens
+  DECODER=${DECODER:-"128:1700"}            # BATCH:STEPS[:MINUTES] of the decoder at WINDOW tokens (so the others)
   WARMUP=${WARMUP:-"64:600"} MAIN=${MAIN:-"16:2000"} CONTEXT_CHUNKS=${CONTEXT_CHUNKS:-16}
   ENCODER=${ENCODER:-"--encoder-layers 4"}
   CONTEXTS=${CONTEXTS:-"0 256 512 1024 2048 4096"} NEEDLE_CONTEXTS=${NEEDLE_CONTEXTS:-"256 512 1024 2048 4096"}
@@ -44,27 +44,27 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
 
-IFS=: read -r BATCH STEPS <<< "$DECODER"
+IFS=: read -r BATCH STEPS MINUTES <<< "$DECODER"
 [ -d "$OUT/decoder/model" ] || "${LAUNCH[@]}" train.py --model tiny --tiny-preset "$PRESET" --seq-length "$WINDOW" \
   --backend data_parallel --batch-size "$BATCH" --lr 1e-3 --warmup-steps 50 --max-steps "$STEPS" \
-  --no-gradient-checkpointing "${COMMON[@]}" --output-dir "$OUT/decoder"
+  ${MINUTES:+--time-limit "$MINUTES"} --no-gradient-checkpointing "${COMMON[@]}" --output-dir "$OUT/decoder"
 mark "decoder trained at $WINDOW tokens: $OUT/decoder/model"
 
-IFS=: read -r BATCH STEPS <<< "$WARMUP"
+IFS=: read -r BATCH STEPS MINUTES <<< "$WARMUP"
 # shellcheck disable=SC2086  # ENCODER holds several flags
 [ -d "$OUT/warmup/model" ] || "${LAUNCH[@]}" train_cepe.py --model "$OUT/decoder/model" $ENCODER --stage warmup \
   --window "$WINDOW" --chunk-size "$WARM_CHUNK" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS" \
-  "${COMMON[@]}" --output-dir "$OUT/warmup"
+  ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" --output-dir "$OUT/warmup"
 mark "CEPE warmup stage (the encoder reads the window itself): $OUT/warmup/model"
 
-IFS=: read -r BATCH STEPS <<< "$MAIN"
+IFS=: read -r BATCH STEPS MINUTES <<< "$MAIN"
 [ -d "$OUT/main/model" ] || "${LAUNCH[@]}" train_cepe.py --cepe "$OUT/warmup/model" --stage main --window "$WINDOW" \
   --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --batch-size "$BATCH" --lr 3e-4 --warmup-steps 20 \
-  --max-steps "$STEPS" "${COMMON[@]}" --output-dir "$OUT/main"
+  --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" --output-dir "$OUT/main"
 mark "CEPE main stage ($CONTEXT_CHUNKS x $CHUNK context tokens + $WINDOW window): $OUT/main/model"
 
 # shellcheck disable=SC2086  # the context lists are several numbers
-python eval_cepe.py --model "$OUT/main/model" --window "$WINDOW" --chunk-size "$CHUNK" --contexts $CONTEXTS \
+python3 eval_cepe.py --model "$OUT/main/model" --window "$WINDOW" --chunk-size "$CHUNK" --contexts $CONTEXTS \
   --needle-contexts $NEEDLE_CONTEXTS --depth-step "$DEPTH_STEP" --samples "$SAMPLES" \
   --needle-samples "$NEEDLE_SAMPLES" --output-dir "$OUT/eval"
 mark "evaluation: $OUT/eval/ppl.png and $OUT/eval/needle.png"

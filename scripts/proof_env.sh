@@ -26,7 +26,9 @@ FACTOR=$(( LONG / SHORT ))
 TEXT=${TEXT:-pydoc}                 # the real text: pydoc, or a folder of .txt files
 TASKS=${TASKS:-"needle multikey multivalue multiquery vt cwe fwe"}
 DATA_PROCS=${DATA_PROCS:-$(nproc)}  # processes that write the training rows
-LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC")
+PORT=${PORT:-29500}                 # the launcher's port: give each of several runs at once its own
+LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC"
+        --main_process_port "$PORT")
 mkdir -p "$OUT"
 T0=$(date +%s)
 mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }

@@ -7,7 +7,7 @@
 #   yarn       no training, YaRN by FACTOR
 #   dynamic    no training, dynamic NTK by FACTOR
 #   extended   the sequence-parallel fine-tune (scripts/proof_extend.sh)
-#     bash scripts/proof_eval.sh
+#     bash scripts/proof_eval.sh    # a run whose results exist is not run again (RUNS=yarn ...: some runs only)
 source "$(dirname "$0")/proof_env.sh"
 SAMPLES=${SAMPLES:-4}
 DEPTH_STEP=${DEPTH_STEP:-25}
@@ -24,11 +24,15 @@ for run in $RUNS; do
     extended) M=$OUT/extended/model; ROPE=() ;;
     *) echo "unknown run $run: use stage1 theta yarn dynamic extended" >&2; exit 1 ;;
   esac
-  "${LAUNCH[@]}" eval_ruler.py --model "$M" "${ROPE[@]}" --tasks $TASKS --lengths $LENGTHS --haystack "$TEXT" \
-    --samples "$SAMPLES" --depth-step "$DEPTH_STEP" --scoring "$SCORING" --output "$OUT/ruler/$run.json"
-  mark "suite: $OUT/ruler/${run}_summary.png"
-  "${LAUNCH[@]}" eval_ppl.py -m "$M" "${ROPE[@]}" --real-text "$TEXT" --lengths $LENGTHS --output "$OUT/ppl/$run.csv"
-  mark "perplexity: $OUT/ppl/$run.csv"
+  if [ ! -f "$OUT/ruler/$run.json" ]; then
+    "${LAUNCH[@]}" eval_ruler.py --model "$M" "${ROPE[@]}" --tasks $TASKS --lengths $LENGTHS --haystack "$TEXT" \
+      --samples "$SAMPLES" --depth-step "$DEPTH_STEP" --scoring "$SCORING" --output "$OUT/ruler/$run.json"
+    mark "suite: $OUT/ruler/${run}_summary.png"
+  fi
+  if [ ! -f "$OUT/ppl/$run.json" ]; then
+    "${LAUNCH[@]}" eval_ppl.py -m "$M" "${ROPE[@]}" --real-text "$TEXT" --lengths $LENGTHS --output "$OUT/ppl/$run.csv"
+    mark "perplexity: $OUT/ppl/$run.csv"
+  fi
 done
 python3 - "$OUT/ppl" $RUNS <<'PY'  # every run's perplexity on one plot, named by run
 import json, sys

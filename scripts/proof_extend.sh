@@ -5,7 +5,8 @@
 # (THETA=...: a raised RoPE base instead), on the task mixture at growing lengths up to LONG.
 #     bash scripts/proof_extend.sh
 source "$(dirname "$0")/proof_env.sh"
-# Stages are LENGTH:BATCH:STEPS; the RoPE change goes to the first one, later stages inherit it from the config.
+# Stages are LENGTH:BATCH:STEPS[:MINUTES] (as in proof_stage1.sh); the RoPE change goes to the first one, later
+# stages inherit it from the config.
 EXTEND=${EXTEND:-"8192:8:300 $LONG:1:300"}
 LR=${LR:-1e-4}  # a tenth of stage 1's: keep what the model knows
 BACKEND=${BACKEND:-zigzag_ring}
@@ -13,13 +14,13 @@ MODEL=$OUT/stage1/model
 [ -d "$MODEL" ] || { echo "no stage-1 model at $MODEL: run scripts/proof_stage1.sh first" >&2; exit 1; }
 if [ -n "${THETA:-}" ]; then ROPE=(--rope-theta "$THETA"); else ROPE=(--rope-scaling "yarn:factor=$FACTOR"); fi
 for s in $EXTEND; do
-  IFS=: read -r LEN BATCH STEPS <<< "$s"
+  IFS=: read -r LEN BATCH STEPS MINUTES <<< "$s"
   if [ ! -d "$OUT/extend$LEN/model" ]; then
     DATA=$(rows "$LEN" $(( BATCH * STEPS )))  # every process of the SP group reads the same rows
     mark "training rows: $DATA"
     "${LAUNCH[@]}" train.py --model "$MODEL" --dataset "$DATA" --seq-length "$LEN" "${ROPE[@]}" --backend "$BACKEND" \
-      --batch-size "$BATCH" --lr "$LR" --warmup-steps 20 --max-steps "$STEPS" --schedule cosine --min-lr-ratio 0.1 \
-      --weight-decay 0.0 --data-workers 4 --output-dir "$OUT/extend$LEN"
+      --batch-size "$BATCH" --lr "$LR" --warmup-steps 20 --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} \
+      --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers 4 --output-dir "$OUT/extend$LEN"
   fi
   MODEL=$OUT/extend$LEN/model; ROPE=(); mark "extended to $MODEL at $LEN tokens ($BACKEND over $NPROC process(es))"
 done
