@@ -3,11 +3,14 @@ another on one machine.
 
   python benchmarks/bench_peers.py --model shape:llama3.2-1b --seqlens 16384,32768,131072 --steps 4 \
       --json results/peers.json
+  python benchmarks/bench_peers.py --gpus 8 --systems hf,hf_liger,alst,torch_cp,ours_ddp,ours_zero3 \
+      --seqlens 131072,262144 --cp-rotate alltoall --json results/peers8.json
 
-Systems (``--systems``): ``hf``, ``hf_liger`` and ``alst`` run in ``peer_step.py`` (its doc says how each is set
-up); ``ours_ddp`` and ``ours_zero3`` are train.py under ``accelerate_configs/ddp.yaml`` and ``zero3.yaml``
-with the flags in ``OURS`` (the recipe's defaults when that list is empty). A system that cannot run here (a
-missing package, no GPU) is a row that says why. Every system: AdamW, random tokens, one sequence per step,
+Systems (``--systems``): ``hf``, ``hf_liger``, ``alst`` and ``torch_cp`` run in ``peer_step.py`` (its doc says
+how each is set up; ``torch_cp`` is PyTorch's own context_parallel, benchmarks/peer_cp.py); ``ours_ddp`` and
+``ours_zero3`` are train.py under ``accelerate_configs/ddp.yaml`` and ``zero3.yaml`` with the flags in ``OURS``
+(the recipe's defaults when that list is empty). A system that cannot run here (a missing package, no GPU, a GPU
+count it has no meaning at) is a row that says why. Every system: AdamW, random tokens, one sequence per step,
 ``--steps`` steps of which the first ``--warmup`` are not timed; figures are medians of the timed steps.
 
 Columns: tokens/s per GPU; MFU = (6 N + 6 L d S) x tokens/s per GPU / 989 TFLOP/s (N parameters, L layers, d
@@ -15,8 +18,11 @@ hidden size, S sequence length; the same formula for every system, recomputation
 (the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
 each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
 ``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
-``--gpus P`` runs this recipe's rows on P processes; the peers' P-GPU rows (ALST's Ulysses at sp=P, PyTorch's
-context_parallel) are listed as not run: they need a machine of P GPUs to be built against.
+``--gpus P`` runs every row on P processes (torchrun for the peers, accelerate for this recipe), one sequence
+split over them: ``alst`` is ALST at sp=P (DeepSpeed's Ulysses), ``torch_cp`` PyTorch's context parallel over a
+mesh of P (``--cp-rotate``: allgather or alltoall); ``hf`` and ``hf_liger`` have no sequence parallelism (data
+parallel holds the whole sequence on every GPU: their per-GPU figures are the 1-GPU rows'), so their P-GPU rows say
+so, and ``torch_cp`` needs P > 1. Tokens/s per GPU is the sequence's tokens over the step time over P.
 """
 
 from __future__ import annotations
@@ -33,16 +39,24 @@ import time
 import torch
 
 from bench_train import PEAK, error_tail, model_flops_per_token, run as run_train
+from peer_cp import ROTATE, cp_unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = {"hf": [], "hf_liger": ["liger_kernel"], "alst": ["liger_kernel", "deepspeed", "arctic_training"]}
+PEERS = {"hf": [], "hf_liger": ["liger_kernel"], "alst": ["liger_kernel", "deepspeed", "arctic_training"],
+         "torch_cp": []}
+NO_SP = ("hf", "hf_liger")  # peers with no sequence parallelism
 # this recipe's paths: (accelerate config, train.py flags beyond the defaults)
 OURS = {"ours_ddp": ("ddp", []), "ours_zero3": ("zero3", [])}
 SYSTEMS = (*PEERS, *OURS)
 
 
-def missing(system: str) -> str | None:
-    """Why ``system`` cannot run on this machine (None: it can)."""
+def missing(system: str, gpus: int = 1) -> str | None:
+    """Why ``system`` cannot run on ``gpus`` GPUs of this machine (None: it can)."""
+    if system in NO_SP and gpus > 1:
+        return (f"no sequence parallelism: data parallel holds the whole sequence on each of the {gpus} GPUs "
+                "(per-GPU figures = the 1-GPU row's)")
+    if system == "torch_cp":
+        return "needs --gpus > 1 (context parallel over one GPU is the hf loop)" if gpus == 1 else cp_unavailable()
     if system in PEERS:
         absent = [m for m in PEERS[system] if importlib.util.find_spec(m) is None]
         if absent:
@@ -66,14 +80,28 @@ def median_figures(records: list[dict], warmup: int) -> dict | None:
             "steps_timed": len(timed)}
 
 
-def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeout: float) -> dict:
-    """One peer_step.py process: {"ok", "records", "tail", "cmd"}."""
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "peer_step.py"), "--system", system, "--model", model,
+def peer_command(system: str, model: str, seq: int, steps: int, offload: str, gpus: int = 1,
+                 rotate: str = "allgather") -> list[str]:
+    """The peer_step.py command line of ``system``: one process, or torchrun of ``gpus`` processes."""
+    launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", str(gpus)]
+    cmd = [*launch, os.path.join(REPO, "benchmarks", "peer_step.py"), "--system", system, "--model", model,
            "--seq-length", str(seq), "--steps", str(steps)]
     if system == "alst":
         cmd += ["--offload", offload] + (["--activation-offload"] if seq >= 65536 else [])
+    if system == "torch_cp":
+        cmd += ["--rotate", rotate]
+    return cmd
+
+
+def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeout: float, gpus: int = 1,
+             rotate: str = "allgather") -> dict:
+    """One peer_step.py launch: {"ok", "records", "tail", "cmd"}."""
+    cmd = peer_command(system, model, seq, steps, offload, gpus, rotate)
+    # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         out, ok = res.stdout + res.stderr, res.returncode == 0
     except subprocess.TimeoutExpired as e:
         out, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
@@ -93,20 +121,19 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
 def measure(system: str, args, seq: int) -> dict:
     """One row: the system at ``seq`` with its figures, or why it did not run."""
     row = {"system": system, "seq": seq, "gpus": args.gpus}
-    why = missing(system)
-    if why is None and system in PEERS and args.gpus > 1:
-        why = f"{args.gpus}-GPU peer rows are not built yet (they need a {args.gpus}-GPU machine to build against)"
+    why = missing(system, args.gpus)
     if why:
         return {**row, "skipped": why}
     started = time.time()
-    r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout) if system in PEERS
+    r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout, args.gpus, args.cp_rotate)
+         if system in PEERS
          else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split()))
     row.update(cmd=r["cmd"], wall_s=time.time() - started)
     figures = median_figures(r["records"], args.warmup) if r["ok"] else None
     if figures is None:
         return {**row, "error": r["tail"][-1500:]}
     flops, params = model_flops_per_token(args.model, seq)
-    per_gpu = figures["tokens_per_s"] / (args.gpus if system in OURS else 1)
+    per_gpu = figures["tokens_per_s"] / args.gpus  # every system trains one sequence over all args.gpus
     return {**row, **figures, "params": params, "tokens_per_s_per_gpu": per_gpu, "mfu": flops * per_gpu / PEAK}
 
 
@@ -164,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--offload", choices=("none", "optimizer", "all"), default="none",
                    help="alst's ZeRO-3 offload (ArcticTraining's 8B one-GPU recipes offload all)")
+    p.add_argument("--cp-rotate", choices=ROTATE, default="allgather",
+                   help="torch_cp: set_rotate_method's method for the K/V shards (PyTorch's default: allgather)")
     p.add_argument("--extra", default="", help="more train.py flags for this recipe's rows")
     p.add_argument("--longest", default="", help="START,MAX: per system, double the length from START up to MAX "
                    "until a run fails; the last that completed is its longest")
@@ -173,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.systems.split(",")) - set(SYSTEMS))
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.gpus < 1:
+        p.error(f"--gpus must be at least 1; got {args.gpus}")
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): nothing would be timed")
     return args

@@ -1,4 +1,5 @@
-"""Training steps of one peer system on a random-init shape, in one process on one device: what bench_peers times.
+"""Training steps of one peer system on a random-init shape (one process, or P under torchrun): what bench_peers
+times.
 
   python benchmarks/peer_step.py --system hf_liger --model shape:llama3.2-1b --seq-length 32768 --steps 4
 
@@ -13,9 +14,18 @@ Systems, each set up as its own documentation sets it up:
             MLP, ArcticTraining's tiled MLP (``enable_tiled_mlp_compute``) and its activation-checkpoint CPU
             offload (``monkey_patch_checkpoint_function_with_cpu_offload``), both loaded from the arctic-training
             package's own files. ArcticTraining itself (its trainer) needs transformers < 5; these pieces do not.
+            Under torchrun with P processes it is ALST at sp=P as ArcticTraining wires it: DeepSpeed's
+            ``UlyssesSPAttentionHF.register_with_transformers`` over sdpa, its mpu given to the engine, the data
+            through ``UlyssesSPDataLoaderAdapter`` (each rank's loader gives a sequence; each step all P ranks
+            train one of them, a 1/P slice each, with pre-shifted labels), and ArcticTraining's loss: each rank's
+            mean over its slice, averaged over the ranks weighted by their counted tokens (differentiably).
+  torch_cp  PyTorch's own context parallel over P processes (torchrun): benchmarks/peer_cp.py says how.
 Every system uses AdamW (lr 1e-5, betas 0.9/0.95, no weight decay) on random tokens, one sequence per step.
-One JSON line per step on stdout, prefixed ``PEER_STEP``: step, step_s, tokens_per_s, peak_gpu_gib (the
-allocator's peak), host_peak_gib (this process's peak resident memory), loss.
+One JSON line per step on stdout (rank 0), prefixed ``PEER_STEP``: step, step_s, tokens_per_s (the sequence's
+tokens over the step time, all ranks together), peak_gpu_gib (the allocator's peak), host_peak_gib (the process's
+peak resident memory), loss; over P processes the step time and peaks are the largest rank's.
+
+  torchrun --nproc_per_node 8 benchmarks/peer_step.py --system torch_cp --seq-length 131072 --rotate alltoall
 """
 
 from __future__ import annotations
@@ -28,10 +38,14 @@ import resource
 import time
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (differentiable all_gather of sp_loss)
+import torch.nn.functional as F
 
 from easy_context.hf import models
+from peer_cp import ROTATE, build_torch_cp
 
-SYSTEMS = ("hf", "hf_liger", "alst")
+SYSTEMS = ("hf", "hf_liger", "alst", "torch_cp")
 PREFIX = "PEER_STEP "
 LR, BETAS = 1e-5, (0.9, 0.95)
 
@@ -59,20 +73,73 @@ def arctic_module(name: str):
     return module
 
 
-def deepspeed_config(offload: str) -> dict:
-    """The ZeRO-3 config of ArcticTraining's one-GPU recipes, with ``offload`` none / optimizer / all."""
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def deepspeed_config(offload: str, sp: int = 1) -> dict:
+    """The ZeRO-3 config of ArcticTraining's recipes, with ``offload`` none / optimizer / all, at sp=``sp``."""
     zero = {"stage": 3}
     if offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload == "all":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0,
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+              "zero_optimization": zero, "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0,
+              "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if sp > 1:  # zero.Init's data-parallel world is the ranks over sp
+        config["sequence_parallel_size"] = sp
+    return config
+
+
+class RandomSequences(torch.utils.data.IterableDataset):
+    """Endless random sequences as a data loader gives them to Ulysses: input_ids, labels, position_ids."""
+
+    def __init__(self, vocab: int, seq: int, seed: int):
+        self.vocab, self.seq, self.seed = vocab, seq, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        while True:
+            ids = torch.randint(0, self.vocab, (self.seq,), generator=gen)
+            yield {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(self.seq)}
+
+
+def ulysses_register(model, sp: int, seq: int):
+    """DeepSpeed's Ulysses attention over sdpa registered with transformers for ``model``; its mpu."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp, micro_batch_size=1,
+        seq_length=seq, seq_length_is_variable=True)
+
+
+def ulysses_batches(mpu, vocab: int, seq: int, seed: int, device: torch.device):
+    """This rank's slices, one sequence per step, through UlyssesSPDataLoaderAdapter (rank r's loader: seed + r)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    rank = mpu.get_sequence_parallel_rank()
+    loader = torch.utils.data.DataLoader(RandomSequences(vocab, seq, seed + rank), batch_size=1)
+    return UlyssesSPDataLoaderAdapter(loader, sp_rank=rank, sp_group=mpu.get_sequence_parallel_group(),
+                                      sp_world_size=mpu.get_sequence_parallel_world_size(), device=device)
+
+
+def sp_loss(outputs, shift_labels: torch.Tensor, group) -> torch.Tensor:
+    """ArcticTraining's Ulysses loss: the ranks' mean losses weighted by their counted tokens, gathered
+    differentiably. Liger's model returns the loss from ``shift_labels``; a plain HF model only logits."""
+    loss = outputs.loss
+    if loss is None:
+        loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+    losses = torch.distributed.nn.functional.all_gather(loss, group=group)
+    good = (shift_labels != -100).sum()
+    goods = torch.distributed.nn.functional.all_gather(good, group=group)
+    return sum(l * n for l, n in zip(losses, goods)) / max(sum(goods), 1)
 
 
 def build_hf(args, config, device: torch.device):
-    """(model, optimizer, step function) of the hf / hf_liger loop."""
+    """The step function of the hf / hf_liger loop."""
     from transformers import AutoModelForCausalLM
 
     if args.system == "hf_liger":
@@ -96,7 +163,7 @@ def build_hf(args, config, device: torch.device):
 
 
 def build_alst(args, config, device: torch.device):
-    """The step function of ALST on one GPU (module doc)."""
+    """(step function, its batches or None) of ALST on one GPU, or at sp=P under torchrun (module doc)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -106,6 +173,7 @@ def build_alst(args, config, device: torch.device):
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517").items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed()
+    sp = world()[1]
     if args.activation_offload:
         arctic_module("monkey_patches").monkey_patch_checkpoint_function_with_cpu_offload()
     mlp = arctic_module("model.tiled_compute")
@@ -113,10 +181,11 @@ def build_alst(args, config, device: torch.device):
     prefix, _ = mlp.get_causal_lm_model_cls_prefix(config.model_type)
     getattr(module, f"{prefix}MLP").forward = mlp.tiled_mlp_forward_common  # enable_tiled_mlp_compute, no hub read
     liger_patch(config.model_type, swiglu=False)
-    ds_config = deepspeed_config(args.offload)
+    ds_config = deepspeed_config(args.offload, sp)
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while the model is built)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.gradient_checkpointing_enable()  # reentrant: the checkpoint function ArcticTraining's offload patches
+    mpu = ulysses_register(model, sp, args.seq_length) if sp > 1 else None
     params = [p for p in model.parameters() if p.requires_grad]
     if args.offload in ("optimizer", "all"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -124,19 +193,45 @@ def build_alst(args, config, device: torch.device):
         optimizer = DeepSpeedCPUAdam(params, lr=LR, betas=BETAS, weight_decay=0.0, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     engine.train()
 
-    def step(ids: torch.Tensor) -> float:
-        loss = engine(input_ids=ids, labels=ids).loss
+    if mpu is None:
+        def step(ids: torch.Tensor) -> float:
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            return loss.item()
+
+        return step, None
+
+    def sp_step(batch: dict) -> float:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = sp_loss(engine(**batch, use_cache=False), batch["shift_labels"], mpu.get_sequence_parallel_group())
         engine.backward(loss)
         engine.step()
         return loss.item()
 
-    return step
+    return sp_step, ulysses_batches(mpu, config.vocab_size, args.seq_length, args.seed, device)
 
 
-def main() -> None:
+def full_sequences(vocab: int, seq: int, seed: int, device: torch.device):
+    """Endless random (1, seq) token batches, the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, vocab, (1, seq), generator=gen).to(device)
+
+
+def largest(values: list[float], device: torch.device) -> list[float]:
+    """Each value's largest over the ranks (the values themselves when run alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", choices=SYSTEMS, required=True)
     p.add_argument("--model", default="shape:llama3.2-1b", help="a named shape (random init)")
@@ -144,29 +239,48 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--offload", choices=("none", "optimizer", "all"), default="none", help="alst: ZeRO-3 offload")
     p.add_argument("--activation-offload", action="store_true", help="alst: checkpointed activations to the CPU")
+    p.add_argument("--rotate", choices=ROTATE, default="allgather", help="torch_cp: set_rotate_method's method")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not models.is_shape(args.model):
         raise SystemExit(f"--model must be a named shape (random init, no download); got {args.model!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, size, local = world()
+    if size > 1 and args.system in ("hf", "hf_liger"):
+        raise SystemExit(f"{args.system} has no sequence parallelism: run it as one process")
+    if size == 1 and args.system == "torch_cp":
+        raise SystemExit("torch_cp needs P > 1 processes (torchrun --nproc_per_node P)")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     config = models.load_config(args.model, max_position_embeddings=args.seq_length)
     config.use_cache = False
-    step = (build_alst if args.system == "alst" else build_hf)(args, config, device)
-    gen = torch.Generator().manual_seed(args.seed)
+    batches = None
+    if args.system == "alst":
+        step, batches = build_alst(args, config, device)
+    elif args.system == "torch_cp":
+        dist.init_process_group("nccl" if cuda else "gloo")
+        step = build_torch_cp(config, device, args.rotate, LR, BETAS)
+    else:
+        step = build_hf(args, config, device)
+    batches = batches or full_sequences(config.vocab_size, args.seq_length, args.seed, device)
     for i in range(1, args.steps + 1):
-        ids = torch.randint(0, config.vocab_size, (1, args.seq_length), generator=gen).to(device)
-        if device.type == "cuda":
+        batch = next(batches)
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step(ids)
-        if device.type == "cuda":
+        loss = step(batch)
+        if cuda:
             torch.cuda.synchronize()
         took = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        took, peak, host = largest([took, peak, host], device)
         record = dict(step=i, step_s=took, tokens_per_s=args.seq_length / took, peak_gpu_gib=peak,
-                      host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, loss=loss)
-        print(PREFIX + json.dumps(record), flush=True)
+                      host_peak_gib=host, loss=loss)
+        if rank == 0:
+            print(PREFIX + json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 """benchmarks/bench_peers.py: every system is a row (measured, or saying why not), ratios are to the fastest peer
-at the same length, and the named shapes have their published sizes."""
+at the same length, and the named shapes have their published sizes; the P-GPU peers (peer_cp.py's PyTorch
+context parallel, peer_step.py's ALST at sp=P) shard the sequence as their libraries document."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
 
 import bench_peers
+import peer_cp
+import peer_step
 from bench_train import model_flops_per_token
+from easy_context.hf import models
 
 TINY = ("shape:llama3.2-1b,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
         "num_key_value_heads=2,head_dim=16,vocab_size=256")
@@ -59,3 +68,131 @@ def test_bad_arguments_are_refused_before_anything_runs():
         bench_peers.parse_args(["--systems", "hf,megatron"])
     with pytest.raises(SystemExit):
         bench_peers.parse_args(["--steps", "1", "--warmup", "1"])
+
+
+def test_p_gpu_rows_say_why_a_peer_cannot_split_a_sequence_and_why_context_parallel_needs_cuda(tmp_path):
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--model", TINY, "--seqlens", "32", "--steps", "2", "--gpus", "2",
+                      "--systems", "hf,hf_liger,torch_cp", "--json", str(out)])
+    hf, liger, cp = json.load(open(out))["rows"]
+    assert hf["gpus"] == liger["gpus"] == cp["gpus"] == 2
+    assert hf["skipped"].startswith("no sequence parallelism") and liger["skipped"] == hf["skipped"]
+    assert cp["skipped"] == peer_cp.cp_unavailable() and "CUDA" in cp["skipped"]
+    assert bench_peers.missing("torch_cp", 1).startswith("needs --gpus > 1")
+    assert bench_peers.missing("hf", 1) is None
+
+
+def test_p_gpu_peers_launch_p_processes_with_their_own_flags():
+    one = bench_peers.peer_command("alst", TINY, 65536, 3, "optimizer")
+    assert "torch.distributed.run" not in one and one[one.index("--offload") + 1] == "optimizer"
+    alst = bench_peers.peer_command("alst", TINY, 65536, 3, "none", gpus=4)
+    assert alst[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    assert "--activation-offload" in alst and "--rotate" not in alst
+    cp = bench_peers.peer_command("torch_cp", TINY, 1024, 3, "none", gpus=2, rotate="alltoall")
+    assert cp[cp.index("--rotate") + 1] == "alltoall" and cp[cp.index("--system") + 1] == "torch_cp"
+
+
+def test_p_gpu_arguments_are_checked():
+    assert bench_peers.parse_args(["--systems", "torch_cp,alst", "--gpus", "8", "--cp-rotate", "alltoall"]).cp_rotate \
+        == "alltoall"
+    with pytest.raises(SystemExit):
+        bench_peers.parse_args(["--cp-rotate", "ring"])
+    with pytest.raises(SystemExit):
+        bench_peers.parse_args(["--gpus", "0"])
+
+
+def test_peer_step_refuses_a_process_count_a_system_has_no_meaning_at(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="P > 1 processes"):
+        peer_step.main(["--system", "torch_cp", "--model", TINY])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="no sequence parallelism"):
+        peer_step.main(["--system", "hf", "--model", TINY])
+
+
+def documented_head_tail(q: torch.Tensor, world: int) -> torch.Tensor:
+    """The reordering in PyTorch's _HeadTailLoadBalancer doc, as written there: rank r holds Q[r k:(r+1) k] and
+    Q[-(r+1) k:-r k]."""
+    k = q.size(0) // (2 * world)
+    return torch.cat([torch.cat((q[r * k:(r + 1) * k], q[q.size(0) - (r + 1) * k:q.size(0) - r * k]))
+                      for r in range(world)])
+
+
+@pytest.mark.parametrize("seq, world", [(8, 2), (48, 3), (64, 4)])
+def test_the_head_tail_order_is_pytorchs_documented_load_balanced_layout(seq, world):
+    got = peer_cp.head_tail_order(seq, world)
+    assert got == documented_head_tail(torch.arange(seq), world).tolist()
+    assert sorted(got) == list(range(seq))
+    with pytest.raises(ValueError):
+        peer_cp.head_tail_order(seq + world, world)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def cp_shard_worker(rank: int, world: int, port: int, ids: torch.Tensor, out: str) -> None:
+    join_gloo(rank, world, port)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    with peer_cp.cp_shards(mesh, ids) as shards:
+        torch.save({k: v.clone() for k, v in shards.items()}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(isinstance(peer_cp.cp_api(), str), reason="this torch has no context_parallel")
+def test_context_parallels_shards_concatenate_to_the_sequence_in_the_head_tail_order(tmp_path, seed):
+    world, seq = 2, 24
+    ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(seed))
+    mp.spawn(cp_shard_worker, args=(world, free_port(), ids, str(tmp_path)), nprocs=world)
+    shards = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    order = torch.tensor(peer_cp.head_tail_order(seq, world))
+    assert all(s["input_ids"].shape == (1, seq // world) for s in shards)
+    cat = {k: torch.cat([s[k] for s in shards], dim=1)[0] for k in peer_cp.BUFFERS}
+    assert cat["position_ids"].tolist() == order.tolist()
+    assert torch.equal(cat["input_ids"], ids[0, order])
+    following = torch.cat([ids[0, 1:], torch.tensor([peer_cp.IGNORE])])  # each token's label: the next token
+    assert torch.equal(cat["shift_labels"], following[order])
+
+
+def ulysses_worker(rank: int, world: int, port: int, seq: int, out: str) -> None:
+    import deepspeed  # in the worker only: importing it costs seconds and prints its accelerator
+
+    join_gloo(rank, world, port)
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(models.load_config(TINY), attn_implementation="sdpa")
+    mpu = peer_step.ulysses_register(model, world, seq)
+    batch = next(peer_step.ulysses_batches(mpu, model.config.vocab_size, seq, 7, torch.device("cpu")))
+    loss = peer_step.sp_loss(model(**batch, use_cache=False), batch["shift_labels"], mpu.get_sequence_parallel_group())
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for g in grads:
+        torch.distributed.all_reduce(g)
+    torch.save({"loss": loss.detach(), "grads": grads, "positions": batch["position_ids"]}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_alst_at_sp2_on_gloo_trains_the_whole_sequence_like_one_process(tmp_path):
+    world, seq = 2, 32
+    mp.spawn(ulysses_worker, args=(world, free_port(), seq, str(tmp_path)), nprocs=world)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(models.load_config(TINY), attn_implementation="sdpa")
+    first = next(iter(peer_step.RandomSequences(model.config.vocab_size, seq, 7)))  # rank 0's loader's first
+    ids = first["input_ids"][None]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert [g["positions"].tolist() for g in got] == [[list(range(r * 16, r * 16 + 16))] for r in range(world)]
+    for g in got:  # every rank holds the loss of the whole sequence
+        torch.testing.assert_close(g["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    # DeepSpeed averages the gradients over the sp ranks: the ranks' summed gradients over P are the whole one's
+    for summed, p in zip(got[0]["grads"], model.parameters()):
+        torch.testing.assert_close(summed / world, p.grad, rtol=1e-4, atol=1e-6)
