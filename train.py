@@ -46,7 +46,8 @@ SMOKE_TEST = ("The built-in model learns the data's format here (loss far below 
 def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool):
     """The model at ``path`` with ``cfg``'s memory options, LoRA+ and the plan's attention (``packed``: packed rows)."""
     model = models.load_model(path, config=config, dtype=dtype)
-    offload.setup_checkpointing(model, offload=cfg.offload_activations, skip_last=cfg.no_gradient_checkpointing)
+    offload.setup_checkpointing(model, offload=cfg.offload_activations, skip_last=cfg.no_gradient_checkpointing,
+                                layers_per_checkpoint=cfg.layers_per_checkpoint)
     if cfg.keep_attention:
         ec.keep_attention_outputs(model)
     if cfg.fuse_pointwise:
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
     input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size
     offload.check_layer_counts(config.num_hidden_layers, offload=cfg.offload_activations,
-                               skip_last=cfg.no_gradient_checkpointing, input_bytes=input_bytes)
+                               skip_last=cfg.no_gradient_checkpointing, input_bytes=input_bytes,
+                               layers_per_checkpoint=cfg.layers_per_checkpoint,
+                               layer_types=getattr(config, "layer_types", None))
     tokenizer = None if models.is_shape(model_path) else models.load_tokenizer(model_path)
     dataset = load_dataset(cfg, tokenizer, config.vocab_size)
     packed = data.restarts_positions(dataset)  # packed documents: each attends only to itself

@@ -15,7 +15,8 @@ Parameters are never offloaded (DeepSpeed ZeRO-3 gathers them around module call
 Other devices than CUDA GPUs copy synchronously; tensors on the CPU are copied on the CPU (no gain there; it
 keeps the code path testable without a GPU).
 Host memory: layers x B x S_local x H elements per GPU (at Llama-3-8B's 32 layers and H = 4096, 8 GiB per
-32K local tokens in bf16); PyTorch's pinned allocator rounds each block up to a power of two.
+32K local tokens in bf16); PyTorch's pinned allocator rounds each block up to a power of two. With layers
+checkpointed in groups of k (``layer_groups``), one input per group: k times less.
 ``check_zero_offload_host`` checks the other tenant of the host, ZeRO-3's offloaded training state, before loading.
 """
 
@@ -27,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .layer_groups import check_layer_groups, decoder_layers, group_checkpointed_layers, group_inputs
 
 Tensor = torch.Tensor
 
@@ -188,17 +191,20 @@ def skip_checkpointing(model: torch.nn.Module, last: int) -> list[torch.nn.Modul
     return skipped
 
 
-def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0, input_bytes: int = 0) -> None:
+def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0, input_bytes: int = 0,
+                       layers_per_checkpoint: int = 1, layer_types: list[str] | None = None) -> None:
     """Before any weights load: ``offload`` (-1: all) and ``skip_last`` (-1: no checkpointing at all) must name
-    at most ``num_layers`` layers, and offloading needs checkpointing on. With CUDA and ``input_bytes`` (one
-    layer input per GPU), the offloaded inputs of this machine's processes must fit its available host memory."""
+    at most ``num_layers`` layers, and offloading needs checkpointing on; ``layers_per_checkpoint`` layers must
+    group exactly (``check_layer_groups``; ``layer_types``: the config's). With CUDA and ``input_bytes`` (one
+    layer input per GPU), the offloaded inputs (one per group) of this machine's processes must fit its host."""
     for n, what in ((offload, "offload the inputs of"), (skip_last, "leave uncheckpointed")):
         if n > num_layers:
             raise ValueError(f"the model has {num_layers} layers: cannot {what} {n}; choose at most {num_layers}")
     if offload and skip_last < 0:
         raise ValueError("offloading activations needs gradient checkpointing: drop one of the two options")
+    check_layer_groups(num_layers, layers_per_checkpoint, skip_last=skip_last, layer_types=layer_types)
     if offload and input_bytes and torch.cuda.is_available():
-        check_host_memory(num_layers if offload < 0 else offload, input_bytes,
+        check_host_memory(group_inputs(num_layers if offload < 0 else offload, layers_per_checkpoint), input_bytes,
                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
@@ -270,10 +276,14 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
         "every rank), train LoRA adapters (--lora-rank 8), or use a machine with more host memory")
 
 
-def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0) -> None:
+def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0,
+                        layers_per_checkpoint: int = 1) -> None:
     """Gradient checkpointing for a transformers model as the recipe's flags say: ``skip_last`` -1 turns it
     off, N > 0 leaves the last N layers uncheckpointed; ``offload`` N > 0 keeps the first N layers' saved
-    inputs in pinned host memory (-1: every layer's), 0 keeps them on the device."""
+    inputs in pinned host memory (-1: every layer's), 0 keeps them on the device; ``layers_per_checkpoint`` k > 1
+    keeps the input of every k-th checkpointed layer only and recomputes k layers at once (``layer_groups``)."""
+    check_layer_groups(len(decoder_layers(model)), layers_per_checkpoint, skip_last=skip_last,
+                       layer_types=getattr(getattr(model, "config", None), "layer_types", None))
     if skip_last < 0:
         return
     if offload:
@@ -281,3 +291,4 @@ def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: 
     else:
         _enable_checkpointing(model)
     skip_checkpointing(model, skip_last)
+    group_checkpointed_layers(model, layers_per_checkpoint)

@@ -98,6 +98,10 @@ class TrainConfig:
     tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
     offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
                                      "host memory", nargs="?", const=ALL_LAYERS, metavar="N")
+    layers_per_checkpoint: int = flag(1, "activation checkpointing keeps the input of every K-th layer only "
+                                       "and recomputes K layers at once in the backward (K times fewer saved or "
+                                       "offloaded inputs, for K layers' recompute activations on the GPU at once)",
+                                       metavar="K")
     # --- LoRA, PoSE
     lora_rank: int = flag(0, "LoRA+ (LongLoRA): LoRA on attention + trainable embeddings and norms "
                            "(0: full fine-tuning)")
@@ -204,6 +208,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     at_least(cfg, "seq_length", 2, " (tokens per row: a token and the one it predicts)")
     for name in ("checkpoint_every", "warmup_steps", "tiled_mlp", "lora_rank", "data_workers"):
         at_least(cfg, name, 0, " (0: off)" if name in ("checkpoint_every", "tiled_mlp", "lora_rank") else "")
+    at_least(cfg, "layers_per_checkpoint", 1, " (1: every layer its own checkpoint)")
+    if cfg.layers_per_checkpoint > 1 and cfg.no_gradient_checkpointing == ALL_LAYERS:
+        raise SystemExit(f"--layers-per-checkpoint {cfg.layers_per_checkpoint} groups checkpointed layers, and "
+                         "--no-gradient-checkpointing turns checkpointing off: drop one of the two")
     for name in ("offload_activations", "no_gradient_checkpointing"):
         if getattr(cfg, name) < ALL_LAYERS:
             raise SystemExit(f"{flag_name(name)} must be at least 0 (a number of layers), or given without a "

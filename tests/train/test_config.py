@@ -141,3 +141,14 @@ def test_help_shows_defaults_unless_the_help_says_it_or_there_is_none():
     assert f"tokens per training row (default: {TrainConfig().seq_length})" in text
     assert "--sp-size SP_SIZE ranks per sequence-parallel group (default: all)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_layers_per_checkpoint_is_at_least_1_and_needs_checkpointing():
+    assert parse_config([]).layers_per_checkpoint == 1  # every layer its own checkpoint
+    assert parse_config(["--layers-per-checkpoint", "4", "--no-gradient-checkpointing", "2"]).layers_per_checkpoint == 4
+    with pytest.raises(SystemExit, match="--layers-per-checkpoint must be at least 1"):
+        check_config(config(layers_per_checkpoint=0))
+    with pytest.raises(SystemExit, match="--layers-per-checkpoint 4 groups checkpointed layers, and "
+                                         "--no-gradient-checkpointing turns checkpointing off"):
+        check_config(config(layers_per_checkpoint=4, no_gradient_checkpointing=ALL_LAYERS))
+    check_config(config(no_gradient_checkpointing=ALL_LAYERS))  # 1 with checkpointing off: nothing to group
