@@ -47,6 +47,18 @@ def _following(decorated, raw, global_max: Callable[[Tensor], Tensor]):
     return forward
 
 
+def _below_dynamic_rope_update(forward) -> Callable | None:
+    """The function transformers' ``dynamic_rope_update`` wraps in ``forward``'s chain of decorators (other
+    wrappers, such as ``torch.no_grad()`` in some versions, may sit above it); None if it is not in the chain."""
+    while forward is not None:
+        source = getattr(getattr(forward, "__code__", None), "co_filename", "")
+        inner = getattr(forward, "__wrapped__", None)
+        if source.endswith("modeling_rope_utils.py"):
+            return inner
+        forward = inner
+    return None
+
+
 def follow_sequence_length(model: torch.nn.Module, global_max: Callable[[Tensor], Tensor]) -> int:
     """Make every rotary embedding of ``model`` with a length-dependent rope type pick its frequencies from
     ``global_max(max of this call's position ids)``; returns how many rotary embeddings follow it (already
@@ -59,9 +71,8 @@ def follow_sequence_length(model: torch.nn.Module, global_max: Callable[[Tensor]
             count += 1
             continue
         decorated = type(module).forward
-        raw = getattr(decorated, "__wrapped__", None)
-        source = getattr(getattr(decorated, "__code__", None), "co_filename", "")
-        if raw is None or not source.endswith("modeling_rope_utils.py"):
+        raw = _below_dynamic_rope_update(decorated)
+        if raw is None:
             continue  # not transformers' dynamic_rope_update
         module.forward = types.MethodType(_following(decorated, raw, global_max), module)
         setattr(module, _WRAPPED, True)

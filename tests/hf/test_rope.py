@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tests.helpers.distributed import run_distributed
 from easy_context.hf import attention as hf
 from easy_context.hf.attention import use_sequence_parallel_attention
+from easy_context.hf.rope import follow_sequence_length
 from easy_context.hf.self_check import self_check_config
 from tests.helpers.reference import rel_err
 from tests.hf.test_attention import TOL, _reference, _sp_loss
@@ -97,3 +98,17 @@ def test_length_dependent_rope_that_cannot_follow_the_sequence_is_refused():
         use_sequence_parallel_attention("zigzag_ring", model)
     model = tiny_model("llama", 0, **rope_overrides("longrope"))
     assert use_sequence_parallel_attention("zigzag_ring", model) is model  # transformers' own: followed
+
+
+def test_a_decorator_above_dynamic_rope_update_still_lets_the_rope_follow_the_sequence():
+    # transformers 5.17 puts torch.no_grad() above dynamic_rope_update on the rotary forward; 5.24 does not.
+    model = tiny_model("llama", 0, **rope_overrides("dynamic"))
+    rope = model.model.rotary_emb
+    rope.__class__ = type("NoGradAbove", (type(rope),), {"forward": torch.no_grad()(type(rope).forward)})
+    assert follow_sequence_length(model, lambda local: local + SEQ) == 1
+    x, shard = torch.zeros(1, 4, 16), torch.arange(4)[None]
+    cos, _ = rope(x, shard)  # frequencies of the whole sequence's reach (SEQ + 4 positions), not the shard's 4
+    fresh = lambda: tiny_model("llama", 0, **rope_overrides("dynamic")).model.rotary_emb  # noqa: E731
+    whole, _ = fresh()(x, torch.arange(SEQ + 4)[None])
+    own, _ = fresh()(x, shard)
+    assert torch.allclose(cos, whole[:, :4]) and not torch.allclose(cos, own)
