@@ -8,7 +8,9 @@ Build the tasks with another seed than the evaluation's (``TRAIN_SEED``): the ne
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
 import torch
 
@@ -94,9 +96,12 @@ class TaskMixture(torch.utils.data.Dataset):
 
 def save_task_mixture(path: str, mixture: TaskMixture, *, num_proc: int | None = None) -> str:
     """Write every row of ``mixture`` as a ``datasets`` folder (``save_to_disk``; columns input_ids and labels,
-    int32) for ``train.py --dataset PATH``; ``num_proc`` processes make the rows. Returns ``path``."""
+    int32) for ``train.py --dataset PATH``; ``num_proc`` processes make the rows. The folder appears whole or not
+    at all (written beside it, then renamed); an existing ``path`` is refused. Returns ``path``."""
     from datasets import Dataset, Features, Sequence, Value
 
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: training rows are never written over; choose another path or remove it")
     procs = max(1, num_proc or 1)
     bounds = [mixture.size * k // procs for k in range(procs + 1)]
 
@@ -110,7 +115,12 @@ def save_task_mixture(path: str, mixture: TaskMixture, *, num_proc: int | None =
     shards = [(bounds[k], bounds[k + 1]) for k in range(procs)]
     ds = Dataset.from_generator(rows, features=features, gen_kwargs={"shards": shards},
                                 num_proc=procs if procs > 1 else None)
-    ds.save_to_disk(path)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        ds.save_to_disk(partial)
+        os.rename(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return path
 
 

@@ -4,6 +4,8 @@ tasks that cannot fit a length are named and left out; the folder written reads 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from easy_context.eval.needle import haystack_tokens
@@ -66,6 +68,30 @@ def test_the_written_folder_reads_back_row_for_row(tok, mixture, tmp_path):
     assert ds.column_names == ["input_ids", "labels"] and len(ds) == 6
     for i in range(6):
         assert (ds[i]["input_ids"], ds[i]["labels"]) == small.row(i)[:2]
+
+
+def test_a_write_that_fails_leaves_no_folder_that_looks_finished(mixture, tmp_path, monkeypatch):
+    import datasets
+
+    def disk_full(self, path, **kwargs):  # the folder exists, half-written, when the disk fills
+        os.makedirs(path)
+        open(os.path.join(path, "data-00000-of-00001.arrow"), "w").close()
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
+    small = TaskMixture(mixture.tasks, mixture.text, 600, size=2, seed=3)
+    with pytest.raises(OSError, match="no space left"):
+        save_task_mixture(str(tmp_path / "rows"), small)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one is left
+
+
+def test_an_existing_folder_is_never_overwritten(mixture, tmp_path):
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "mine.txt").write_text("kept")
+    small = TaskMixture(mixture.tasks, mixture.text, 600, size=2, seed=3)
+    with pytest.raises(FileExistsError, match="choose another path"):
+        save_task_mixture(str(tmp_path / "rows"), small)
+    assert (tmp_path / "rows" / "mine.txt").read_text() == "kept"
 
 
 def test_corpus_tokens_of_pydoc_are_its_train_part(tok):
