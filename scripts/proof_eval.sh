@@ -9,7 +9,7 @@
 #   extended   the sequence-parallel fine-tune (scripts/proof_extend.sh)
 #     bash scripts/proof_eval.sh    # resumes: only what a run's results lack is scored (RUNS=yarn ...: some runs only)
 source "$(dirname "$0")/proof_env.sh"
-SAMPLES=${SAMPLES:-4}
+SAMPLES=${SAMPLES:-2}
 DEPTH_STEP=${DEPTH_STEP:-25}
 SCORING=${SCORING:-greedy}   # the extended model: exact greedy decoding (eval_ruler.py --scoring)
 # the stage-1 model and the baselines: one teacher-forced pass per sample, each answer token given the reference

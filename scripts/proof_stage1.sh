@@ -7,7 +7,7 @@
 source "$(dirname "$0")/proof_env.sh"
 # Stages are LENGTH:BATCH:STEPS[:MINUTES] (BATCH per process; MINUTES: stop there, as --time-limit); each stage's
 # rows are written once, as many as it reads.
-GROW=${GROW:-"256:128:1700 512:64:1400 1024:32:1300 2048:32:1500"}
+GROW=${GROW:-"256:128:900 512:64:800 1024:32:700 2048:32:1000"}
 LR=${LR:-1e-3}
 [ -f "$OUT/init/config.json" ] || python3 -c "from easy_context.world.default import build_default_world
 build_default_world('$OUT/init', preset='$PRESET', max_position_embeddings=256)"
