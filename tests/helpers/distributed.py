@@ -1,4 +1,9 @@
-"""Run a function on N spawned processes joined in a process group (gloo on CPU, nccl on GPUs)."""
+"""Run a function on N processes joined in a process group (gloo on CPU, nccl on GPUs).
+
+The processes fork from a server that imported torch, transformers and the package once (multiprocessing's
+forkserver), rather than each importing them again after a spawn: that import was most of a multi-process test's
+time. The server never runs torch work, so forking it is safe; each process gets the caller's environment as it is
+at the call."""
 
 from __future__ import annotations
 
@@ -13,7 +18,17 @@ import torch.multiprocessing as mp
 from easy_context.train.distributed import finish
 
 
-def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float, args: tuple) -> None:
+PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
+           "transformers.models.qwen2.modeling_qwen2", "transformers.models.mistral.modeling_mistral",
+           "easy_context.hf.attention", "easy_context.hf.causal_lm", "easy_context.parallel.loss",
+           "easy_context.train.loop", "tests.helpers.reference", "tests.helpers.tiny_models"]
+mp.set_forkserver_preload(PRELOAD)
+
+
+def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float, args: tuple,
+           env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)  # the server's environment is the one it started with, not the caller's now
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -27,5 +42,5 @@ def run_distributed(fn, world: int, *args, backend: str = "gloo", timeout_s: flo
     """Call ``fn(rank, world, *args)`` on ``world`` processes; an exception in any of them fails the caller."""
     with tempfile.TemporaryDirectory() as d:
         init = "file://" + os.path.join(d, "store")
-        mp.start_processes(_entry, args=(fn, world, init, backend, timeout_s, args), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(_entry, args=(fn, world, init, backend, timeout_s, args, dict(os.environ)),
+                           nprocs=world, start_method="forkserver")
