@@ -8,6 +8,8 @@
 #      heatmap with the needle only in the encoder's context and the question in the decoder's window.
 #     OUT=output/cepe_demo bash scripts/cepe_demo.sh    # GPU: the 26M-parameter model ("small")
 #     bash scripts/cepe_demo.sh                         # CPU: tiny model, a few steps of each stage (a smoke run)
+# MAIN_TASKS="needle multikey": the main stage trains on rows of those tasks (evidence in the encoder's context,
+# question in the window) instead of DATA.
 # Every setting below can be overridden from the environment. A stage whose model is already in $OUT is skipped.
 # Measured: the CPU defaults run end to end in about a minute (2 cores; the numbers mean nothing at that size). On
 # one H200, with stage caps DECODER=128:1700:1.8 WARMUP=64:600:1.0 MAIN=16:2000:3.3, 7.9 minutes: docs/cepe.md.
@@ -38,7 +40,7 @@ OUT=${OUT:-output/cepe_demo}
 # Loss on every answer and 5% of the other tokens (the answers are the signal; the rest keeps the prose).
 DATA=${DATA:-tiny:answers+0.05}
 LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC")
-COMMON=(--dataset "$DATA" --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers "$WORKERS")
+COMMON=(--schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers "$WORKERS")
 mkdir -p "$OUT"
 T0=$(date +%s)
 mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
@@ -46,20 +48,31 @@ mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
 IFS=: read -r BATCH STEPS MINUTES <<< "$DECODER"
 [ -d "$OUT/decoder/model" ] || "${LAUNCH[@]}" train.py --model tiny --tiny-preset "$PRESET" --seq-length "$WINDOW" \
   --backend data_parallel --batch-size "$BATCH" --lr 1e-3 --warmup-steps 50 --max-steps "$STEPS" \
-  ${MINUTES:+--time-limit "$MINUTES"} --no-gradient-checkpointing "${COMMON[@]}" --output-dir "$OUT/decoder"
+  ${MINUTES:+--time-limit "$MINUTES"} --no-gradient-checkpointing --dataset "$DATA" "${COMMON[@]}" \
+  --output-dir "$OUT/decoder"
 mark "decoder trained at $WINDOW tokens: $OUT/decoder/model"
 
 IFS=: read -r BATCH STEPS MINUTES <<< "$WARMUP"
 # shellcheck disable=SC2086  # ENCODER holds several flags
 [ -d "$OUT/warmup/model" ] || "${LAUNCH[@]}" train_cepe.py --model "$OUT/decoder/model" $ENCODER --stage warmup \
   --window "$WINDOW" --chunk-size "$WARM_CHUNK" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS" \
-  ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" --output-dir "$OUT/warmup"
+  ${MINUTES:+--time-limit "$MINUTES"} --dataset "$DATA" "${COMMON[@]}" --output-dir "$OUT/warmup"
 mark "CEPE warmup stage (the encoder reads the window itself): $OUT/warmup/model"
 
 IFS=: read -r BATCH STEPS MINUTES <<< "$MAIN"
+MAIN_DATA=(--dataset "$DATA")
+if [ -n "${MAIN_TASKS:-}" ] && [ ! -d "$OUT/main/model" ]; then
+  # Rows of the task suite (eval_ruler.py's generators over the generated haystack): the question and answer end
+  # each row, so they fall in the decoder's window while the evidence lies mostly in the encoder's context.
+  ROWS=$OUT/data/main_rows_$(( BATCH * STEPS * NPROC )); ROW_LEN=$(( CONTEXT_CHUNKS * CHUNK + WINDOW ))
+  [ -d "$ROWS" ] || python3 -c "from easy_context.eval.task_mixture import write_mixture
+write_mixture('$ROWS', '$OUT/decoder/model', $ROW_LEN, $(( BATCH * STEPS * NPROC )), tasks='$MAIN_TASKS'.split(),
+              source='generated', num_proc=$(nproc))"
+  MAIN_DATA=(--dataset "$ROWS")
+fi
 [ -d "$OUT/main/model" ] || "${LAUNCH[@]}" train_cepe.py --cepe "$OUT/warmup/model" --stage main --window "$WINDOW" \
   --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --batch-size "$BATCH" --lr 3e-4 --warmup-steps 20 \
-  --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" --output-dir "$OUT/main"
+  --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" "${MAIN_DATA[@]}" --output-dir "$OUT/main"
 mark "CEPE main stage ($CONTEXT_CHUNKS x $CHUNK context tokens + $WINDOW window): $OUT/main/model"
 
 # shellcheck disable=SC2086  # the context lists are several numbers
