@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
+
+try:
+    import cpuinfo  # py-cpuinfo, which DeepSpeed's CPU ops ask about the CPU
+except ImportError:
+    cpuinfo = None
+
+_CACHED = "_easy_context_cached"
+
+
+def probe_cpu_once() -> None:
+    """Make py-cpuinfo's ``get_cpu_info`` answer from a cache after its first call in this process (each caller
+    gets its own copy): it runs a subprocess, 1.2 s, and DeepSpeed's CPU Adam asks it three times as it loads."""
+    if cpuinfo is None or getattr(cpuinfo.get_cpu_info, _CACHED, False):
+        return
+    probe = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict:
+        return copy.deepcopy(probe())
+
+    setattr(get_cpu_info, _CACHED, True)
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float,
@@ -14,5 +38,6 @@ def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float,
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        probe_cpu_once()
         return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay, adamw_mode=True)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from easy_context.train.optimizer import build_optimizer
+from easy_context.train.optimizer import build_optimizer, probe_cpu_once
 
 
 class _Plugin:
@@ -45,3 +45,16 @@ def test_cpu_adam_with_weight_decay_takes_torch_adamws_steps():
     assert "CPUAdam" in type(build_optimizer(torch.nn.Linear(2, 2), offload, lr=1.0, weight_decay=0.1)).__name__
     assert (reference - start).abs().max() > 1e-2  # the steps moved the weights
     torch.testing.assert_close(ours, reference, rtol=0, atol=2e-6)
+
+
+def test_the_cpu_is_probed_once_per_process_and_every_caller_gets_its_own_answer(monkeypatch):
+    cpuinfo = pytest.importorskip("cpuinfo")
+    calls = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: calls.append(1) or {"vendor_id_raw": "v", "flags": ["avx2"]})
+    probe_cpu_once()
+    probe_cpu_once()  # a second call does not wrap the cache again
+    from cpuinfo import get_cpu_info  # as DeepSpeed's CPU ops import it, at each use
+
+    first = get_cpu_info()
+    first["flags"].append("changed by a caller")
+    assert get_cpu_info() == {"vendor_id_raw": "v", "flags": ["avx2"]} and calls == [1]
