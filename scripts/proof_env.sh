@@ -25,6 +25,7 @@ LONG=${LONG:-32768}                 # the extension's target: 16 x SHORT (65536:
 FACTOR=$(( LONG / SHORT ))
 TEXT=${TEXT:-pydoc}                 # the real text: pydoc, or a folder of .txt files
 TASKS=${TASKS:-"needle multikey multivalue multiquery vt cwe fwe"}
+WEIGHTS=${WEIGHTS:-}                # how often each task's rows come, e.g. "multikey=3 cwe=3" (a task not named: 1)
 DATA_PROCS=${DATA_PROCS:-$(nproc)}  # processes that write the training rows
 PORT=${PORT:-29500}                 # the launcher's port: give each of several runs at once its own
 LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC"
@@ -33,11 +34,14 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
 
-# rows LENGTH COUNT: the folder of COUNT training rows of LENGTH tokens (task samples over the train part of the
-# text, 20% plain text rows; loss on the answers and 5% of the other tokens), written once, tokenized as $INIT.
+# rows LENGTH COUNT: the folder of COUNT training rows of LENGTH tokens (task samples drawn by WEIGHTS over the
+# train part of the text, 20% plain text rows; loss on the answers and 5% of the other tokens), written once,
+# tokenized as $OUT/init. With WEIGHTS set, give each run its own OUT: the folders are named by length and count.
 rows() {
   local dir="$OUT/data/rows_$1_$2"
   [ -d "$dir" ] || python3 -c "from easy_context.eval.task_mixture import write_mixture
-write_mixture('$dir', '$OUT/init', $1, $2, tasks='$TASKS'.split(), source='$TEXT', split='train', num_proc=$DATA_PROCS)" >&2
+weights = {k: float(v) for k, v in (w.split('=') for w in '$WEIGHTS'.split())}
+write_mixture('$dir', '$OUT/init', $1, $2, tasks='$TASKS'.split(), source='$TEXT', split='train',
+              num_proc=$DATA_PROCS, weights=weights or None)" >&2
   echo "$dir"
 }

@@ -126,19 +126,25 @@ def save_task_mixture(path: str, mixture: TaskMixture, *, num_proc: int | None =
 
 def write_mixture(path: str, tokenizer, length: int, rows: int, *, tasks: list[str] | None = None,
                   source: str = real_text.PYDOC, split: str = "train", seed: int = TRAIN_SEED,
-                  text_share: float = 0.2, text_fraction: float = 0.05, num_proc: int | None = None) -> str:
+                  text_share: float = 0.2, text_fraction: float = 0.05, num_proc: int | None = None,
+                  weights: dict[str, float] | None = None) -> str:
     """Write ``rows`` rows of a ``TaskMixture`` at ``length`` over the text ``source`` (``corpus_tokens``) to the
     dataset folder ``path`` (``save_task_mixture``), with the tasks of ``tasks`` (default: all) that fit the
-    length (the others are named and left out); ``tokenizer``: the model's, or a path to load it from. Prints
-    what it wrote; returns ``path``."""
+    length (the others are named and left out), drawn by ``weights`` ({task: weight}, 1 for a task not named);
+    ``tokenizer``: the model's, or a path to load it from. Prints what it wrote; returns ``path``."""
+    names = tasks or list(TASKS)
+    unknown = sorted(set(weights or {}) - set(names))
+    if unknown:
+        raise ValueError(f"weights name tasks that are not written: {unknown}; the tasks are {', '.join(names)}")
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     text, what = corpus_tokens(tokenizer, source, split)
-    fit, skipped = tasks_that_fit(build_tasks(tasks or list(TASKS), tokenizer, text, seed=seed), length)
+    fit, skipped = tasks_that_fit(build_tasks(names, tokenizer, text, seed=seed), length)
     for name, why in skipped.items():
         print(f"{name} left out at {length} tokens: {why}")
     mixture = TaskMixture(fit, text, length, size=rows, seed=seed, text_share=text_share if fit else 1.0,
-                          text_fraction=text_fraction)
+                          text_fraction=text_fraction,
+                          weights={t.name: (weights or {}).get(t.name, 1.0) for t in fit} if weights else None)
     save_task_mixture(path, mixture, num_proc=num_proc)
     print(f"wrote {rows} rows of {length} tokens to {path}: tasks {', '.join(t.name for t in fit) or 'none'}, "
           f"text rows {mixture.text_share:.0%}, text {what}")

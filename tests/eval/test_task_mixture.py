@@ -94,6 +94,19 @@ def test_an_existing_folder_is_never_overwritten(mixture, tmp_path):
     assert (tmp_path / "rows" / "mine.txt").read_text() == "kept"
 
 
+def test_written_rows_follow_the_weights_and_a_task_not_named_weighs_one(tok, tmp_path, monkeypatch):
+    import easy_context.eval.task_mixture as tm
+
+    seen = []
+    monkeypatch.setattr(tm, "save_task_mixture", lambda path, mixture, num_proc=None: seen.append(mixture) or path)
+    tm.write_mixture(str(tmp_path / "rows"), tok, 600, 400, tasks=["needle", "multikey", "cwe"],
+                     source="generated", weights={"multikey": 3.0, "cwe": 5.0})  # cwe does not fit 600 tokens
+    kinds = [seen[0].row(i)[2] for i in range(400)]
+    assert "cwe" not in kinds and 2 * kinds.count("needle") < kinds.count("multikey")  # 1 : 3 expected
+    with pytest.raises(ValueError, match="not written: \\['vt'\\]"):
+        tm.write_mixture(str(tmp_path / "more"), tok, 600, 4, tasks=["needle"], weights={"vt": 2.0})
+
+
 def test_corpus_tokens_of_pydoc_are_its_train_part(tok):
     ids, what = corpus_tokens(tok, "pydoc", "train")
     assert "train" in what and len(ids) > 500_000
