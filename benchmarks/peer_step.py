@@ -43,6 +43,7 @@ import torch.distributed.nn  # noqa: F401  (differentiable all_gather of sp_loss
 import torch.nn.functional as F
 
 from easy_context.hf import models
+from easy_context.memory.offload import check_zero_offload_host
 from peer_cp import ROTATE, build_torch_cp
 
 SYSTEMS = ("hf", "hf_liger", "alst", "torch_cp")
@@ -182,6 +183,8 @@ def build_alst(args, config, device: torch.device):
     getattr(module, f"{prefix}MLP").forward = mlp.tiled_mlp_forward_common  # enable_tiled_mlp_compute, no hub read
     liger_patch(config.model_type, swiglu=False)
     ds_config = deepspeed_config(args.offload, sp)
+    # the host arithmetic train.py applies: fail here in seconds rather than at the OOM killer minutes later
+    check_zero_offload_host(ds_config, models.parameter_count(config))
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while the model is built)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.gradient_checkpointing_enable()  # reentrant: the checkpoint function ArcticTraining's offload patches

@@ -17,7 +17,7 @@ keeps the code path testable without a GPU).
 Host memory: layers x B x S_local x H elements per GPU (at Llama-3-8B's 32 layers and H = 4096, 8 GiB per
 32K local tokens in bf16); PyTorch's pinned allocator rounds each block up to a power of two. With layers
 checkpointed in groups of k (``layer_groups``), one input per group: k times less.
-``check_zero_offload_host`` checks the other tenant of the host, ZeRO-3's offloaded training state, before loading.
+``check_zero_offload_host`` checks, before loading, that ZeRO-3's offloaded training state fits the host beside them.
 """
 
 from __future__ import annotations
@@ -204,8 +204,22 @@ def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0,
         raise ValueError("offloading activations needs gradient checkpointing: drop one of the two options")
     check_layer_groups(num_layers, layers_per_checkpoint, skip_last=skip_last, layer_types=layer_types)
     if offload and input_bytes and torch.cuda.is_available():
-        check_host_memory(group_inputs(num_layers if offload < 0 else offload, layers_per_checkpoint), input_bytes,
+        check_host_memory(offloaded_inputs(num_layers, offload, layers_per_checkpoint), input_bytes,
                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def offloaded_inputs(num_layers: int, offload: int, layers_per_checkpoint: int = 1) -> int:
+    """Layer inputs one process keeps in host memory under ``--offload-activations offload`` (-1: every layer)."""
+    return group_inputs(num_layers if offload < 0 else offload, layers_per_checkpoint) if offload else 0
+
+
+def offloaded_input_host_bytes(num_layers: int, offload: int, layers_per_checkpoint: int, input_bytes: int) -> int:
+    """Pinned host bytes of this machine's offloaded layer inputs (``input_bytes`` each, LOCAL_WORLD_SIZE
+    processes); 0 without CUDA, where nothing is pinned."""
+    if not torch.cuda.is_available():
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return offloaded_inputs(num_layers, offload, layers_per_checkpoint) * pinned_bytes(input_bytes) * processes
 
 
 def pinned_bytes(input_bytes: int) -> int:
@@ -255,25 +269,35 @@ def zero_offload_host_bytes(zero: dict, num_params: int, *, lora: bool = False) 
     return int(num_params * (optimizer + (PARAM_OFFLOAD_BYTES if offloaded("offload_param") else 0)))
 
 
-def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bool = False,
+def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bool = False, activations: int = 0,
                             available: int | None = None) -> None:
     """Before any weights load: ValueError, saying what to change, unless the ZeRO-3 states that ``ds_config``
-    offloads (this machine's share of all ranks': LOCAL_WORLD_SIZE / WORLD_SIZE) fit ``available`` host bytes
-    (default MemAvailable; no check where unknown or without DeepSpeed)."""
+    offloads (this machine's share of all ranks': LOCAL_WORLD_SIZE / WORLD_SIZE) and ``activations`` (pinned host
+    bytes of this machine's offloaded layer inputs) fit ``available`` host bytes together (default MemAvailable;
+    no check where unknown or without DeepSpeed)."""
     zero = (ds_config or {}).get("zero_optimization") or {}
     available = host_available_bytes() if available is None else available
     share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / int(os.environ.get("WORLD_SIZE", "1"))
-    need = zero_offload_host_bytes(zero, num_params, lora=lora) * share
-    if available is None or need <= available:
+    states = zero_offload_host_bytes(zero, num_params, lora=lora) * share
+    if available is None or not states or states + activations <= available:
         return
     gib = 2 ** 30
+    # the largest optimizer share on the CPU that leaves room for the offloaded weights and activations
+    weights = zero_offload_host_bytes({"offload_param": zero.get("offload_param")}, num_params) * share
+    room = available - activations - weights
+    optimizer = OPTIMIZER_OFFLOAD_BYTES * num_params * share
+    ratio = "" if lora or room <= 0 else f" at most {int(100 * room / optimizer) / 100:.2f}"
+    tenants = (f" ({states / gib:.1f} GiB of ZeRO-3 states and {activations / gib:.1f} GiB of offloaded activations)"
+               if activations else "")
     raise ValueError(
         f"the DeepSpeed config offloads {num_params / 1e9:.2f}B parameters' training state to this machine's host: "
-        f"{need / gib:.1f} GiB ({OPTIMIZER_OFFLOAD_BYTES} bytes per parameter with the optimizer offloaded: fp32 "
-        f"weights, fp32 gradients, Adam's two moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded), "
-        f"and {available / gib:.1f} GiB are available. Keep part of the optimizer on the GPU (\"ratio\" below 1 in "
-        "offload_optimizer of the DeepSpeed config), spread it over more GPUs or machines (ZeRO-3 splits it over "
-        "every rank), train LoRA adapters (--lora-rank 8), or use a machine with more host memory")
+        f"{(states + activations) / gib:.1f} GiB{tenants}, and {available / gib:.1f} GiB are available "
+        f"({OPTIMIZER_OFFLOAD_BYTES} bytes per parameter with the optimizer offloaded: fp32 weights, fp32 gradients, "
+        f"Adam's two moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded). Keep part of the optimizer "
+        f"on the GPU (\"ratio\"{ratio} in offload_optimizer of the DeepSpeed config, as "
+        "accelerate_configs/zero3_offload_optimizer.json does), offload fewer activations "
+        "(--offload-activations N), spread the states over more GPUs or machines (ZeRO-3 splits them over every "
+        "rank), train LoRA adapters (--lora-rank 8), or use a machine with more host memory")
 
 
 def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0,

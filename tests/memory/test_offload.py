@@ -347,3 +347,41 @@ def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host
     check_zero_offload_host(None, 8_030_261_248, available=1)  # no DeepSpeed: nothing offloaded
     monkeypatch.setenv("WORLD_SIZE", "2")  # two machines of one GPU each: this host holds half
     check_zero_offload_host(config, 8_030_261_248, available=70 * 2**30)
+
+
+def test_zero3_states_and_offloaded_activations_share_one_host_budget(monkeypatch):
+    from easy_context.memory.offload import check_zero_offload_host
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    gib = 2 ** 30
+    half = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}}  # 59.8 GiB at 8.03B
+    check_zero_offload_host(half, 8_030_261_248, available=80 * gib)  # fits alone
+    check_host_memory(16, 2 * gib, 1, available=80 * gib)  # 16 offloaded layer inputs of 2 GiB fit alone too
+    # together they do not: the message names both tenants and the largest ratio that leaves room for the inputs
+    with pytest.raises(ValueError, match=r"91\.8 GiB.*32\.0 GiB of offloaded activations.*80\.0 GiB are available"
+                                         r".*\"ratio\" at most 0\.40"):
+        check_zero_offload_host(half, 8_030_261_248, activations=32 * gib, available=80 * gib)
+
+
+def test_the_refusal_names_the_optimizer_ratio_that_fits(monkeypatch):
+    from easy_context.memory.offload import check_zero_offload_host
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    both = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    # 8.03B x 2 bytes of offloaded weights leave 105.0 of 120 GiB for the optimizer's 119.6 GiB: ratio 0.87
+    with pytest.raises(ValueError, match=r"\"ratio\" at most 0\.87"):
+        check_zero_offload_host(both, 8_030_261_248, available=120 * 2**30)
+    # weights alone overflow the host: no ratio helps, and the message does not offer one
+    with pytest.raises(ValueError) as refused:
+        check_zero_offload_host(both, 8_030_261_248, available=10 * 2**30)
+    assert "at most" not in str(refused.value)
+
+
+def test_offloaded_inputs_count_one_per_group_of_the_offloaded_layers():
+    from easy_context.memory.offload import offloaded_inputs
+
+    assert offloaded_inputs(32, 0) == 0
+    assert offloaded_inputs(32, -1) == 32 and offloaded_inputs(32, 20) == 20
+    assert offloaded_inputs(32, -1, 2) == 16 and offloaded_inputs(32, 20, 4) == 5
