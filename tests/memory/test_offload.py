@@ -321,18 +321,23 @@ def test_offload_that_cannot_fit_host_memory_is_refused_with_the_layers_that_wou
         check_host_memory(32, 350 * 1024 * 4096 * 2, 1, available=100 * gib)
 
 
-def test_zero3_offload_needs_16_bytes_a_parameter_for_the_optimizer_and_2_for_the_weights():
+def test_zero3_offload_needs_4_bytes_a_parameter_plus_16_per_offloaded_optimizer_share_plus_2_for_the_weights():
     from easy_context.memory.offload import zero_offload_host_bytes
 
+    # DeepSpeed's fp32 gradient buffer covers every parameter (4 bytes) whatever the ratio; the offloaded share
+    # adds fp32 gradients, fp32 weights and Adam's two moments (16 bytes); offloaded bf16 weights 2 more
     both = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
-    assert zero_offload_host_bytes(both, 1000) == 18_000
-    assert zero_offload_host_bytes({"offload_optimizer": {"device": "cpu"}}, 1000) == 16_000
+    assert zero_offload_host_bytes(both, 1000) == 22_000
+    assert zero_offload_host_bytes({"offload_optimizer": {"device": "cpu"}}, 1000) == 20_000
     assert zero_offload_host_bytes({"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "none"}},
                                    1000) == 2_000
     assert zero_offload_host_bytes({}, 1000) == 0
     assert zero_offload_host_bytes(both, 1000, lora=True) == 2_000  # adapters' optimizer states are negligible
     part = {"offload_optimizer": {"device": "cpu", "ratio": 0.25}}  # ZeRO-Offload++: a quarter on the CPU
-    assert zero_offload_host_bytes(part, 1000) == 4_000
+    assert zero_offload_host_bytes(part, 1000) == 8_000
+    # measured on one H200 (docs/performance.md): Llama-3-8B shape at ratio 0.5, peak host RSS 97.5 GiB
+    half = {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}
+    assert 85 < zero_offload_host_bytes(half, 8_030_261_248) / 2**30 < 97.5
 
 
 def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host(monkeypatch):
@@ -341,12 +346,12 @@ def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
-    with pytest.raises(ValueError, match=r"8\.03B parameters.*134\.6 GiB.*120\.0 GiB are available.*--lora-rank"):
+    with pytest.raises(ValueError, match=r"8\.03B parameters.*164\.5 GiB.*120\.0 GiB are available.*--lora-rank"):
         check_zero_offload_host(config, 8_030_261_248, available=120 * 2**30)
     check_zero_offload_host(config, 8_030_261_248, lora=True, available=120 * 2**30)  # LoRA: 15 GiB of weights
     check_zero_offload_host(None, 8_030_261_248, available=1)  # no DeepSpeed: nothing offloaded
     monkeypatch.setenv("WORLD_SIZE", "2")  # two machines of one GPU each: this host holds half
-    check_zero_offload_host(config, 8_030_261_248, available=70 * 2**30)
+    check_zero_offload_host(config, 8_030_261_248, available=83 * 2**30)
 
 
 def test_zero3_states_and_offloaded_activations_share_one_host_budget(monkeypatch):
@@ -355,13 +360,13 @@ def test_zero3_states_and_offloaded_activations_share_one_host_budget(monkeypatc
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     gib = 2 ** 30
-    half = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}}  # 59.8 GiB at 8.03B
-    check_zero_offload_host(half, 8_030_261_248, available=80 * gib)  # fits alone
-    check_host_memory(16, 2 * gib, 1, available=80 * gib)  # 16 offloaded layer inputs of 2 GiB fit alone too
+    half = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}}  # 89.7 GiB at 8.03B
+    check_zero_offload_host(half, 8_030_261_248, available=100 * gib)  # fits alone
+    check_host_memory(16, 2 * gib, 1, available=100 * gib)  # 16 offloaded layer inputs of 2 GiB fit alone too
     # together they do not: the message names both tenants and the largest ratio that leaves room for the inputs
-    with pytest.raises(ValueError, match=r"91\.8 GiB.*32\.0 GiB of offloaded activations.*80\.0 GiB are available"
-                                         r".*\"ratio\" at most 0\.40"):
-        check_zero_offload_host(half, 8_030_261_248, activations=32 * gib, available=80 * gib)
+    with pytest.raises(ValueError, match=r"121\.7 GiB.*32\.0 GiB of offloaded activations.*100\.0 GiB are "
+                                         r"available.*\"ratio\" at most 0\.31"):
+        check_zero_offload_host(half, 8_030_261_248, activations=32 * gib, available=100 * gib)
 
 
 def test_the_refusal_names_the_optimizer_ratio_that_fits(monkeypatch):
@@ -370,8 +375,8 @@ def test_the_refusal_names_the_optimizer_ratio_that_fits(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     both = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
-    # 8.03B x 2 bytes of offloaded weights leave 105.0 of 120 GiB for the optimizer's 119.6 GiB: ratio 0.87
-    with pytest.raises(ValueError, match=r"\"ratio\" at most 0\.87"):
+    # offloaded weights (15.0 GiB) and the gradient buffer (29.9) leave 75.1 of 120 GiB for 119.6 GiB: ratio 0.62
+    with pytest.raises(ValueError, match=r"\"ratio\" at most 0\.62"):
         check_zero_offload_host(both, 8_030_261_248, available=120 * 2**30)
     # weights alone overflow the host: no ratio helps, and the message does not offer one
     with pytest.raises(ValueError) as refused:
