@@ -340,25 +340,29 @@ def test_zero3_offload_needs_4_bytes_a_parameter_plus_16_per_offloaded_optimizer
     assert 85 < zero_offload_host_bytes(half, 8_030_261_248) / 2**30 < 97.5
 
 
-def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host(monkeypatch):
-    from easy_context.memory.offload import check_zero_offload_host
-
+@pytest.fixture
+def one_process(monkeypatch):
+    """This machine runs the only process of the job (ZeRO-3's host share is all of the state)."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    return monkeypatch
+
+
+def test_an_8b_model_fully_offloaded_is_refused_before_loading_on_a_128_gib_host(one_process):
+    from easy_context.memory.offload import check_zero_offload_host
+
     config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
     with pytest.raises(ValueError, match=r"8\.03B parameters.*164\.5 GiB.*120\.0 GiB are available.*--lora-rank"):
         check_zero_offload_host(config, 8_030_261_248, available=120 * 2**30)
     check_zero_offload_host(config, 8_030_261_248, lora=True, available=120 * 2**30)  # LoRA: 15 GiB of weights
     check_zero_offload_host(None, 8_030_261_248, available=1)  # no DeepSpeed: nothing offloaded
-    monkeypatch.setenv("WORLD_SIZE", "2")  # two machines of one GPU each: this host holds half
+    one_process.setenv("WORLD_SIZE", "2")  # two machines of one GPU each: this host holds half
     check_zero_offload_host(config, 8_030_261_248, available=83 * 2**30)
 
 
-def test_zero3_states_and_offloaded_activations_share_one_host_budget(monkeypatch):
+def test_zero3_states_and_offloaded_activations_share_one_host_budget(one_process):
     from easy_context.memory.offload import check_zero_offload_host
 
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setenv("WORLD_SIZE", "1")
     gib = 2 ** 30
     half = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.5}}}  # 89.7 GiB at 8.03B
     check_zero_offload_host(half, 8_030_261_248, available=100 * gib)  # fits alone
@@ -369,11 +373,9 @@ def test_zero3_states_and_offloaded_activations_share_one_host_budget(monkeypatc
         check_zero_offload_host(half, 8_030_261_248, activations=32 * gib, available=100 * gib)
 
 
-def test_the_refusal_names_the_optimizer_ratio_that_fits(monkeypatch):
+def test_the_refusal_names_the_optimizer_ratio_that_fits(one_process):
     from easy_context.memory.offload import check_zero_offload_host
 
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setenv("WORLD_SIZE", "1")
     both = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
     # offloaded weights (15.0 GiB) and the gradient buffer (29.9) leave 75.1 of 120 GiB for 119.6 GiB: ratio 0.62
     with pytest.raises(ValueError, match=r"\"ratio\" at most 0\.62"):
