@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import time
 
 import torch
 
-from bench_train import PEAK, error_tail, model_flops_per_token, run as run_train
+from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, run as run_train
 from peer_cp import ROTATE, cp_unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,18 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
     return {"ok": r["ok"] and bool(r["records"]), "records": r["records"], "tail": r["tail"], "cmd": r["cmd"]}
 
 
+def failure_text(tail: str, chars: int = 1500) -> str:
+    """What a row keeps of a failed run's output: its exception lines, then the end of the output."""
+    head = "\n".join(error_lines(tail))
+    return (head + "\n...\n" if head else "") + tail[-chars:]
+
+
+def failure_line(error: str) -> str:
+    """The table's one-line reason for a failed row: its last exception line (else the first line), shortened."""
+    lines = error_lines(error, 1) or error.strip().splitlines() or ["?"]
+    return re.sub(r"^\s*\[rank\d+\]:\s*", "", lines[-1])[:120]
+
+
 def measure(system: str, args, seq: int) -> dict:
     """One row: the system at ``seq`` with its figures, or why it did not run."""
     row = {"system": system, "seq": seq, "gpus": args.gpus}
@@ -131,7 +144,7 @@ def measure(system: str, args, seq: int) -> dict:
     row.update(cmd=r["cmd"], wall_s=time.time() - started)
     figures = median_figures(r["records"], args.warmup) if r["ok"] else None
     if figures is None:
-        return {**row, "error": r["tail"][-1500:]}
+        return {**row, "error": failure_text(r["tail"])}
     flops, params = model_flops_per_token(args.model, seq)
     per_gpu = figures["tokens_per_s"] / args.gpus  # every system trains one sequence over all args.gpus
     return {**row, **figures, "params": params, "tokens_per_s_per_gpu": per_gpu, "mfu": flops * per_gpu / PEAK}
@@ -176,7 +189,7 @@ def table(rows: list[dict], longest_rows: list[dict]) -> str:
             lines.append(f"| {r['system']} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
                          f"{r['step_s']:.3f} | {r['peak_gpu_gib']:.1f} | {r['host_peak_gib']:.1f} | {ratio}{tail}")
         else:
-            why = r.get("skipped") or "failed: " + (r["error"].strip().splitlines() or ["?"])[0][:120]
+            why = r.get("skipped") or "failed: " + failure_line(r["error"])
             lines.append(f"| {r['system']} | {r['seq']} | {why} | | | | | | |{tail}")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 import bench_peers
+import bench_train
 import peer_cp
 import peer_step
 from bench_train import model_flops_per_token
@@ -196,3 +197,12 @@ def test_alst_at_sp2_on_gloo_trains_the_whole_sequence_like_one_process(tmp_path
     # DeepSpeed averages the gradients over the sp ranks: the ranks' summed gradients over P are the whole one's
     for summed, p in zip(got[0]["grads"], model.parameters()):
         torch.testing.assert_close(summed / world, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failed_row_names_the_error_however_long_the_traceback_after_it():
+    launcher = "\n".join(f"  File \"torch/distributed/run.py\", line {i}, in main" for i in range(200))
+    tail = bench_train.error_tail('Traceback (most recent call last):\n  File "peer_step.py", line 290, in <module>\n'
+                                  "[rank0]: ValueError: the DeepSpeed config offloads 8.03B parameters' training "
+                                  "state to this machine's host\n" + launcher)
+    row = {"system": "alst", "seq": 131072, "gpus": 1, "error": bench_peers.failure_text(tail)}
+    assert "| alst | 131072 | failed: ValueError: the DeepSpeed config offloads 8.03B" in bench_peers.table([row], [])
