@@ -290,14 +290,14 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
     weights = zero_offload_host_bytes({"offload_param": zero.get("offload_param")}, num_params) * share
     room = available - activations - weights - GRADIENT_BUFFER_BYTES * num_params * share
     optimizer = OPTIMIZER_OFFLOAD_BYTES * num_params * share
-    ratio = "" if lora or room <= 0 else f" at most {int(100 * room / optimizer) / 100:.2f}"
+    ratio = "" if lora or room < optimizer / 100 else f" at most {int(100 * room / optimizer) / 100:.2f}"
     tenants = (f" ({states / gib:.1f} GiB of ZeRO-3 states and {activations / gib:.1f} GiB of offloaded activations)"
                if activations else "")
     raise ValueError(
         f"the DeepSpeed config offloads {num_params / 1e9:.2f}B parameters' training state to this machine's host: "
         f"{(states + activations) / gib:.1f} GiB{tenants}, and {available / gib:.1f} GiB are available "
-        f"(with the optimizer offloaded, DeepSpeed's fp32 gradient buffer: {GRADIENT_BUFFER_BYTES} bytes per parameter, "
-        f"and {OPTIMIZER_OFFLOAD_BYTES} per parameter of the offloaded share: fp32 weights and gradients, Adam's two "
+        f"(with the optimizer offloaded, DeepSpeed's fp32 gradient buffer: {GRADIENT_BUFFER_BYTES} bytes per "
+        f"parameter, and {OPTIMIZER_OFFLOAD_BYTES} per parameter of the offloaded share: fp32 weights and gradients, Adam's two "
         f"moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded). Keep part of the optimizer "
         f"on the GPU (\"ratio\"{ratio} in offload_optimizer of the DeepSpeed config, as "
         "accelerate_configs/zero3_offload_optimizer.json does), offload fewer activations "
