@@ -119,12 +119,6 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
     return {"ok": r["ok"] and bool(r["records"]), "records": r["records"], "tail": r["tail"], "cmd": r["cmd"]}
 
 
-def failure_text(tail: str, chars: int = 1500) -> str:
-    """What a row keeps of a failed run's output: its exception lines, then the end of the output."""
-    head = "\n".join(error_lines(tail))
-    return (head + "\n...\n" if head else "") + tail[-chars:]
-
-
 def failure_line(error: str) -> str:
     """The table's one-line reason for a failed row: its last exception line (else the first line), shortened."""
     lines = error_lines(error, 1) or error.strip().splitlines() or ["?"]
@@ -144,7 +138,7 @@ def measure(system: str, args, seq: int) -> dict:
     row.update(cmd=r["cmd"], wall_s=time.time() - started)
     figures = median_figures(r["records"], args.warmup) if r["ok"] else None
     if figures is None:
-        return {**row, "error": failure_text(r["tail"])}
+        return {**row, "error": error_tail(r["tail"], 1500)}
     flops, params = model_flops_per_token(args.model, seq)
     per_gpu = figures["tokens_per_s"] / args.gpus  # every system trains one sequence over all args.gpus
     return {**row, **figures, "params": params, "tokens_per_s_per_gpu": per_gpu, "mfu": flops * per_gpu / PEAK}

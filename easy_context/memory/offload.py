@@ -286,9 +286,9 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
     if available is None or not states or states + activations <= available:
         return
     gib = 2 ** 30
-    # the largest optimizer share on the CPU that leaves room for the offloaded weights and activations
-    weights = zero_offload_host_bytes({"offload_param": zero.get("offload_param")}, num_params) * share
-    room = available - activations - weights - GRADIENT_BUFFER_BYTES * num_params * share
+    # the largest optimizer share on the CPU that leaves room for the rest: what the states take at ratio 0
+    at_zero = {**zero, "offload_optimizer": {**(zero.get("offload_optimizer") or {}), "ratio": 0.0}}
+    room = available - activations - zero_offload_host_bytes(at_zero, num_params, lora=lora) * share
     optimizer = OPTIMIZER_OFFLOAD_BYTES * num_params * share
     ratio = "" if lora or room < optimizer / 100 else f" at most {int(100 * room / optimizer) / 100:.2f}"
     tenants = (f" ({states / gib:.1f} GiB of ZeRO-3 states and {activations / gib:.1f} GiB of offloaded activations)"
@@ -297,8 +297,8 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
         f"the DeepSpeed config offloads {num_params / 1e9:.2f}B parameters' training state to this machine's host: "
         f"{(states + activations) / gib:.1f} GiB{tenants}, and {available / gib:.1f} GiB are available "
         f"(with the optimizer offloaded, DeepSpeed's fp32 gradient buffer: {GRADIENT_BUFFER_BYTES} bytes per "
-        f"parameter, and {OPTIMIZER_OFFLOAD_BYTES} per parameter of the offloaded share: fp32 weights and gradients, Adam's two "
-        f"moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded). Keep part of the optimizer "
+        f"parameter, and {OPTIMIZER_OFFLOAD_BYTES} per parameter of the offloaded share: fp32 weights and gradients, "
+        f"Adam's two moments; {PARAM_OFFLOAD_BYTES} more with the parameters offloaded). Keep part of the optimizer "
         f"on the GPU (\"ratio\"{ratio} in offload_optimizer of the DeepSpeed config, as "
         "accelerate_configs/zero3_offload_optimizer.json does), offload fewer activations "
         "(--offload-activations N), spread the states over more GPUs or machines (ZeRO-3 splits them over every "

@@ -204,5 +204,5 @@ def test_a_failed_row_names_the_error_however_long_the_traceback_after_it():
     tail = bench_train.error_tail('Traceback (most recent call last):\n  File "peer_step.py", line 290, in <module>\n'
                                   "[rank0]: ValueError: the DeepSpeed config offloads 8.03B parameters' training "
                                   "state to this machine's host\n" + launcher)
-    row = {"system": "alst", "seq": 131072, "gpus": 1, "error": bench_peers.failure_text(tail)}
+    row = {"system": "alst", "seq": 131072, "gpus": 1, "error": bench_train.error_tail(tail, 1500)}
     assert "| alst | 131072 | failed: ValueError: the DeepSpeed config offloads 8.03B" in bench_peers.table([row], [])
