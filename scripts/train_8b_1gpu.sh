@@ -4,8 +4,8 @@
 # memory, half of it 90 GiB), tiled MLP, fused pointwise kernels, gradient checkpointing.
 #   MODEL=meta-llama/Llama-3.1-8B DATA=... bash scripts/train_8b_1gpu.sh
 #   MODEL=shape:llama3-8b DATA=random STEPS=1 bash scripts/train_8b_1gpu.sh     # random-init shape: a timing run
-# Measured on one H200 (139 GiB) with 125 GiB of host memory at 128K: 69.4 s a step, 86.1 GiB GPU, 97.5 GiB host
-# (docs/performance.md). At 256K with 8 layer inputs offloaded the host ran out in the first optimizer step.
+# Measured on one H200 (139 GiB) with 125 GiB of host memory (docs/performance.md): at 256K 215 s a step, 125.2 GiB
+# GPU, 97.5 GiB host; at 128K 69.4 s, 86.1 GiB GPU. At 256K with 8 layer inputs offloaded the host ran out.
 # train.py refuses, before loading, a ZeRO-3 state plus offloaded activations that the host cannot hold, and
 # names the "ratio" that fits.
 set -euo pipefail
@@ -15,7 +15,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}  # DeepSpeed's CPU Adam runs on these
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B}
 DATA=${DATA:?"set DATA to a dataset of rows of at least SEQ tokens (a hub name or a path), or random"}
-SEQ=${SEQ:-131072} STEPS=${STEPS:-500} OUT=${OUT:-output/8b_1gpu}
+SEQ=${SEQ:-262144} STEPS=${STEPS:-500} OUT=${OUT:-output/8b_1gpu}
 # --offload-activations N moves N layer inputs (SEQ x 4096 x 2 bytes each) to pinned host memory
 MEMORY=${MEMORY:---tiled-mlp 4096 --fuse-pointwise}
 # shellcheck disable=SC2086  # MEMORY holds several flags
