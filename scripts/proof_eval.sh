@@ -11,26 +11,22 @@
 source "$(dirname "$0")/proof_env.sh"
 SAMPLES=${SAMPLES:-2}
 DEPTH_STEP=${DEPTH_STEP:-25}
-SCORING=${SCORING:-greedy}   # the extended model: exact greedy decoding (eval_ruler.py --scoring)
-# the stage-1 model and the baselines: one teacher-forced pass per sample, each answer token given the reference
-# before it; exact for the all-or-nothing tasks and generous for the recall ones, and far cheaper for models that
-# miss many tokens (greedy takes a pass per miss). BASELINE_SCORING=greedy scores them as the extended model.
-BASELINE_SCORING=${BASELINE_SCORING:-forward}
+SCORING=${SCORING:-greedy}   # every run the same: exact greedy decoding, a KV cache on one process (eval_ruler.py)
 LENGTHS=${LENGTHS:-$(python3 -c "n=$SHORT//2; print(*[n*2**i for i in range(40) if n*2**i <= $LONG])")}
 THETA_NTK=$(python3 -c "print(f'{10000 * $FACTOR ** (64 / 62):.0f}')")
 RUNS=${RUNS:-"stage1 theta yarn dynamic extended"}
 for run in $RUNS; do
   case $run in
-    stage1) M=$OUT/stage1/model; ROPE=(--allow-extrapolation); SCORE=$BASELINE_SCORING ;;
-    theta) M=$OUT/stage1/model; ROPE=(--rope-theta "$THETA_NTK"); SCORE=$BASELINE_SCORING ;;
-    yarn) M=$OUT/stage1/model; ROPE=(--rope-scaling "yarn:factor=$FACTOR"); SCORE=$BASELINE_SCORING ;;
-    dynamic) M=$OUT/stage1/model; ROPE=(--rope-scaling "dynamic:factor=$FACTOR"); SCORE=$BASELINE_SCORING ;;
-    extended) M=$OUT/extended/model; ROPE=(); SCORE=$SCORING ;;
+    stage1) M=$OUT/stage1/model; ROPE=(--allow-extrapolation) ;;
+    theta) M=$OUT/stage1/model; ROPE=(--rope-theta "$THETA_NTK") ;;
+    yarn) M=$OUT/stage1/model; ROPE=(--rope-scaling "yarn:factor=$FACTOR") ;;
+    dynamic) M=$OUT/stage1/model; ROPE=(--rope-scaling "dynamic:factor=$FACTOR") ;;
+    extended) M=$OUT/extended/model; ROPE=() ;;
     *) echo "unknown run $run: use stage1 theta yarn dynamic extended" >&2; exit 1 ;;
   esac
   # both scripts resume: what an earlier (cut) run scored is kept, only what is missing runs
   "${LAUNCH[@]}" eval_ruler.py --model "$M" "${ROPE[@]}" --tasks $TASKS --lengths $LENGTHS --haystack "$TEXT" \
-    --samples "$SAMPLES" --depth-step "$DEPTH_STEP" --scoring "$SCORE" --output "$OUT/ruler/$run.json"
+    --samples "$SAMPLES" --depth-step "$DEPTH_STEP" --scoring "$SCORING" --output "$OUT/ruler/$run.json"
   mark "suite: $OUT/ruler/${run}_summary.png"
   "${LAUNCH[@]}" eval_ppl.py -m "$M" "${ROPE[@]}" --real-text "$TEXT" --lengths $LENGTHS --output "$OUT/ppl/$run.csv"
   mark "perplexity: $OUT/ppl/$run.csv"

@@ -224,14 +224,15 @@ def answer_predictions(model, ids: list[int] | Tensor, answer_start: int, answer
     mine = (rel >= 0) & (rel < answer_len)
     pred = torch.full((answer_len,), -1, dtype=torch.long, device=hidden.device)
     if bool(mine.any()):
-        pred[rel[mine]] = _head_logits(model, hidden[mine]).argmax(dim=-1)
+        pred[rel[mine]] = head_logits(model, hidden[mine]).argmax(dim=-1)
     reg = registered_backend(model)
     if reg is not None and group_rank_size(reg.group)[1] > 1:
         dist.all_reduce(pred, op=dist.ReduceOp.MAX, group=sp_process_group(reg.group))
     return pred.tolist()
 
 
-def _head_logits(model, h: Tensor) -> Tensor:
+def head_logits(model, h: Tensor) -> Tensor:
+    """Float32 logits [N, vocab] of hidden states ``h`` [N, hidden] through the model's output head."""
     # float32 logits in vocabulary chunks: bf16 logits tie too often for an exact-match argmax, and a
     # float32 copy of the whole head would be large. Soft-capping and logit scales keep the argmax.
     head = model.get_output_embeddings()

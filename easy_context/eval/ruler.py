@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from .decode import greedy_tokens
+from .decode import SCORINGS, decode_answer
 from .plots import summary_heatmap, task_heatmap
 from .results import ResultsFile, write_csv, write_json
 from .tasks import METRICS, Task
 
-SCORINGS = ("greedy", "forward")
 EFFECTIVE_THRESHOLD = 85.6
 CSV_COLUMNS = ["task", "length", "depth", "sample", "score", "exact", "references", "predicted", "evidence_at",
                "passes"]
@@ -38,12 +37,9 @@ def sweep(tasks: list[Task], lengths: list[int], depths: list[float], samples: i
 def score_sample(model, task: Task, length: int, depth: float | None, sample: int, scoring: str = "greedy") -> dict:
     """Collective over the model's SP group: the record of one sample {task, length, depth, sample, score,
     exact, references, predicted, evidence_at, passes}. The model decodes as many tokens as the reference answer
-    has, greedily (``greedy``: exact greedy decoding; ``forward``: one teacher-forced pass), and ``score`` is the
-    task's RULER metric of the decoded text; ``exact``: whether those tokens are the reference's."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r}: use one of {', '.join(SCORINGS)}")
+    has (``decode.decode_answer``: greedy or forward), and ``score`` is the task's RULER metric of the decoded text; ``exact``: whether those tokens are the reference's."""
     s = task.sample(length, depth, sample)
-    tokens, passes = greedy_tokens(model, s.ids[:s.answer_start], s.answer_ids, exact=scoring == "greedy")
+    tokens, passes = decode_answer(model, s.ids[:s.answer_start], s.answer_ids, scoring)
     predicted = task.tokenizer.decode(tokens, skip_special_tokens=True)
     return dict(task=task.name, length=length, depth=depth, sample=sample,
                 score=METRICS[task.metric](predicted, s.references), exact=tokens == s.answer_ids,

@@ -4,10 +4,11 @@ on 2 processes gives the single-process tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from easy_context import apply_seq_parallel_monkey_patch
-from easy_context.eval.decode import greedy_tokens
+from easy_context.eval.decode import cached_greedy_tokens, greedy_tokens
 from easy_context.eval.needle import answer_predictions
 from tests.eval.test_needle import chain_model
 from tests.helpers.distributed import run_distributed
@@ -52,3 +53,20 @@ def _sp_worker(rank, world, seed):
 
 def test_sequence_parallel_decoding_equals_single_process(seed):
     run_distributed(_sp_worker, 2, seed)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
+def test_cached_greedy_tokens_equal_the_pass_per_token_decoder_in_one_pass(seed, rope):
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_model("llama", seed) if rope is None else tiny_model("llama", seed, rope_scaling=rope)
+    prompt = torch.randint(128, (45,), generator=g).tolist()
+    reference = _generate(model, prompt, 9)
+    wrong_draft = [(t + 1) % 128 for t in reference]
+    assert greedy_tokens(model, prompt, wrong_draft) == (reference, 9)
+    assert cached_greedy_tokens(model, prompt, 9) == (reference, 1)  # one prefill pass, then one token per step
+
+
+def test_cached_greedy_decoding_refuses_a_sequence_parallel_model(seed):
+    model = apply_seq_parallel_monkey_patch("zigzag_ring", tiny_model("llama", seed))
+    with pytest.raises(ValueError, match="one process"):
+        cached_greedy_tokens(model, [1, 2, 3], 2)

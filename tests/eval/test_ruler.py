@@ -1,6 +1,6 @@
 """The suite sweep: which samples it scores, a sample's record (a model that knows the answer scores 1, a random
-one 0, partial answers get RULER's recall), the results file that resumes and refuses other settings, the task x
-length summary with RULER's average and effective length, and the comparison of runs."""
+one 0 in one cached pass, partial answers get RULER's recall), the results file that resumes and refuses other
+settings, the task x length summary with RULER's average and effective length, and the comparison of runs."""
 
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def test_a_record_scores_what_the_model_says(tok, monkeypatch):
     s = task.sample(600, 50.0, 0)
     said = {}
 
-    def decoder(model, prompt, draft, exact=True):  # the model says said["text"]; decoding is test_decode's
+    def decoder(model, prompt, draft, scoring):  # the model says said["text"]; decoding is test_decode's
         assert prompt == s.ids[:s.answer_start] and draft == s.answer_ids
-        return tok(said["text"], add_special_tokens=False)["input_ids"], 3 if exact else 1
+        return tok(said["text"], add_special_tokens=False)["input_ids"], 3 if scoring == "greedy" else 1
 
-    monkeypatch.setattr(ruler, "greedy_tokens", decoder)
+    monkeypatch.setattr(ruler, "decode_answer", decoder)
     said["text"] = " " + ", ".join(s.references[:2]) + ", 1111111, 2222222."
     for scoring, passes in (("greedy", 3), ("forward", 1)):
         r = score_sample(None, task, 600, 50.0, 0, scoring)
@@ -56,12 +56,11 @@ def test_a_record_scores_what_the_model_says(tok, monkeypatch):
     assert r["score"] == 1.0 and r["exact"]
 
 
-def test_a_random_model_scores_nothing_after_a_pass_per_token(tok):
+def test_a_random_model_scores_nothing_in_one_cached_pass(tok):
     hay, _ = haystack_tokens(tok, 1024)
     (task,) = build_tasks(["multikey"], tok, hay)
-    s = task.sample(400, 50.0, 0)
     r = score_sample(tiny_model("llama", 0, vocab_size=len(tok)), task, 400, 50.0, 0)
-    assert r["score"] == 0.0 and r["passes"] == len(s.answer_ids)
+    assert r["score"] == 0.0 and r["passes"] == 1  # the model's own attention: a prefill, then the KV cache
     with pytest.raises(ValueError, match="unknown scoring"):
         score_sample(None, task, 400, 50.0, 0, "sampled")
 
