@@ -93,7 +93,7 @@ def main() -> None:
                     key: max(x.get(key, 0.0) for x in r["records"])
                     for key in ("peak_gpu_gib", "reserved_gpu_gib", "split_free_gpu_gib", "alloc_retries",
                                 "cached_gpu_gib_compute", "cached_gpu_gib_other_streams", "host_rss_gib",
-                                "host_peak_gib")})
+                                "host_peak_gib", "pinned_host_gib", "pinned_host_peak_gib")})
             else:
                 row.update(failure=failure(r["tail"]), tail=r["tail"])
             rows.append(row)

@@ -26,13 +26,23 @@ def cached_by_stream(segments: list[dict], compute_stream: int) -> tuple[float, 
     return cached[0] / 2**30, cached[1] / 2**30
 
 
+def pinned_host_gib(stats: dict) -> tuple[float, float]:
+    """GiB of pinned host memory the pinned allocator holds (handed out and cached), now and at its peak, from
+    ``torch.cuda.memory.host_memory_stats()``: freed pinned blocks stay cached, not returned to the system."""
+    key = "reserved_bytes" if "reserved_bytes.current" in stats else "allocated_bytes"  # older torch: reserved
+    return stats.get(f"{key}.current", 0) / 2**30, stats.get(f"{key}.peak", 0) / 2**30
+
+
 def memory_stats() -> dict[str, float]:
     """GiB: the CUDA allocator's peak allocated and peak reserved (0.0 without CUDA), what it holds cached now
     in the compute stream's pool and in other streams', this process's host memory now (``host_rss_gib``,
-    pinned buffers included) and its peak since start (``host_peak_gib``)."""
+    pinned buffers included) and its peak since start (``host_peak_gib``), and the pinned allocator's share
+    (``pinned_host_gib``)."""
     stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     cached = (cached_by_stream(torch.cuda.memory_snapshot(), torch.cuda.current_stream().cuda_stream)
               if torch.cuda.is_available() else (0.0, 0.0))
+    host_stats = getattr(torch.cuda.memory, "host_memory_stats", None)  # not in every torch >= 2.6
+    pinned = pinned_host_gib(host_stats() if host_stats and torch.cuda.is_available() else {})
     return {"peak_gpu_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,  # = max_memory_allocated()
             "reserved_gpu_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,  # = max_memory_reserved()
             # fragmentation: cached but unusable pieces of split blocks at their peak, and allocator retries
@@ -40,4 +50,5 @@ def memory_stats() -> dict[str, float]:
             "alloc_retries": stats.get("num_alloc_retries", 0),
             "cached_gpu_gib_compute": cached[0], "cached_gpu_gib_other_streams": cached[1],
             "host_rss_gib": host_rss_gib(),
-            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
+            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss: KiB
+            "pinned_host_gib": pinned[0], "pinned_host_peak_gib": pinned[1]}
