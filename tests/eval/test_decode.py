@@ -16,9 +16,11 @@ from tests.helpers.tiny_models import tiny_model
 
 
 def _generate(model, prompt: list[int], n: int) -> list[int]:
+    # no end-of-sequence token: generate would stop at it, or (with min_new_tokens) never emit it
+    model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, temperature=None, top_p=None, top_k=None)
     return out[0, len(prompt):].tolist()
 
 
