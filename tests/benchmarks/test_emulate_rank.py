@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers.launch import REPO, TINY_ARGS, accelerate_cmd, env, log
+from tests.helpers.launch import REPO, TINY_ARGS, accelerate, env, log
 
 
 import emulate_rank
@@ -23,13 +23,12 @@ assert TINY_ARGS[TINY_ARGS.index("--seq-length") + 1] == str(SEQ)
 
 
 def emulate(out: str, world: int, rank: int, *args: str, config: str = "zero3_offload.yaml") -> list[dict]:
-    """Launch train.py under emulate_rank.py with one accelerate process; return its log records."""
-    cmd = accelerate_cmd(config, 1, os.path.join("benchmarks", "emulate_rank.py")) + [
-        "--world", str(world), "--rank", str(rank), "--", "train.py", "--output-dir", out, *TINY_ARGS,
-        "--max-steps", "2", "--no-save", *args]
-    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    """train.py under emulate_rank.py on one process launched with ``config``; return its log records."""
+    res = accelerate(os.path.join("benchmarks", "emulate_rank.py"), "--world", str(world), "--rank", str(rank),
+                     "--", "train.py", "--output-dir", out, *TINY_ARGS, "--max-steps", "2", "--no-save", *args,
+                     config=config, timeout=300)
     output = res.stdout + res.stderr
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{output[-6000:]}"
+    assert res.returncode == 0, f"{' '.join(res.args)} failed ({res.returncode}):\n{output[-6000:]}"
     # without the wrapper's fix, garbage gradients make ZeRO-3 skip every optimizer step
     assert "OVERFLOW" not in output, output[-3000:]
     rows = log(out)
@@ -113,7 +112,6 @@ def test_bench_train_runs_rank_0_of_the_gpu_count_in_one_process():
 def test_a_refusal_on_an_emulated_rank_other_than_0_is_printed(tmp_path):
     # alone in its fake group, the emulated rank 1 is the only process that can say why the run stopped
     (tmp_path / "run" / "model").mkdir(parents=True)  # a finished run's model: a rerun is refused
-    cmd = accelerate_cmd("ddp.yaml", 1, os.path.join("benchmarks", "emulate_rank.py")) + [
-        "--world", "2", "--rank", "1", "--", "train.py", "--output-dir", str(tmp_path / "run"), *TINY_ARGS]
-    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    res = accelerate(os.path.join("benchmarks", "emulate_rank.py"), "--world", "2", "--rank", "1", "--",
+                     "train.py", "--output-dir", str(tmp_path / "run"), *TINY_ARGS, config="ddp.yaml", timeout=300)
     assert res.returncode != 0 and "already holds a run that finished" in res.stderr, res.stderr[-3000:]

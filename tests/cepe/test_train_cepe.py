@@ -9,14 +9,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from easy_context.cepe.io import load_cepe
-from tests.helpers.launch import REPO, accelerate_cmd, env, log
+from tests.helpers.launch import REPO, accelerate, log, run_forked
 
 ARGS = ["--stage", "main", "--window", "64", "--chunk-size", "32", "--context-chunks", "6", "--encoder-layers", "1",
         "--dataset", "tiny", "--lr", "1e-3", "--schedule", "constant", "--warmup-steps", "0", "--kl-coef", "0.5",
@@ -24,12 +23,11 @@ ARGS = ["--stage", "main", "--window", "64", "--chunk-size", "32", "--context-ch
 
 
 def train_cepe(out: str, *args: str, launcher: bool = True) -> subprocess.CompletedProcess:
-    """train_cepe.py with ``args`` into ``out``, under accelerate launch or as one plain process."""
-    script = os.path.join(REPO, "train_cepe.py")
-    cmd = accelerate_cmd("ddp.yaml", 1, "train_cepe.py") if launcher else [sys.executable, script]
-    cmd += ["--output-dir", out, *args]
-    res = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    """train_cepe.py with ``args`` into ``out``, with accelerate launch's environment or as one plain process."""
+    argv = ["--output-dir", out, *args]
+    res = (accelerate("train_cepe.py", *argv, config="ddp.yaml") if launcher
+           else run_forked(os.path.join(REPO, "train_cepe.py"), argv, [{}], 600))
+    assert res.returncode == 0, f"{' '.join(res.args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
 
 
@@ -77,7 +75,6 @@ def test_a_decoder_it_cannot_wrap_is_refused_before_any_weights_load(tmp_path):
     model_dir = tmp_path / "gemma"  # a config and no weights: loading them would fail otherwise
     transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, vocab_size=128).save_pretrained(model_dir)
-    res = subprocess.run([sys.executable, os.path.join(REPO, "train_cepe.py"), "--model", str(model_dir),
-                          "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env(), capture_output=True,
-                         text=True, timeout=300)
+    res = run_forked(os.path.join(REPO, "train_cepe.py"), ["--model", str(model_dir), "--output-dir",
+                                                          str(tmp_path / "out")], [{}], 300)
     assert res.returncode != 0 and "cannot wrap the decoder layers of model type 'gemma2'" in res.stderr, res.stderr

@@ -1,19 +1,17 @@
-"""eval_needle.py and eval_ppl.py run end to end as subprocesses on a tiny world (build_default_world) with 1
-process and with 2 (torchrun, gloo on CPU): they write their files, the PNGs open as images, the 2-process
+"""eval_needle.py and eval_ppl.py run end to end as processes on a tiny world (build_default_world) with 1
+process and with 2 (as torchrun starts them, gloo on CPU): they write their files, the PNGs open as images, the 2-process
 scores equal the 1-process ones, a rerun scores only the missing cells, and a bad length exits clearly."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.launch import REPO as ROOT
+from tests.helpers.launch import launch
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +32,8 @@ def world(tmp_path_factory):
 
 
 def _run(args: list[str], procs: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    """``args`` (a script, then its flags) on ``procs`` processes as torchrun starts them (one: plain)."""
+    out = launch(args[0], *args[1:], procs=procs, extra_env={"HF_HUB_OFFLINE": "1"})
     if ok:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out

@@ -1,9 +1,7 @@
 """Run a function on N processes joined in a process group (gloo on CPU, nccl on GPUs).
 
-The processes fork from a server that imported torch, transformers and the package once (multiprocessing's
-forkserver), rather than each importing them again after a spawn: that import was most of a multi-process test's
-time. The server never runs torch work, so forking it is safe; each process gets the caller's environment as it is
-at the call."""
+The processes fork from the tests' forkserver (``forkserver.py``), which has imported torch, transformers and the
+package once; each process gets the caller's environment as it is at the call."""
 
 from __future__ import annotations
 
@@ -16,13 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from easy_context.train.distributed import finish
-
-
-PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
-           "transformers.models.qwen2.modeling_qwen2", "transformers.models.mistral.modeling_mistral",
-           "easy_context.hf.attention", "easy_context.hf.causal_lm", "easy_context.parallel.loss",
-           "easy_context.train.loop", "tests.helpers.reference", "tests.helpers.tiny_models"]
-mp.set_forkserver_preload(PRELOAD)
+from tests.helpers import forkserver  # noqa: F401  (sets the server's preload before it starts)
 
 
 def _entry(rank: int, fn, world: int, init: str, backend: str, timeout_s: float, args: tuple,
