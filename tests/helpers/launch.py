@@ -28,6 +28,7 @@ TINY_ARGS = ["--seq-length", "256", "--lr", "1e-3", "--weight-decay", "0.0", "--
              "--warmup-steps", "0", "--schedule", "constant"]  # loss on every token, constant lr
 # launcher variables a forked rank must not inherit: torchrun's agent store and error file belong to its launch
 _AGENT_ONLY = ("TORCHELASTIC_", "MASTER_PORT")
+FAILED_PEER_GRACE_S = 5.0  # after one rank fails, how long the others may take to exit before they are killed
 
 
 def env() -> dict:
@@ -103,10 +104,16 @@ def _rank_main(script: str, argv: list[str], environ: dict[str, str], stdout: st
     os._exit(code)  # no interpreter teardown: gloo may abort in a destructor after a finished run
 
 
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
 def run_forked(script: str, argv: list[str], rank_envs: list[dict[str, str]],
                timeout: float) -> subprocess.CompletedProcess:
     """``script`` with ``argv`` on one forked process per entry of ``rank_envs`` (added to ``env()``); like
-    torchrun, the first rank to fail ends the others. stdout and stderr: every rank's, rank by rank."""
+    torchrun, the first rank to fail ends the others and names the exit code. stdout and stderr: every rank's,
+    rank by rank."""
     port = str(_free_port())
     with tempfile.TemporaryDirectory() as d:
         procs = []
@@ -116,11 +123,14 @@ def run_forked(script: str, argv: list[str], rank_envs: list[dict[str, str]],
             p = CONTEXT.Process(target=_rank_main, args=(script, argv, environ, out, err))
             p.start()
             procs.append((p, out, err))
-        deadline, failed = time.time() + timeout, None
+        deadline, failed, timed_out = time.time() + timeout, None, False
         while any(p.is_alive() for p, _, _ in procs):
-            failed = failed or next((p for p, _, _ in procs if p.exitcode not in (None, 0)), None)
-            if failed is not None or time.time() > deadline:
-                time.sleep(0.5 if failed is not None else 0)  # let a failing rank's peers print their side
+            if failed is None:
+                failed = next((p for p, _, _ in procs if p.exitcode not in (None, 0)), None)
+                if failed is not None:  # its peers get a few seconds to exit (and print) on their own
+                    deadline = min(deadline, time.time() + FAILED_PEER_GRACE_S)
+            if time.time() > deadline:
+                timed_out = failed is None
                 for p, _, _ in procs:
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGKILL)
@@ -128,13 +138,12 @@ def run_forked(script: str, argv: list[str], rank_envs: list[dict[str, str]],
             time.sleep(0.05)
         for p, _, _ in procs:
             p.join()
-        read = lambda path: open(path, errors="replace").read()  # noqa: E731
-        stdout = "".join(read(o) for _, o, _ in procs)
-        stderr = "".join(read(e) for _, _, e in procs)
+        stdout = "".join(_read(out) for _, out, _ in procs)
+        stderr = "".join(_read(err) for _, _, err in procs)
     cmd = [script, *argv]
-    if time.time() > deadline and failed is None:
+    if timed_out:
         raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
-    code = next((p.exitcode for p, _, _ in procs if p.exitcode != 0), 0)
+    code = failed.exitcode if failed is not None else next((p.exitcode for p, _, _ in procs if p.exitcode), 0)
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
