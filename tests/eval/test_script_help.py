@@ -4,6 +4,7 @@ source files, and every CPU example in it runs as printed (against the model the
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import re
@@ -22,6 +23,7 @@ SCRIPTS = {  # script: flag help lines that must show their default
 }
 
 
+@functools.cache  # the text does not change within a run; both tests below read it
 def _help(script: str) -> str:
     res = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=env(), capture_output=True, text=True,
                          timeout=300)
