@@ -68,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scoring", choices=SCORINGS, default="greedy",
                    help="greedy: exact greedy decoding of the answer's length: on one process a prefill pass "
                         "and a KV cache; sequence-parallel, one pass when the model continues the reference and "
-                        "one more per token it gets wrong; forward: one "
-                        "teacher-forced pass, each answer token predicted from the reference before it (cheaper; "
-                        "the same for single-answer tasks the model gets right)")
+                        "one more per token it gets wrong; forward: one teacher-forced pass, each answer token "
+                        "predicted from the reference before it (cheaper; the same for single-answer tasks the "
+                        "model gets right)")
     add_eval_model_args(p)
     p.add_argument("--output", help="results JSON; the CSV, heatmaps and summary go beside it (default: "
                                     "results/ruler/<model name>.json); with --compare: the comparison's path "

@@ -37,7 +37,8 @@ def sweep(tasks: list[Task], lengths: list[int], depths: list[float], samples: i
 def score_sample(model, task: Task, length: int, depth: float | None, sample: int, scoring: str = "greedy") -> dict:
     """Collective over the model's SP group: the record of one sample {task, length, depth, sample, score,
     exact, references, predicted, evidence_at, passes}. The model decodes as many tokens as the reference answer
-    has (``decode.decode_answer``: greedy or forward), and ``score`` is the task's RULER metric of the decoded text; ``exact``: whether those tokens are the reference's."""
+    has (``decode.decode_answer``: greedy or forward), and ``score`` is the task's RULER metric of the decoded
+    text; ``exact``: whether those tokens are the reference's."""
     s = task.sample(length, depth, sample)
     tokens, passes = decode_answer(model, s.ids[:s.answer_start], s.answer_ids, scoring)
     predicted = task.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from easy_context.cepe.io import load_cepe
-from tests.helpers.launch import REPO, accelerate, log, run_forked
+from tests.helpers.launch import accelerate, launch, log
 
 ARGS = ["--stage", "main", "--window", "64", "--chunk-size", "32", "--context-chunks", "6", "--encoder-layers", "1",
         "--dataset", "tiny", "--lr", "1e-3", "--schedule", "constant", "--warmup-steps", "0", "--kl-coef", "0.5",
@@ -26,7 +26,7 @@ def train_cepe(out: str, *args: str, launcher: bool = True) -> subprocess.Comple
     """train_cepe.py with ``args`` into ``out``, with accelerate launch's environment or as one plain process."""
     argv = ["--output-dir", out, *args]
     res = (accelerate("train_cepe.py", *argv, config="ddp.yaml") if launcher
-           else run_forked(os.path.join(REPO, "train_cepe.py"), argv, [{}], 600))
+           else launch("train_cepe.py", *argv, timeout=600))
     assert res.returncode == 0, f"{' '.join(res.args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
 
@@ -75,6 +75,5 @@ def test_a_decoder_it_cannot_wrap_is_refused_before_any_weights_load(tmp_path):
     model_dir = tmp_path / "gemma"  # a config and no weights: loading them would fail otherwise
     transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, vocab_size=128).save_pretrained(model_dir)
-    res = run_forked(os.path.join(REPO, "train_cepe.py"), ["--model", str(model_dir), "--output-dir",
-                                                          str(tmp_path / "out")], [{}], 300)
+    res = launch("train_cepe.py", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"))
     assert res.returncode != 0 and "cannot wrap the decoder layers of model type 'gemma2'" in res.stderr, res.stderr

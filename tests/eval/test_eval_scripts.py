@@ -1,6 +1,6 @@
 """eval_needle.py and eval_ppl.py run end to end as processes on a tiny world (build_default_world) with 1
-process and with 2 (as torchrun starts them, gloo on CPU): they write their files, the PNGs open as images, the 2-process
-scores equal the 1-process ones, a rerun scores only the missing cells, and a bad length exits clearly."""
+process and with 2 (as torchrun starts them, gloo on CPU): they write their files, the PNGs open as images, the
+2-process scores equal the 1-process ones, a rerun scores only the missing cells, and a bad length exits clearly."""
 
 from __future__ import annotations
 

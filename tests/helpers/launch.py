@@ -175,7 +175,7 @@ def train(out: str, *args: str, config: str = "zero3_offload.yaml", procs: int =
 
 def python_train(out: str, *args: str) -> subprocess.CompletedProcess:
     """train.py in one plain process (no launcher): for argument and input errors."""
-    return run_forked(os.path.join(REPO, "train.py"), ["--output-dir", out, *args], [{}], 300)
+    return launch("train.py", "--output-dir", out, *args)
 
 
 def log(out: str) -> list[dict]:
