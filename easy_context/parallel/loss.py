@@ -1,9 +1,12 @@
 """Exact token-mean cross entropy over a sequence-parallel group, from hidden states, in sequence chunks.
 
-``chunked_cross_entropy`` computes logits = hidden @ weight.T (+ bias) ``chunk_size`` rows at a time and
-recomputes each chunk in backward, so at most ~3 x chunk_size x V floats of logits exist at once, never
-the whole [S, V] (at 512K tokens and a 128K vocabulary that would be 256 GB in float32; one default
-chunk of 1024 rows is 0.5 GB). The weight gradient is accumulated in float32 (V x H floats).
+``chunked_cross_entropy`` computes logits = hidden @ weight.T (+ bias) ``chunk_size`` rows at a time, so at
+most ~2 x chunk_size x V floats of logits exist at once, never the whole [S, V] (at 512K tokens and a 128K
+vocabulary that would be 256 GB in float32; one default chunk of 1024 rows is 0.5 GB). A summed or mean loss
+with gradients on (training) takes each chunk's gradients in the same pass as its loss, so its logits are
+computed once; backward only scales them by the upstream gradient (one backward per forward). Per-token losses
+(``reduction="none"``) recompute each chunk in backward, where the upstream gradient of each token is known.
+The weight gradient is accumulated in float32 (V x H floats).
 
 Gradient convention of ``sequence_parallel_cross_entropy`` (read before wiring it into a trainer):
 each rank returns ``local_sum / N`` where N is the number of non-ignored targets in the whole SP group
@@ -46,18 +49,78 @@ def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
+def _logit_grad(z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, keep: Tensor, row_scale: Tensor) -> Tensor:
+    """d (sum_i row_scale_i loss_i) / d raw logits of one chunk [n, V], computed in place of its logits ``z``."""
+    g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax; minus onehot(label) on kept rows, zero on ignored rows
+    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))
+    g.mul_(torch.where(keep, row_scale, 0.0).unsqueeze(1))
+    if t is not None:
+        g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
+    return g
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the head's matmuls take here: autocast's where it is on, else the weight's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+class _Grads:
+    """Float32 (float64) gradient accumulators of the head's inputs, filled one chunk at a time."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
+        acc = accumulation_dtype(weight.dtype)  # a bf16 running sum over many chunks would lose low-order bits
+        self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        self.dh = torch.empty_like(hidden) if needs[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+
+    def add(self, a: int, g: Tensor, h: Tensor, weight: Tensor) -> None:
+        """Rows a.. of the hidden gradient and this chunk's share of the weight and bias gradients."""
+        gm = g.to(_matmul_dtype(weight))  # one low-precision copy serves both products
+        if self.dh is not None:
+            self.dh[a:a + g.shape[0]] = gm @ weight
+        if self.dw is not None:
+            self.dw += (gm.t() @ h).to(self.dw.dtype)
+        if self.db is not None:
+            self.db += g.sum(0)
+
+    def result(self, scale: Tensor | None = None) -> tuple:
+        """(d hidden, d weight, d bias) in the inputs' dtypes (None where not needed), first multiplied in place
+        by ``scale`` (before the cast: an unscaled sum over many tokens could overflow float16)."""
+        if scale is not None:
+            for g in (self.dh, self.dw, self.db):
+                if g is not None:
+                    g.mul_(scale)
+        w_dtype, b_dtype = self.dtypes
+        return (self.dh, None if self.dw is None else self.dw.to(w_dtype),
+                None if self.db is None else self.db.to(b_dtype))
+
+
+def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, a: int, chunk_size: int,
+           ignore_index: int, softcap: float | None):
+    """One chunk's rows, labels, kept-row mask, float32 logits, tanh factor and logsumexp."""
+    h, y = hidden[a:a + chunk_size], labels[a:a + chunk_size]
+    z, t = _logits(h, weight, bias, softcap)
+    return h, y, y != ignore_index, z, t, torch.logsumexp(z, dim=1)
+
+
+def _token_losses(z: Tensor, lse: Tensor, y: Tensor, keep: Tensor) -> Tensor:
+    """lse - logit of the label per row; 0 on ignored rows."""
+    picked = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(keep, lse - picked, 0.0)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token losses [N] of softmax(h W^T + b) against labels, logits recomputed chunkwise in backward."""
+    """Per-token losses [N] of softmax(h W^T + b) against labels, logits recomputed chunkwise in backward (the
+    upstream gradient of each token is known only then)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
         losses = torch.zeros(hidden.shape[0], dtype=accumulation_dtype(weight.dtype), device=hidden.device)
         for a in range(0, hidden.shape[0], chunk_size):
-            z, _ = _logits(hidden[a:a + chunk_size], weight, bias, softcap)
-            y = labels[a:a + chunk_size]
-            keep = y != ignore_index
-            picked = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
-            losses[a:a + chunk_size] = torch.where(keep, torch.logsumexp(z, dim=1) - picked, 0.0)
+            _, y, keep, z, _, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
+            losses[a:a + chunk_size] = _token_losses(z, lse, y, keep)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.args = (chunk_size, ignore_index, softcap)
         ctx.autocast = _autocast_state(hidden.device.type)
@@ -69,37 +132,45 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # matmuls take the same bf16 inputs as the forward's (float32 master weights would make them float32).
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            return _ChunkedLinearCrossEntropy._backward(ctx, grad_losses)
+            hidden, weight, bias, labels = ctx.saved_tensors
+            chunk_size, ignore_index, softcap = ctx.args
+            grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            for a in range(0, hidden.shape[0], chunk_size):
+                h, y, keep, z, t, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
+                grads.add(a, _logit_grad(z, t, lse, y, keep, grad_losses[a:a + chunk_size]), h, weight)
+            return *grads.result(), None, None, None, None
+
+
+def _summed_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
+                 ignore_index: int, softcap: float | None, needs: tuple[bool, bool, bool]) -> tuple[Tensor, _Grads]:
+    """The summed loss over all rows and, where ``needs`` asks, its unscaled gradients: each chunk's logits once."""
+    total = torch.zeros((), dtype=accumulation_dtype(weight.dtype), device=hidden.device)
+    grads = _Grads(hidden, weight, bias, needs)
+    for a in range(0, hidden.shape[0], chunk_size):
+        h, y, keep, z, t, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
+        total += _token_losses(z, lse, y, keep).sum()
+        if any(needs):
+            grads.add(a, _logit_grad(z, t, lse, y, keep, torch.ones_like(lse)), h, weight)
+    return total, grads
+
+
+class _FusedLinearCrossEntropySum(torch.autograd.Function):
+    """The summed loss of softmax(h W^T + b) against labels, its gradients computed chunk by chunk in forward
+    (each chunk's logits once) and handed over in backward, scaled in place by the upstream gradient."""
 
     @staticmethod
-    def _backward(ctx, grad_losses):
-        hidden, weight, bias, labels = ctx.saved_tensors
-        chunk_size, ignore_index, softcap = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = torch.empty_like(hidden) if need_h else None
-        # float32 accumulators: a bf16 running sum over many chunks would lose low-order bits.
-        acc = accumulation_dtype(weight.dtype)
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        for a in range(0, hidden.shape[0], chunk_size):
-            h = hidden[a:a + chunk_size]
-            y = labels[a:a + chunk_size]
-            keep = y != ignore_index
-            z, t = _logits(h, weight, bias, softcap)
-            g = torch.softmax(z, dim=1)  # d loss / d logits = softmax - onehot(label), per kept row
-            del z
-            g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))
-            g.mul_(torch.where(keep, grad_losses[a:a + chunk_size], 0.0).unsqueeze(1))
-            if t is not None:
-                g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
-            if need_h:
-                dh[a:a + chunk_size] = g.to(weight.dtype) @ weight
-            if need_w:
-                dw += (g.t().to(h.dtype) @ h).to(acc)
-            if need_b:
-                db += g.sum(0)
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None)
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
+        total, ctx.grads = _summed_loss(hidden, weight, bias, labels, chunk_size, ignore_index, softcap,
+                                        needs=ctx.needs_input_grad[:3])
+        return total  # ctx.grads is kept off save_for_backward: backward scales it in place
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_cross_entropy: the gradients of a summed or mean loss are computed in forward "
+                               "and handed over by the first backward; run the loss again instead of backward twice")
+        grads, ctx.grads = ctx.grads, None
+        return *grads.result(grad_total), None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
@@ -129,13 +200,14 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index}; got "
                          f"{flat[bad][0].item()}")
-    losses = _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat,
-                                              chunk_size, ignore_index, softcap)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat, chunk_size, ignore_index, softcap)
     if reduction == "none":
-        return losses.view(labels.shape)
-    if reduction == "mean":
-        return losses.sum() / (flat != ignore_index).sum().clamp_min(1)
-    return losses.sum()
+        return _ChunkedLinearCrossEntropy.apply(*args).view(labels.shape)
+    if torch.is_grad_enabled():
+        total = _FusedLinearCrossEntropySum.apply(*args)
+    else:
+        total, _ = _summed_loss(*args, needs=(False, False, False))
+    return total / (flat != ignore_index).sum().clamp_min(1) if reduction == "mean" else total
 
 
 @dataclass(frozen=True)

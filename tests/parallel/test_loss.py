@@ -9,10 +9,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.helpers.distributed import run_distributed
+from tests.helpers.dispatch import OpCounter
 from easy_context.attention.layouts import shard
 from easy_context.parallel.loss import chunked_cross_entropy, sequence_parallel_cross_entropy
 from tests.helpers.memory import LargestAllocation
 from tests.helpers.reference import rel_err
+
+
+MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
 
 
 def _problem(seed, n, h, v, dtype=torch.float64, bias=False):
@@ -100,6 +104,56 @@ def test_memory_is_chunk_by_vocab_not_sequence_by_vocab(seed):
     with LargestAllocation() as naive:  # control: the plain loss materializes all N x V logits
         _plain(hidden, weight, None, labels, None, "sum").backward()
     assert naive.numel >= n * v >= 32 * rec.numel
+
+
+def test_a_training_loss_takes_three_matmuls_per_chunk_all_in_forward(seed):
+    hidden, weight, _, labels = _problem(seed, 40, 8, 32, dtype=torch.float32)
+    chunks = 5  # 40 rows, chunk_size 8
+    with OpCounter(MATMULS) as fwd:
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="mean")
+    with OpCounter(MATMULS) as bwd:
+        loss.backward()
+    # logits, then their gradient's two products (hidden, weight); the logits are never recomputed
+    assert (fwd.count, bwd.count) == (3 * chunks, 0)
+
+
+def test_without_gradients_the_loss_computes_only_the_logits(seed):
+    hidden, weight, _, labels = _problem(seed, 40, 8, 32, dtype=torch.float32)
+    with OpCounter(MATMULS) as rec, torch.no_grad():
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="sum")
+    assert rec.count == 5
+
+
+def test_per_token_losses_recompute_the_logits_in_backward(seed):
+    hidden, weight, _, labels = _problem(seed, 40, 8, 32, dtype=torch.float32)
+    with OpCounter(MATMULS) as fwd:
+        losses = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="none")
+    with OpCounter(MATMULS) as bwd:
+        (losses * torch.rand(40)).sum().backward()  # any upstream weights per token: known only in backward
+    assert (fwd.count, bwd.count) == (5, 3 * 5)
+
+
+def test_a_second_backward_through_a_training_loss_is_refused(seed):
+    hidden, weight, _, labels = _problem(seed, 16, 8, 32)
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="computed in forward"):
+        loss.backward()
+
+
+def test_float16_weight_gradient_is_scaled_before_its_cast(seed):
+    # 4096 tokens of one label: the unscaled weight gradient of label 0 (~ -4096 x 0.5 x 40) overflows float16,
+    # its token mean does not
+    n, h, v = 4096, 8, 16
+    g = torch.Generator().manual_seed(seed)
+    hidden = (40 + torch.rand(n, h, generator=g)).half().requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) / 100).half().requires_grad_(True)
+    labels = torch.zeros(n, dtype=torch.long)
+    chunked_cross_entropy(hidden, weight, labels, chunk_size=512, reduction="mean").backward()
+    ref = [t.detach().double().requires_grad_(True) for t in (hidden, weight)]
+    _plain(*ref[:2], None, labels, None, "mean").backward()
+    assert torch.isfinite(weight.grad).all() and ref[1].grad.abs().max() > 1
+    assert rel_err(weight.grad.double(), ref[1].grad) < 1e-2 and rel_err(hidden.grad.double(), ref[0].grad) < 1e-2
 
 
 def _sp_worker(rank, world, seed):

@@ -3,27 +3,14 @@ layer would, in backward too: its matmuls take the autocast dtype, while the sof
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from easy_context.parallel.loss import chunked_cross_entropy
+from tests.helpers.dispatch import OpCounter
 
-MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
-
-
-class MatmulInputDtypes(TorchDispatchMode):
-    """Records the dtypes of the tensor inputs of every matmul that runs inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in MATMULS:
-            self.seen.append((name, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))))
-        return func(*args, **(kwargs or {}))
+MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
 
 
 def _inputs(seed: int, n: int = 96, hidden: int = 48, vocab: int = 200):
@@ -35,13 +22,14 @@ def _inputs(seed: int, n: int = 96, hidden: int = 48, vocab: int = 200):
     return h, w, labels
 
 
-def test_backward_matmuls_run_in_the_autocast_dtype_like_the_forward(seed):
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # gradients taken in forward; recomputed in backward
+def test_every_matmul_runs_in_the_autocast_dtype_gradients_included(seed, reduction):
     h, w, labels = _inputs(seed)
     h.requires_grad_()
     w.requires_grad_()
-    with MatmulInputDtypes() as rec:
+    with OpCounter(MATMULS) as rec:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = chunked_cross_entropy(h, w, labels, chunk_size=32, reduction="mean")
+            loss = chunked_cross_entropy(h, w, labels, chunk_size=32, reduction=reduction).sum()
         loss.backward()  # outside autocast, as a training loop calls it
     assert rec.seen and all(dtypes == (torch.bfloat16,) * len(dtypes) for _, dtypes in rec.seen), rec.seen
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
