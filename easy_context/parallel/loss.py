@@ -49,11 +49,14 @@ def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
-def _logit_grad(z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, keep: Tensor, row_scale: Tensor) -> Tensor:
-    """d (sum_i row_scale_i loss_i) / d raw logits of one chunk [n, V], computed in place of its logits ``z``."""
-    g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax; minus onehot(label) on kept rows, zero on ignored rows
-    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))
-    g.mul_(torch.where(keep, row_scale, 0.0).unsqueeze(1))
+def _logit_grad(z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, keep: Tensor,
+                row_scale: Tensor | None = None) -> Tensor:
+    """d (sum_i row_scale_i loss_i) / d raw logits of one chunk [n, V] (row_scale None: all 1), computed in place
+    of its logits ``z``; zero on ignored rows."""
+    g = z.sub_(torch.where(keep, lse, torch.inf).unsqueeze(1)).exp_()  # softmax; exp(-inf) = 0 on ignored rows
+    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))  # minus onehot(label)
+    if row_scale is not None:
+        g.mul_(row_scale.unsqueeze(1))
     if t is not None:
         g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
     return g
@@ -150,7 +153,7 @@ def _summed_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
         h, y, keep, z, t, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
         total += _token_losses(z, lse, y, keep).sum()
         if any(needs):
-            grads.add(a, _logit_grad(z, t, lse, y, keep, torch.ones_like(lse)), h, weight)
+            grads.add(a, _logit_grad(z, t, lse, y, keep), h, weight)
     return total, grads
 
 
