@@ -62,10 +62,11 @@ def _logit_grad(z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, keep: Tenso
     return g
 
 
-def _matmul_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype the head's matmuls take here: autocast's where it is on, else the weight's."""
+def _matmul_weight(weight: Tensor) -> Tensor:
+    """The weight in the dtype the head's matmuls take here (autocast's where it is on), cast once per pass: autocast
+    would cast it again for every chunk's matmul."""
     device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
 
 
 class _Grads:
@@ -79,12 +80,13 @@ class _Grads:
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
 
     def add(self, a: int, g: Tensor, h: Tensor, weight: Tensor) -> None:
-        """Rows a.. of the hidden gradient and this chunk's share of the weight and bias gradients."""
-        gm = g.to(_matmul_dtype(weight))  # one low-precision copy serves both products
+        """Rows a.. of the hidden gradient and this chunk's share of the weight and bias gradients (``weight``: as
+        ``_matmul_weight`` gives it)."""
+        gm = g.to(weight.dtype)  # one copy in the matmul dtype serves both products
         if self.dh is not None:
             self.dh[a:a + g.shape[0]] = gm @ weight
         if self.dw is not None:
-            self.dw += (gm.t() @ h).to(self.dw.dtype)
+            self.dw += gm.t() @ h  # added in the accumulator's dtype, without a cast copy
         if self.db is not None:
             self.db += g.sum(0)
 
@@ -121,8 +123,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
         losses = torch.zeros(hidden.shape[0], dtype=accumulation_dtype(weight.dtype), device=hidden.device)
+        w = _matmul_weight(weight)
         for a in range(0, hidden.shape[0], chunk_size):
-            _, y, keep, z, _, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
+            _, y, keep, z, _, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
             losses[a:a + chunk_size] = _token_losses(z, lse, y, keep)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.args = (chunk_size, ignore_index, softcap)
@@ -137,10 +140,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             hidden, weight, bias, labels = ctx.saved_tensors
             chunk_size, ignore_index, softcap = ctx.args
-            grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            grads, w = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3]), _matmul_weight(weight)
             for a in range(0, hidden.shape[0], chunk_size):
-                h, y, keep, z, t, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
-                grads.add(a, _logit_grad(z, t, lse, y, keep, grad_losses[a:a + chunk_size]), h, weight)
+                h, y, keep, z, t, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
+                grads.add(a, _logit_grad(z, t, lse, y, keep, grad_losses[a:a + chunk_size]), h, w)
             return *grads.result(), None, None, None, None
 
 
@@ -148,12 +151,12 @@ def _summed_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
                  ignore_index: int, softcap: float | None, needs: tuple[bool, bool, bool]) -> tuple[Tensor, _Grads]:
     """The summed loss over all rows and, where ``needs`` asks, its unscaled gradients: each chunk's logits once."""
     total = torch.zeros((), dtype=accumulation_dtype(weight.dtype), device=hidden.device)
-    grads = _Grads(hidden, weight, bias, needs)
+    grads, w = _Grads(hidden, weight, bias, needs), _matmul_weight(weight)
     for a in range(0, hidden.shape[0], chunk_size):
-        h, y, keep, z, t, lse = _chunk(hidden, weight, bias, labels, a, chunk_size, ignore_index, softcap)
+        h, y, keep, z, t, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
         total += _token_losses(z, lse, y, keep).sum()
         if any(needs):
-            grads.add(a, _logit_grad(z, t, lse, y, keep), h, weight)
+            grads.add(a, _logit_grad(z, t, lse, y, keep), h, w)
     return total, grads
 
 

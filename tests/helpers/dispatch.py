@@ -1,20 +1,28 @@
-"""Record which aten ops run while some code runs (by overload packet name), with their tensor inputs' dtypes."""
+"""Record which aten ops run while some code runs (by overload packet name), with their tensor inputs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
+import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+class Op(NamedTuple):
+    name: str
+    dtypes: tuple[torch.dtype, ...]  # of its tensor inputs
+    shapes: tuple[tuple[int, ...], ...]
+
+
 class OpCounter(TorchDispatchMode):
-    """Inside ``with``: ``seen`` lists (op name, its tensor inputs' dtypes) of each op named in ``names``."""
+    """Inside ``with``: ``seen`` lists an ``Op`` for each run of an op named in ``names``."""
 
     def __init__(self, names: Iterable[str]):
         super().__init__()
         self.names = set(names)
-        self.seen: list[tuple[str, tuple]] = []
+        self.seen: list[Op] = []
 
     @property
     def count(self) -> int:
@@ -23,5 +31,6 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in self.names:
-            self.seen.append((name, tuple(a.dtype for a in args if isinstance(a, Tensor))))
+            tensors = [a for a in args if isinstance(a, Tensor)]
+            self.seen.append(Op(name, tuple(t.dtype for t in tensors), tuple(tuple(t.shape) for t in tensors)))
         return func(*args, **(kwargs or {}))

@@ -31,7 +31,7 @@ def test_every_matmul_runs_in_the_autocast_dtype_gradients_included(seed, reduct
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = chunked_cross_entropy(h, w, labels, chunk_size=32, reduction=reduction).sum()
         loss.backward()  # outside autocast, as a training loop calls it
-    assert rec.seen and all(dtypes == (torch.bfloat16,) * len(dtypes) for _, dtypes in rec.seen), rec.seen
+    assert rec.seen and all(op.dtypes == (torch.bfloat16,) * len(op.dtypes) for op in rec.seen), rec.seen
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
 
 
@@ -48,3 +48,16 @@ def test_under_autocast_it_equals_a_bf16_linear_and_float32_cross_entropy(seed):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # same bf16 logits, float32 softmax
     for got, exp in zip(mine, ref):  # bf16 products and sums in another order: bf16 rounding
         torch.testing.assert_close(got.grad, exp.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_float32_weight_is_cast_once_per_pass_not_once_per_chunk(seed, reduction):
+    h, w, labels = _inputs(seed)  # 96 rows: 6 chunks of 16
+    h.requires_grad_()
+    w.requires_grad_()
+    with OpCounter(["_to_copy"]) as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h, w, labels, chunk_size=16, reduction=reduction).sum()
+        loss.backward()
+    weight_sized = [op for op in rec.seen if op.shapes[0] in (tuple(w.shape), tuple(w.t().shape))]
+    assert len(weight_sized) == (1 if reduction == "mean" else 2), weight_sized  # "none" recomputes in backward
