@@ -50,8 +50,8 @@ def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: 
                                 layers_per_checkpoint=cfg.layers_per_checkpoint)
     if cfg.keep_attention:
         ec.keep_attention_outputs(model)
-    if cfg.fuse_pointwise:
-        ec.fuse_pointwise(model)
+    if cfg.fuse_pointwise or (cfg.fuse_pointwise is None and torch.cuda.is_available()):
+        ec.fuse_pointwise(model, required=bool(cfg.fuse_pointwise))  # the default: only what the model has
     if cfg.tiled_mlp:
         ec.apply_tiled_mlp(model, cfg.tiled_mlp)
     if cfg.lora_rank:

@@ -120,12 +120,13 @@ def _is_rope_module(mod) -> bool:
                                      (1, 2, 5, 8), (1, 2, 5, 8), (1, 5, 8), (1, 5, 8))
 
 
-def fuse_pointwise(model: torch.nn.Module) -> dict[str, int]:
+def fuse_pointwise(model: torch.nn.Module, *, required: bool = True) -> dict[str, int]:
     """Replace, in place, every Llama-style RMSNorm's forward with ``rms_norm``, every SwiGLU MLP's with one that
     calls ``silu_mul``, and the RoPE function of each attention's modeling module with ``apply_rope``; returns
     how many of each the model now runs fused ({"rms_norm": n, "swiglu": n, "rope": n}). Applying again changes
-    nothing. ValueError, before anything is replaced, if nothing in the model matched (it would run unfused while
-    the caller believes otherwise) or if a matching module's forward was already wrapped (call this first)."""
+    nothing. ValueError, before anything is replaced, if nothing in the model matched and ``required`` (it would
+    run unfused while the caller believes otherwise; not required: all counts 0) or if a matching module's forward
+    was already wrapped (call this first)."""
     done = [m for m in model.modules() if getattr(m, _ATTR, False)]
     fresh = [m for m in model.modules() if not getattr(m, _ATTR, False)]
     norms, mlps = [m for m in fresh if _is_rms_norm(m)], [m for m in fresh if _is_swiglu(m)]
@@ -137,7 +138,7 @@ def fuse_pointwise(model: torch.nn.Module) -> dict[str, int]:
     if wrapped:
         raise ValueError(f"fuse_pointwise: {wrapped[0]}'s forward is already replaced (e.g. by apply_tiled_mlp); "
                          "call fuse_pointwise first, so that the other wrapper calls the fused forward")
-    if not (done or norms or mlps or ropes):
+    if not (done or norms or mlps or ropes) and required:
         raise ValueError(f"fuse_pointwise: nothing in {type(model).__name__} is a Llama-style RMSNorm, SwiGLU MLP "
                          "or rotate-half RoPE; leave the option off for this model")
     for modules, forward in ((norms, _norm_forward), (mlps, _mlp_forward)):

@@ -92,8 +92,9 @@ class TrainConfig:
                                            "speed for memory)", nargs="?", const=ALL_LAYERS, metavar="N")
     keep_attention: bool = flag(False, "keep each layer's attention output for the checkpoint recompute instead "
                                  "of running attention again (speed for memory)")
-    fuse_pointwise: bool = flag(False, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; same "
-                                 "math)")
+    fuse_pointwise: bool | None = flag(None, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; "
+                                        "same math; default: on with a CUDA GPU where the model has them, off on "
+                                        "CPU; --no-fuse-pointwise: off)")
     loss_chunk: int = flag(1024, "tokens per logits chunk of the loss")
     tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
     offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
@@ -168,8 +169,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         options["help"] = options["help"].replace("%", "%%")  # argparse formats help strings
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kind = value_type(hints[f.name])
-        if kind is bool:
-            options["action"] = "store_true"
+        if kind is bool:  # a flag whose default is None (decided at run time) can also be turned off: --no-...
+            options["action"] = argparse.BooleanOptionalAction if default is None else "store_true"
         else:
             options["type"] = kind
         parser.add_argument(flag_name(f.name), default=default, **options)

@@ -54,9 +54,11 @@ def test_ops_that_compute_something_else_are_left_alone(seed):
     assert all(m.forward == forwards[n] for n, m in model.named_modules())
 
 
-def test_a_model_with_nothing_to_fuse_is_refused():
+def test_a_model_with_nothing_to_fuse_is_refused_unless_fusion_is_optional():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     with pytest.raises(ValueError, match="leave the option off"):
-        fuse_pointwise(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+        fuse_pointwise(model)
+    assert fuse_pointwise(model, required=False) == {"rms_norm": 0, "swiglu": 0, "rope": 0}  # the default
 
 
 def test_the_caller_random_stream_is_untouched(seed):

@@ -3,6 +3,7 @@ sense are refused (or warned about) before anything loads; all in process, nothi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -32,11 +33,19 @@ def test_the_defaults_are_train_pys_and_flags_land_in_typed_fields():
         cfg.lr = 1.0  # configuration is data: fixed once parsed
 
 
+@pytest.mark.parametrize("argv, value", [([], None), (["--fuse-pointwise"], True), (["--no-fuse-pointwise"], False)])
+def test_pointwise_fusion_is_decided_at_run_time_unless_a_flag_says(argv, value):
+    assert parse_config(argv).fuse_pointwise is value  # None: on with a CUDA GPU (train.py)
+
+
 def test_every_field_is_a_flag_with_help():
     parser = build_parser()
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     assert set(flags) == {f.name for f in dataclasses.fields(TrainConfig)}
-    assert all(a.help and a.option_strings == ["--" + a.dest.replace("_", "-")] for a in flags.values())
+    for a in flags.values():  # a flag decided at run time by default (None) can also be turned off
+        name = a.dest.replace("_", "-")
+        assert a.help and a.option_strings == (["--" + name, "--no-" + name] if a.default is None and
+                                               isinstance(a, argparse.BooleanOptionalAction) else ["--" + name])
     assert "5%" in parser.format_help()  # help strings are taken as written
 
 
