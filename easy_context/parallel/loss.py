@@ -1,7 +1,7 @@
 """Exact token-mean cross entropy over a sequence-parallel group, from hidden states, in sequence chunks.
 
 ``chunked_cross_entropy`` computes logits = hidden @ weight.T (+ bias) ``chunk_size`` rows at a time, so at
-most ~2 x chunk_size x V floats of logits exist at once, never the whole [S, V] (at 512K tokens and a 128K
+most one float32 chunk of logits and its bf16 copy exist at once, never the whole [S, V] (at 512K tokens and a 128K
 vocabulary that would be 256 GB in float32; one default chunk of 1024 rows is 0.5 GB). A summed or mean loss
 with gradients on (training) takes each chunk's gradients in the same pass as its loss, so its logits are
 computed once; backward only scales them by the upstream gradient (one backward per forward). Per-token losses
@@ -49,24 +49,35 @@ def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
-def _logit_grad(z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, keep: Tensor,
-                row_scale: Tensor | None = None) -> Tensor:
-    """d (sum_i row_scale_i loss_i) / d raw logits of one chunk [n, V] (row_scale None: all 1), computed in place
-    of its logits ``z``; zero on ignored rows."""
-    g = z.sub_(torch.where(keep, lse, torch.inf).unsqueeze(1)).exp_()  # softmax; exp(-inf) = 0 on ignored rows
-    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))  # minus onehot(label)
-    if row_scale is not None:
-        g.mul_(row_scale.unsqueeze(1))
-    if t is not None:
-        g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
-    return g
-
-
 def _matmul_weight(weight: Tensor) -> Tensor:
     """The weight in the dtype the head's matmuls take here (autocast's where it is on), cast once per pass: autocast
     would cast it again for every chunk's matmul."""
     device = weight.device.type
     return weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
+
+
+def _losses_and_logit_grad(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, keep: Tensor,
+                           softcap: float | None, grad: bool, row_scale: Tensor | None = None,
+                           bias_grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One chunk's per-token losses [n] (0 on ignored rows) and, with ``grad``, d (sum_i row_scale_i loss_i) / d raw
+    logits [n, V] in the matmul dtype (row_scale None: all 1; zero on ignored rows) and, with ``bias_grad``, its
+    float32 column sums. Its float32 logits live in this function only, so they are freed before the caller's
+    [V, H] weight-gradient product."""
+    z, t = _logits(h, weight, bias, softcap)
+    picked = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+    top = z.amax(dim=1, keepdim=True)
+    e = z.sub_(top).exp_()  # in place: the logits are not read again
+    total = e.sum(dim=1)
+    losses = torch.where(keep, total.log() + top.squeeze(1) - picked, 0.0)  # logsumexp - the label's logit
+    if not grad:
+        return losses, None, None
+    g = e.div_(torch.where(keep, total, torch.inf).unsqueeze(1))  # softmax, 0 on ignored rows
+    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))  # minus onehot(label)
+    if row_scale is not None:
+        g.mul_(row_scale.unsqueeze(1))
+    if t is not None:
+        g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
+    return losses, g.to(weight.dtype), g.sum(0) if bias_grad else None
 
 
 class _Grads:
@@ -75,20 +86,20 @@ class _Grads:
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         acc = accumulation_dtype(weight.dtype)  # a bf16 running sum over many chunks would lose low-order bits
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        self.wanted = any(needs)
         self.dh = torch.empty_like(hidden) if needs[0] else None
         self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
 
-    def add(self, a: int, g: Tensor, h: Tensor, weight: Tensor) -> None:
-        """Rows a.. of the hidden gradient and this chunk's share of the weight and bias gradients (``weight``: as
-        ``_matmul_weight`` gives it)."""
-        gm = g.to(weight.dtype)  # one copy in the matmul dtype serves both products
+    def add(self, a: int, h: Tensor, weight: Tensor, g: Tensor, g_sum: Tensor | None) -> None:
+        """Rows a.. of the hidden gradient and a chunk's share of the weight and bias gradients, from its rows ``h``
+        and logit gradient ``g`` and its column sums (``weight`` and ``g`` in the matmul dtype)."""
         if self.dh is not None:
-            self.dh[a:a + g.shape[0]] = gm @ weight
+            self.dh[a:a + g.shape[0]] = g @ weight
         if self.dw is not None:
-            self.dw += gm.t() @ h  # added in the accumulator's dtype, without a cast copy
+            self.dw += g.t() @ h  # added in the accumulator's dtype, without a cast copy
         if self.db is not None:
-            self.db += g.sum(0)
+            self.db += g_sum
 
     def result(self, scale: Tensor | None = None) -> tuple:
         """(d hidden, d weight, d bias) in the inputs' dtypes (None where not needed), first multiplied in place
@@ -102,18 +113,18 @@ class _Grads:
                 None if self.db is None else self.db.to(b_dtype))
 
 
-def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, a: int, chunk_size: int,
-           ignore_index: int, softcap: float | None):
-    """One chunk's rows, labels, kept-row mask, float32 logits, tanh factor and logsumexp."""
-    h, y = hidden[a:a + chunk_size], labels[a:a + chunk_size]
-    z, t = _logits(h, weight, bias, softcap)
-    return h, y, y != ignore_index, z, t, torch.logsumexp(z, dim=1)
-
-
-def _token_losses(z: Tensor, lse: Tensor, y: Tensor, keep: Tensor) -> Tensor:
-    """lse - logit of the label per row; 0 on ignored rows."""
-    picked = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(keep, lse - picked, 0.0)
+def _chunk_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, a: int, size: int,
+                ignore_index: int, softcap: float | None, grads: _Grads | None,
+                row_scale: Tensor | None = None) -> Tensor:
+    """Rows a..a+size: their per-token losses; their gradients (weighted by ``row_scale``) added into ``grads``
+    unless it is None. ``weight`` as ``_matmul_weight`` gives it."""
+    h, y = hidden[a:a + size], labels[a:a + size]
+    want = grads is not None and grads.wanted
+    losses, g, g_sum = _losses_and_logit_grad(h, weight, bias, y, y != ignore_index, softcap, want, row_scale,
+                                              bias_grad=want and grads.db is not None)
+    if want:
+        grads.add(a, h, weight, g, g_sum)
+    return losses
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -125,8 +136,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         losses = torch.zeros(hidden.shape[0], dtype=accumulation_dtype(weight.dtype), device=hidden.device)
         w = _matmul_weight(weight)
         for a in range(0, hidden.shape[0], chunk_size):
-            _, y, keep, z, _, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
-            losses[a:a + chunk_size] = _token_losses(z, lse, y, keep)
+            losses[a:a + chunk_size] = _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, None)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.args = (chunk_size, ignore_index, softcap)
         ctx.autocast = _autocast_state(hidden.device.type)
@@ -142,8 +152,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk_size, ignore_index, softcap = ctx.args
             grads, w = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3]), _matmul_weight(weight)
             for a in range(0, hidden.shape[0], chunk_size):
-                h, y, keep, z, t, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
-                grads.add(a, _logit_grad(z, t, lse, y, keep, grad_losses[a:a + chunk_size]), h, w)
+                _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, grads,
+                            row_scale=grad_losses[a:a + chunk_size])
             return *grads.result(), None, None, None, None
 
 
@@ -153,10 +163,7 @@ def _summed_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     total = torch.zeros((), dtype=accumulation_dtype(weight.dtype), device=hidden.device)
     grads, w = _Grads(hidden, weight, bias, needs), _matmul_weight(weight)
     for a in range(0, hidden.shape[0], chunk_size):
-        h, y, keep, z, t, lse = _chunk(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap)
-        total += _token_losses(z, lse, y, keep).sum()
-        if any(needs):
-            grads.add(a, _logit_grad(z, t, lse, y, keep), h, w)
+        total += _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, grads).sum()
     return total, grads
 
 

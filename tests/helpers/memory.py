@@ -1,6 +1,9 @@
-"""Record the largest tensor allocated while some code runs (views of existing storage do not count)."""
+"""Memory of code while it runs: the largest tensor it allocates (views of existing storage do not count), and the
+most its tensors hold at once."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,4 +24,32 @@ class LargestAllocation(TorchDispatchMode):
                 n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
                 if n > self.numel:
                     self.numel, self.op = n, func
+        return out
+
+
+class LivePeak(TorchDispatchMode):
+    """Inside ``with``: ``peak`` is the most bytes that tensors created inside held at once, each storage counted
+    from the op that allocated it until the tensor it was returned as is freed (views made later do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._seen = 0, 0, set()
+
+    def _free(self, ptr: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if ptr in inputs or ptr in self._seen or nbytes == 0:  # in place, a view, or already counted
+                continue
+            self._seen.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, ptr, nbytes)
         return out

@@ -153,7 +153,8 @@ def test_float16_weight_gradient_is_scaled_before_its_cast(seed):
     ref = [t.detach().double().requires_grad_(True) for t in (hidden, weight)]
     _plain(*ref[:2], None, labels, None, "mean").backward()
     assert torch.isfinite(weight.grad).all() and ref[1].grad.abs().max() > 1
-    assert rel_err(weight.grad.double(), ref[1].grad) < 1e-2 and rel_err(hidden.grad.double(), ref[0].grad) < 1e-2
+    assert rel_err(weight.grad.double(), ref[1].grad) < 1e-2
+    assert rel_err(hidden.grad.double(), ref[0].grad) < 5e-2  # ~1e-6 each: float16 subnormals, 2-3 digits
 
 
 def _sp_worker(rank, world, seed):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from easy_context.parallel.loss import chunked_cross_entropy
 from tests.helpers.dispatch import OpCounter
+from tests.helpers.memory import LivePeak
 
 MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
 
@@ -61,3 +62,17 @@ def test_a_float32_weight_is_cast_once_per_pass_not_once_per_chunk(seed, reducti
         loss.backward()
     weight_sized = [op for op in rec.seen if op.shapes[0] in (tuple(w.shape), tuple(w.t().shape))]
     assert len(weight_sized) == (1 if reduction == "mean" else 2), weight_sized  # "none" recomputes in backward
+
+
+def test_a_chunks_float32_logits_are_freed_before_its_weight_gradient_product(seed):
+    # a large vocabulary and a small width: the float32 chunk of logits (16 x 4096 x 4 bytes) is the largest tensor
+    h, _, labels = _inputs(seed, n=64, hidden=8, vocab=4096)
+    w = torch.randn(4096, 8, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    h.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), LivePeak() as rec:
+        chunked_cross_entropy(h, w, labels, chunk_size=16, reduction="mean")
+    chunk = 16 * 4096
+    # the accumulators (weight gradient in float32, its bf16 copy to multiply with) and at most the float32 chunk
+    # with its bf16 copy at once: not two float32 chunks, not a float32 chunk beside the [V, H] product
+    held = w.numel() * (4 + 2) + h.numel() * 4
+    assert rec.peak <= held + chunk * (4 + 2) + 4096, (rec.peak, held, chunk)  # + a few [n] vectors
