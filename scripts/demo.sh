@@ -39,6 +39,7 @@ LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_proces
 COMMON=(--dataset "$DATA" --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers "$WORKERS")
 mkdir -p "$OUT"
 T0=$(date +%s)
+# train.py runs unfused (--no-fuse-pointwise), as the documented run did.
 mark() { echo "$(( $(date +%s) - T0 ))s $1" | tee -a "$OUT/timings.txt"; }
 
 MODEL=tiny
@@ -46,7 +47,7 @@ for s in $GROW; do
   IFS=: read -r LEN BATCH STEPS <<< "$s"
   [ -d "$OUT/grow$LEN/model" ] || "${LAUNCH[@]}" train.py --model "$MODEL" --tiny-preset "$PRESET" --seq-length "$LEN" \
     --backend data_parallel --batch-size "$BATCH" --lr 1e-3 --warmup-steps 50 --max-steps "$STEPS" \
-    --no-gradient-checkpointing "${COMMON[@]}" --output-dir "$OUT/grow$LEN"
+    --no-gradient-checkpointing --no-fuse-pointwise "${COMMON[@]}" --output-dir "$OUT/grow$LEN"
   MODEL="$OUT/grow$LEN/model"; mark "trained $MODEL at $LEN tokens"
 done
 SHORT_MODEL=$MODEL
@@ -56,7 +57,7 @@ for s in $EXTEND; do
   IFS=: read -r LEN BATCH STEPS <<< "$s"
   [ -d "$OUT/extend$LEN/model" ] || "${LAUNCH[@]}" train.py --model "$MODEL" --seq-length "$LEN" "${ROPE[@]}" \
     --backend zigzag_ring --batch-size "$BATCH" --lr "$EXTEND_LR" --warmup-steps 20 --max-steps "$STEPS" "${COMMON[@]}" \
-    --output-dir "$OUT/extend$LEN"
+    --no-fuse-pointwise --output-dir "$OUT/extend$LEN"
   MODEL="$OUT/extend$LEN/model"; mark "extended to $MODEL at $LEN tokens (${ROPE[*]}, zigzag ring)"; ROPE=()
 done
 python -c "from easy_context.hf import models; from easy_context.world import default; default.save_text_documents('$OUT/docs', models.load_tokenizer('$MODEL'), 4, $LONG + 64)"

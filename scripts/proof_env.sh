@@ -9,6 +9,8 @@
 #      comparison (eval_ruler.py --compare).
 #     bash scripts/proof_stage1.sh && bash scripts/proof_extend.sh && bash scripts/proof_eval.sh
 # Outputs and timings go to $OUT; a step whose output exists is skipped (rerun after a failure to resume).
+# train.py runs unfused here (--no-fuse-pointwise), as the documented runs did: on a fresh machine the fused kernels'
+# first compile would take a share of stages capped at a few minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false

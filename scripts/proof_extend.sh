@@ -20,7 +20,8 @@ for s in $EXTEND; do
     mark "training rows: $DATA"
     "${LAUNCH[@]}" train.py --model "$MODEL" --dataset "$DATA" --seq-length "$LEN" "${ROPE[@]}" --backend "$BACKEND" \
       --batch-size "$BATCH" --lr "$LR" --warmup-steps 20 --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} \
-      --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers 4 --output-dir "$OUT/extend$LEN"
+      --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --no-fuse-pointwise --data-workers 4 \
+      --output-dir "$OUT/extend$LEN"
   fi
   MODEL=$OUT/extend$LEN/model; ROPE=(); mark "extended to $MODEL at $LEN tokens ($BACKEND over $NPROC process(es))"
 done

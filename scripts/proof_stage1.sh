@@ -19,8 +19,8 @@ for s in $GROW; do
     mark "training rows: $DATA"
     "${LAUNCH[@]}" train.py --model "$MODEL" --dataset "$DATA" --seq-length "$LEN" --backend data_parallel \
       --batch-size "$BATCH" --lr "$LR" --warmup-steps 50 --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} \
-      --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --no-gradient-checkpointing --data-workers 4 \
-      --output-dir "$OUT/grow$LEN"
+      --schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --no-gradient-checkpointing --no-fuse-pointwise \
+      --data-workers 4 --output-dir "$OUT/grow$LEN"
   fi
   MODEL=$OUT/grow$LEN/model; mark "trained $MODEL at $LEN tokens"
 done
