@@ -32,7 +32,7 @@ def probe_cpu_once() -> None:
 def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: DeepSpeed's CPU Adam when the DeepSpeed config offloads the
-    optimizer to CPU (ZeRO-Offload needs it), torch's AdamW otherwise."""
+    optimizer to CPU (ZeRO-Offload needs it), torch's AdamW otherwise (its fused kernel on a GPU machine)."""
     params = [p for p in model.parameters() if p.requires_grad]
     zero = (deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if deepspeed_plugin else {})
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
@@ -40,4 +40,7 @@ def build_optimizer(model, deepspeed_plugin, *, lr: float, weight_decay: float,
 
         probe_cpu_once()
         return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+    # on a GPU machine the parameters train on the GPU: the fused kernel is one launch per step and needs none of
+    # the foreach kernels' parameter-sized temporaries
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
+                             fused=torch.cuda.is_available() or None)

@@ -35,6 +35,21 @@ def test_without_offload_it_is_torch_adamw_over_the_trainable_parameters():
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["weight_decay"] == 0.1
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_on_a_gpu_machine_adamw_is_the_fused_kernel(monkeypatch, cuda):
+    # fused: one kernel per step and no parameter-sized temporaries (foreach AdamW's square roots of the second
+    # moments are one); the CPU keeps the foreach kernels the tests were written against
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    opt = build_optimizer(torch.nn.Linear(4, 4), None, lr=1e-3, weight_decay=0.1)
+    assert bool(opt.defaults["fused"]) is cuda
+
+
+def test_the_fused_kernel_takes_the_same_steps():
+    def adamw(fused):
+        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    torch.testing.assert_close(_after_steps(adamw(True)), _after_steps(adamw(False)), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(not os.environ.get("EASY_CONTEXT_TEST_DEEPSPEED"),
                     reason="opt-in (builds DeepSpeed's CPU Adam once, minutes): set EASY_CONTEXT_TEST_DEEPSPEED=1")
 def test_cpu_adam_with_weight_decay_takes_torch_adamws_steps():
