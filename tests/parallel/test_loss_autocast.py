@@ -76,3 +76,34 @@ def test_a_chunks_float32_logits_are_freed_before_its_weight_gradient_product(se
     # with its bf16 copy at once: not two float32 chunks, not a float32 chunk beside the [V, H] product
     held = w.numel() * (4 + 2) + h.numel() * 4
     assert rec.peak <= held + chunk * (4 + 2) + 4096, (rec.peak, held, chunk)  # + a few [n] vectors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])  # DDP (autocast), ZeRO-3 (bf16 weights)
+def test_on_cuda_it_equals_the_reference_and_holds_one_chunk_of_logits(weight_dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden, vocab, chunk = 8192, 512, 32000, 1024
+    h = torch.randn(n, hidden, device="cuda", generator=g, dtype=weight_dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) / hidden ** 0.5).to(weight_dtype).requires_grad_()
+    labels = torch.randint(vocab, (n,), device="cuda", generator=g)
+    labels[:100] = -100
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, labels, chunk_size=chunk, reduction="mean")
+    peak = torch.cuda.max_memory_allocated() - before
+    # kept for backward: the float32 weight gradient and the hidden one; passing: the bf16 weight, one float32
+    # chunk of logits beside its bf16 copy
+    kept = vocab * hidden * 4 + h.numel() * h.element_size()
+    assert peak <= kept + vocab * hidden * 2 + chunk * vocab * (4 + 2) + 2 ** 23, (peak, kept)
+    loss.backward()
+    ref = [t.detach().clone().requires_grad_() for t in (h, w)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(*ref)
+    want = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
+    for got, exp in zip((h.grad, w.grad), (ref[0].grad, ref[1].grad)):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-3)
