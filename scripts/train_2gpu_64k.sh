@@ -15,7 +15,7 @@ STEPS=${STEPS:-200}
 # use CONFIG=accelerate_configs/zero3_offload.yaml.
 CONFIG=${CONFIG:-accelerate_configs/zero3.yaml}
 # The fastest measured settings (7B shape, 128K, 2x H200; docs/performance.md): keeping attention outputs
-# through the recompute (+16 GiB) and fusing the pointwise ops. SPEED= turns them off.
+# through the recompute (+16 GiB) and fusing the pointwise ops. SPEED=--no-fuse-pointwise turns both off.
 SPEED=${SPEED---keep-attention --fuse-pointwise}
 run() {  # name, init, seq, theta
   [ -d "$OUT/$1/model" ] && { echo "stage $1 done"; return; }
