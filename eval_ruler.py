@@ -41,10 +41,10 @@ import os
 from easy_context.train.config import HelpFormatter, quiet_on_other_ranks
 from easy_context.train.distributed import finish, init_distributed
 from easy_context.hf.models import load_config, load_tokenizer
+from easy_context.eval.decode import SCORINGS
 from easy_context.eval.lengths import add_length_args, check_lengths, int_at_least, length_sweep
 from easy_context.eval.model import add_eval_model_args, eval_dtype, load_eval_model
 from easy_context.eval.needle import TEMPLATES, add_haystack_args, depth_sweep, haystack_tokens
-from easy_context.eval.decode import SCORINGS
 from easy_context.eval.ruler import (SuiteResults, comparison, output_stem, run_name, score_sample, summary, sweep,
                                      write_comparison, write_summary, write_task_heatmaps)
 from easy_context.eval.tasks import TASKS, build_tasks

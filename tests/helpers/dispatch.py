@@ -10,6 +10,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")  # the aten ops a matrix product dispatches to
+
+
 class Op(NamedTuple):
     name: str
     dtypes: tuple[torch.dtype, ...]  # of its tensor inputs

@@ -9,14 +9,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.helpers.distributed import run_distributed
-from tests.helpers.dispatch import OpCounter
+from tests.helpers.dispatch import MATMULS, OpCounter
 from easy_context.attention.layouts import shard
 from easy_context.parallel.loss import chunked_cross_entropy, sequence_parallel_cross_entropy
 from tests.helpers.memory import LargestAllocation
 from tests.helpers.reference import rel_err
-
-
-MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
 
 
 def _problem(seed, n, h, v, dtype=torch.float64, bias=False):

@@ -8,11 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from easy_context.parallel.loss import chunked_cross_entropy
-from tests.helpers.dispatch import OpCounter
+from tests.helpers.dispatch import MATMULS, OpCounter
 from tests.helpers.memory import LivePeak
-
-MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
-
 
 def _inputs(seed: int, n: int = 96, hidden: int = 48, vocab: int = 200):
     g = torch.Generator().manual_seed(seed)
@@ -36,19 +33,26 @@ def test_every_matmul_runs_in_the_autocast_dtype_gradients_included(seed, reduct
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
 
 
+def _bf16_linear_reference(h, w, labels) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The plain reference: F.linear under bf16 autocast, then float32 cross entropy; (loss, [d h, d w])."""
+    ref = [t.detach().clone().requires_grad_() for t in (h, w)]
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        logits = F.linear(*ref)
+    want = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    want.backward()
+    return want, [t.grad for t in ref]
+
+
 def test_under_autocast_it_equals_a_bf16_linear_and_float32_cross_entropy(seed):
     h, w, labels = _inputs(seed)
     mine = [t.clone().requires_grad_() for t in (h, w)]
-    ref = [t.clone().requires_grad_() for t in (h, w)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = chunked_cross_entropy(*mine, labels, chunk_size=32, reduction="mean")
-        logits = F.linear(*ref)
-    want = F.cross_entropy(logits.float(), labels, ignore_index=-100)
     loss.backward()
-    want.backward()
+    want, grads = _bf16_linear_reference(h, w, labels)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # same bf16 logits, float32 softmax
-    for got, exp in zip(mine, ref):  # bf16 products and sums in another order: bf16 rounding
-        torch.testing.assert_close(got.grad, exp.grad, rtol=2e-2, atol=2e-3)
+    for got, exp in zip(mine, grads):  # bf16 products and sums in another order: bf16 rounding
+        torch.testing.assert_close(got.grad, exp, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -99,11 +103,7 @@ def test_on_cuda_it_equals_the_reference_and_holds_one_chunk_of_logits(weight_dt
     kept = vocab * hidden * 4 + h.numel() * h.element_size()
     assert peak <= kept + vocab * hidden * 2 + chunk * vocab * (4 + 2) + 2 ** 23, (peak, kept)
     loss.backward()
-    ref = [t.detach().clone().requires_grad_() for t in (h, w)]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = torch.nn.functional.linear(*ref)
-    want = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
-    want.backward()
+    want, grads = _bf16_linear_reference(h, w, labels)
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
-    for got, exp in zip((h.grad, w.grad), (ref[0].grad, ref[1].grad)):
+    for got, exp in zip((h.grad, w.grad), grads):
         torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-3)
