@@ -18,6 +18,8 @@ hidden size, S sequence length; the same formula for every system, recomputation
 (the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
 each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
 ``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
+``--profile`` runs one step more per row under torch.profiler (kept out of the figures) and prints where each
+system's step goes by kind of kernel (attention, matmul, optimizer, other...): what to close against a peer.
 ``--gpus P`` runs every row on P processes (torchrun for the peers, accelerate for this recipe), one sequence
 split over them: ``alst`` is ALST at sp=P (DeepSpeed's Ulysses), ``torch_cp`` PyTorch's context parallel over a
 mesh of P (``--cp-rotate``: allgather or alltoall); ``hf`` and ``hf_liger`` have no sequence parallelism (data
@@ -35,12 +37,14 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, run as run_train
 from peer_cp import ROTATE, cp_unavailable
+from profile_step import profile_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {"hf": [], "hf_liger": ["liger_kernel"], "alst": ["liger_kernel", "deepspeed", "arctic_training"],
@@ -70,8 +74,9 @@ def missing(system: str, gpus: int = 1) -> str | None:
 
 
 def median_figures(records: list[dict], warmup: int) -> dict | None:
-    """Median step time, tokens/s and the peaks over the timed records (None when none were timed)."""
-    timed = records[warmup:]
+    """Median step time, tokens/s and the peaks over the timed records: after the ``warmup`` first, not a
+    profiled one (None when none were timed)."""
+    timed = [r for r in records[warmup:] if not r.get("profiled")]
     if not timed:
         return None
     return {"step_s": statistics.median(r["step_s"] for r in timed),
@@ -82,12 +87,15 @@ def median_figures(records: list[dict], warmup: int) -> dict | None:
 
 
 def peer_command(system: str, model: str, seq: int, steps: int, offload: str, gpus: int = 1,
-                 rotate: str = "allgather") -> list[str]:
-    """The peer_step.py command line of ``system``: one process, or torchrun of ``gpus`` processes."""
+                 rotate: str = "allgather", profile: str | None = None) -> list[str]:
+    """The peer_step.py command line of ``system``: one process, or torchrun of ``gpus`` processes; with
+    ``profile`` (a JSON path) one step more, profiled."""
     launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  "--nproc_per_node", str(gpus)]
     cmd = [*launch, os.path.join(REPO, "benchmarks", "peer_step.py"), "--system", system, "--model", model,
-           "--seq-length", str(seq), "--steps", str(steps)]
+           "--seq-length", str(seq), "--steps", str(steps + bool(profile))]
+    if profile:
+        cmd += ["--profile", profile]
     if system == "alst":
         cmd += ["--offload", offload] + (["--activation-offload"] if seq >= 65536 else [])
     if system == "torch_cp":
@@ -96,9 +104,10 @@ def peer_command(system: str, model: str, seq: int, steps: int, offload: str, gp
 
 
 def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeout: float, gpus: int = 1,
-             rotate: str = "allgather") -> dict:
-    """One peer_step.py launch: {"ok", "records", "tail", "cmd"}."""
-    cmd = peer_command(system, model, seq, steps, offload, gpus, rotate)
+             rotate: str = "allgather", profile: bool = False) -> dict:
+    """One peer_step.py launch: {"ok", "records", "tail", "cmd", "profile" (its last step's, or None)}."""
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_peers_"), "profile.json") if profile else None
+    cmd = peer_command(system, model, seq, steps, offload, gpus, rotate, path)
     # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
     try:
@@ -107,16 +116,24 @@ def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeou
     except subprocess.TimeoutExpired as e:
         out, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
     records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]
-    return {"ok": ok and bool(records), "records": records, "tail": error_tail(out), "cmd": " ".join(cmd)}
+    prof = json.load(open(path)) if path and os.path.exists(path) else None
+    return {"ok": ok and bool(records), "records": records, "tail": error_tail(out), "cmd": " ".join(cmd),
+            "profile": prof}
 
 
-def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: float, extra: list[str]) -> dict:
-    """train.py under this recipe's ``system`` config: {"ok", "records", "tail", "cmd"}."""
+def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: float, extra: list[str],
+             profile: bool = False) -> dict:
+    """train.py under this recipe's ``system`` config: {"ok", "records", "tail", "cmd", "profile"}; with
+    ``profile`` one step more, profiled (benchmarks/profile_step.py), its record marked profiled."""
     config, flags = OURS[system]
     if not torch.cuda.is_available():
         flags = [*flags, "--kernel", "reference"] if "--kernel" not in flags else flags
-    r = run_train(gpus, config, model, seq, "zigzag_ring", steps, [*flags, *extra], timeout)
-    return {"ok": r["ok"] and bool(r["records"]), "records": r["records"], "tail": r["tail"], "cmd": r["cmd"]}
+    total = steps + profile
+    r = run_train(gpus, config, model, seq, "zigzag_ring", total, [*flags, *extra], timeout,
+                  profile_step=total if profile else 0)
+    records = [{**x, "profiled": True} if profile and x["step"] == total else x for x in r["records"]]
+    return {"ok": r["ok"] and bool(records), "records": records, "tail": r["tail"], "cmd": r["cmd"],
+            "profile": r["profile"]}
 
 
 def failure_line(error: str) -> str:
@@ -132,10 +149,11 @@ def measure(system: str, args, seq: int) -> dict:
     if why:
         return {**row, "skipped": why}
     started = time.time()
-    r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout, args.gpus, args.cp_rotate)
+    r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout, args.gpus, args.cp_rotate,
+                  args.profile)
          if system in PEERS
-         else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split()))
-    row.update(cmd=r["cmd"], wall_s=time.time() - started)
+         else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split(), args.profile))
+    row.update(cmd=r["cmd"], wall_s=time.time() - started, **({"profile": r["profile"]} if r["profile"] else {}))
     figures = median_figures(r["records"], args.warmup) if r["ok"] else None
     if figures is None:
         return {**row, "error": error_tail(r["tail"], 1500)}
@@ -203,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra", default="", help="more train.py flags for this recipe's rows")
     p.add_argument("--longest", default="", help="START,MAX: per system, double the length from START up to MAX "
                    "until a run fails; the last that completed is its longest")
+    p.add_argument("--profile", action="store_true", help="one more step per row, profiled: where each system's "
+                   "step time goes by kind of kernel (printed after the table; in the JSON rows)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", default=None, help="write the rows here (the table goes to stdout)")
     args = p.parse_args(argv)
@@ -222,11 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     for seq in map(int, args.seqlens.split(",")):
         for system in args.systems.split(","):
             rows.append(measure(system, args, seq))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cmd", "error")}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cmd", "error", "profile")}), flush=True)
     add_ratios(rows)
     longest_rows = [longest(s, args) for s in args.systems.split(",")] if args.longest else []
     print(f"\n{args.model}, {args.gpus} GPU(s), {args.steps} steps ({args.warmup} untimed), MFU over "
           f"{PEAK / 1e12:.0f} TFLOP/s\n" + table(rows, longest_rows))
+    for r in rows:
+        if "profile" in r:
+            print("\n" + "\n".join(profile_lines(f"{r['system']} at {r['seq']}", r["profile"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "gpus": args.gpus, "peak_flops": PEAK, "rows": rows,

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from profile_step import profile_lines
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK = 989e12
 
@@ -149,17 +151,7 @@ def main() -> None:
               f"{r['peak_gpu_gib']:.1f} | {r['host_rss_gib']:.1f} |" if "mfu" in r else f"{head} failed | | | | |")
     for r in rows:
         if r["profile"]:
-            prof = r["profile"]
-            print(f"\nprofile of step {prof['step']} (rank 0), {r['backend']} {r['variant'] or '-'}: wall "
-                  f"{prof['wall_s']:.2f} s, no compute kernel running {prof['no_compute_s']:.2f} s")
-            for k, v in prof["kinds"].items():
-                print(f"  {k:10s} {v['union_s']:8.2f} s (kernels summed {v['sum_s']:.2f} s, {v['count']} calls)")
-            print("  top kernels (summed s, calls, kind, name):")
-            for t in prof.get("top_kernels", []):
-                print(f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}")
-            print("  top aten ops by self GPU time (s, calls, op, input shapes):")
-            for t in prof.get("top_ops", []):
-                print(f"    {t['self_s']:7.3f} {t['count']:6d} {t['op']} {t['shapes']}")
+            print("\n" + "\n".join(profile_lines(f"rank 0, {r['backend']} {r['variant'] or '-'}", r["profile"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceiling_flops": ceiling, "peak": PEAK, "rows": rows}, f, indent=1)

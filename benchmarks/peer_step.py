@@ -41,10 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (differentiable all_gather of sp_loss)
 import torch.nn.functional as F
+import torch.profiler
 
 from easy_context.hf import models
 from easy_context.memory.offload import check_zero_offload_host
 from peer_cp import ROTATE, build_torch_cp
+from profile_step import profile_record
 
 SYSTEMS = ("hf", "hf_liger", "alst", "torch_cp")
 PREFIX = "PEER_STEP "
@@ -234,6 +236,14 @@ def largest(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def profiler() -> torch.profiler.profile:
+    """A torch.profiler over the CPU and, where there is one, the GPU, recording input shapes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities, record_shapes=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", choices=SYSTEMS, required=True)
@@ -244,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--activation-offload", action="store_true", help="alst: checkpointed activations to the CPU")
     p.add_argument("--rotate", choices=ROTATE, default="allgather", help="torch_cp: set_rotate_method's method")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, help="profile the last step with torch.profiler and write its "
+                   "kernel summary here (profile_step.py's record; rank 0); that step's record says profiled")
     args = p.parse_args(argv)
     if not models.is_shape(args.model):
         raise SystemExit(f"--model must be a named shape (random init, no download); got {args.model!r}")
@@ -270,18 +282,27 @@ def main(argv: list[str] | None = None) -> None:
     batches = batches or full_sequences(config.vocab_size, args.seq_length, args.seed, device)
     for i in range(1, args.steps + 1):
         batch = next(batches)
+        profiled = bool(args.profile) and i == args.steps
+        prof = profiler() if profiled else None
         if cuda:
             torch.cuda.synchronize()
+        if prof is not None:
+            prof.start()
         start = time.perf_counter()
         loss = step(batch)
         if cuda:
             torch.cuda.synchronize()
         took = time.perf_counter() - start
+        if prof is not None:
+            prof.stop()
+            if rank == 0:
+                with open(args.profile, "w") as f:
+                    json.dump(profile_record(prof, i, took), f, indent=1)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         took, peak, host = largest([took, peak, host], device)
         record = dict(step=i, step_s=took, tokens_per_s=args.seq_length / took, peak_gpu_gib=peak,
-                      host_peak_gib=host, loss=loss)
+                      host_peak_gib=host, loss=loss, **({"profiled": True} if profiled else {}))
         if rank == 0:
             print(PREFIX + json.dumps(record), flush=True)
 

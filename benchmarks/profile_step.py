@@ -112,6 +112,28 @@ def top_op_stacks(prof, ops: tuple[str, ...] = ("aten::copy_", "aten::add", "ate
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 
 
+def profile_record(prof, step: int, wall_s: float, stacks: bool = False) -> dict:
+    """What a profiled step writes: its number, ``summarize``'s figures, the top kernels and aten ops (and, with
+    ``stacks``, the op stacks) of a stopped torch.profiler ``prof``."""
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type != torch.autograd.DeviceType.CPU]
+    return {"step": step, **summarize(kernels, wall_s), "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof),
+            **({"op_stacks": top_op_stacks(prof)} if stacks else {})}
+
+
+def profile_lines(title: str, profile: dict) -> list[str]:
+    """A profile record as report lines: the wall time, each kind's time, the top kernels and aten ops."""
+    lines = [f"profile of step {profile['step']}, {title}: wall {profile['wall_s']:.3f} s, no compute kernel "
+             f"running {profile['no_compute_s']:.3f} s"]
+    for k, v in profile["kinds"].items():
+        lines.append(f"  {k:10s} {v['union_s']:8.3f} s (kernels summed {v['sum_s']:.3f} s, {v['count']} calls)")
+    lines.append("  top kernels (summed s, calls, kind, name):")
+    lines += [f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}" for t in profile.get("top_kernels", [])]
+    lines.append("  top aten ops by self GPU time (s, calls, op, input shapes):")
+    lines += [f"    {t['self_s']:7.3f} {t['count']:6d} {t['op']} {t['shapes']}" for t in profile.get("top_ops", [])]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int, required=True, help="optimizer step to profile (1-based; use the last)")
@@ -150,14 +172,10 @@ def main() -> None:
             sync()
             wall = time.perf_counter() - started[0]
             prof.stop()
-            kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type != torch.autograd.DeviceType.CPU]
             rank = int(os.environ.get("RANK", "0"))
             root, ext = os.path.splitext(args.out)
             with open(f"{root}.rank{rank}{ext or '.json'}", "w") as f:
-                json.dump({"step": args.step, "rank": rank, **summarize(kernels, wall),
-                           "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof),
-                           **({"op_stacks": top_op_stacks(prof)} if args.stacks else {})}, f, indent=1)
+                json.dump({**profile_record(prof, args.step, wall, args.stacks), "rank": rank}, f, indent=1)
         return write(self, record)
 
     torch.nn.modules.module.register_module_forward_pre_hook(on_forward)

@@ -206,3 +206,22 @@ def test_a_failed_row_names_the_error_however_long_the_traceback_after_it():
                                   "state to this machine's host\n" + launcher)
     row = {"system": "alst", "seq": 131072, "gpus": 1, "error": bench_train.error_tail(tail, 1500)}
     assert "| alst | 131072 | failed: ValueError: the DeepSpeed config offloads 8.03B" in bench_peers.table([row], [])
+
+
+def test_profile_adds_one_profiled_step_per_row_kept_out_of_the_figures(tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--model", TINY, "--seqlens", "32", "--steps", "2", "--systems", "hf,ours_ddp", "--profile",
+                      "--timeout", "300", "--json", str(out)])
+    rows = json.load(open(out))["rows"]
+    assert [r["system"] for r in rows] == ["hf", "ours_ddp"]
+    for r in rows:
+        assert r["steps_timed"] == 1, r  # step 2 timed; step 3 profiled, not timed
+        assert r["profile"]["step"] == 3 and r["profile"]["wall_s"] > 0 and "kinds" in r["profile"]
+    printed = capsys.readouterr().out
+    assert "profile of step 3, hf at 32" in printed and "profile of step 3, ours_ddp at 32" in printed
+
+
+def test_a_profiled_record_is_never_timed():
+    records = [{"step_s": s, "tokens_per_s": 10 / s, "peak_gpu_gib": 1.0, "host_peak_gib": 1.0} for s in (9, 2, 4)]
+    records[-1]["profiled"] = True
+    assert bench_peers.median_figures(records, warmup=1)["step_s"] == 2
