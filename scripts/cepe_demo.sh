@@ -12,7 +12,8 @@
 # question in the window) instead of DATA.
 # Every setting below can be overridden from the environment. A stage whose model is already in $OUT is skipped.
 # Measured: the CPU defaults run end to end in about a minute (2 cores; the numbers mean nothing at that size). On
-# one H200, with stage caps DECODER=128:1700:1.8 WARMUP=64:600:1.0 MAIN=16:2000:3.3, 7.9 minutes: docs/cepe.md.
+# one H200, with stage caps DECODER=128:1700:1.8 WARMUP=64:600:1.0 MAIN=16:2000:3.3 and the earlier rates
+# (WARM_DATA=tiny:answers+0.05 WARM_LR=5e-4 MAIN_LR=3e-4), 7.9 minutes: docs/cepe.md.
 # Outputs: $OUT/eval/ppl.{csv,png}, $OUT/eval/needle*.png, needle.{json,csv}, and $OUT/timings.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   NPROC=${NPROC:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
   PRESET=${PRESET:-small} WORKERS=${WORKERS:-4}
   DECODER=${DECODER:-"128:1700"}            # BATCH:STEPS[:MINUTES] of the decoder at WINDOW tokens (so the others)
-  WARMUP=${WARMUP:-"64:600"} MAIN=${MAIN:-"16:2000"} CONTEXT_CHUNKS=${CONTEXT_CHUNKS:-16}
+  WARMUP=${WARMUP:-"64:3000"} MAIN=${MAIN:-"16:2000"} CONTEXT_CHUNKS=${CONTEXT_CHUNKS:-16}
   ENCODER=${ENCODER:-"--encoder-layers 4"}
   CONTEXTS=${CONTEXTS:-"0 256 512 1024 2048 4096"} NEEDLE_CONTEXTS=${NEEDLE_CONTEXTS:-"256 512 1024 2048 4096"}
   DEPTH_STEP=${DEPTH_STEP:-10} SAMPLES=${SAMPLES:-32} NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-4}
@@ -39,6 +40,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / 
 OUT=${OUT:-output/cepe_demo}
 # Loss on every answer and 5% of the other tokens (the answers are the signal; the rest keeps the prose).
 DATA=${DATA:-tiny:answers+0.05}
+# The warmup teaches the cross-attention to copy from the encoder's memory, which holds the window itself: so every
+# token is a target (loss on all), at a higher rate than the main stage. With DATA's loss and 5e-4 the warmup loss
+# stayed at the frozen decoder's own and the main stage never learned to retrieve (docs/cepe.md).
+WARM_DATA=${WARM_DATA:-tiny} WARM_LR=${WARM_LR:-2e-3} MAIN_LR=${MAIN_LR:-1e-3}
 LAUNCH=(accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes "$NPROC")
 COMMON=(--schedule cosine --min-lr-ratio 0.1 --weight-decay 0.0 --data-workers "$WORKERS")
 mkdir -p "$OUT"
@@ -57,8 +62,8 @@ mark "decoder trained at $WINDOW tokens: $OUT/decoder/model"
 IFS=: read -r BATCH STEPS MINUTES <<< "$WARMUP"
 # shellcheck disable=SC2086  # ENCODER holds several flags
 [ -d "$OUT/warmup/model" ] || "${LAUNCH[@]}" train_cepe.py --model "$OUT/decoder/model" $ENCODER --stage warmup \
-  --window "$WINDOW" --chunk-size "$WARM_CHUNK" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS" \
-  ${MINUTES:+--time-limit "$MINUTES"} --dataset "$DATA" "${COMMON[@]}" --output-dir "$OUT/warmup"
+  --window "$WINDOW" --chunk-size "$WARM_CHUNK" --batch-size "$BATCH" --lr "$WARM_LR" --warmup-steps 50 --max-steps "$STEPS" \
+  ${MINUTES:+--time-limit "$MINUTES"} --dataset "$WARM_DATA" "${COMMON[@]}" --output-dir "$OUT/warmup"
 mark "CEPE warmup stage (the encoder reads the window itself): $OUT/warmup/model"
 
 IFS=: read -r BATCH STEPS MINUTES <<< "$MAIN"
@@ -73,7 +78,7 @@ write_mixture('$ROWS', '$OUT/decoder/model', $ROW_LEN, $(( BATCH * STEPS * NPROC
   MAIN_DATA=(--dataset "$ROWS")
 fi
 [ -d "$OUT/main/model" ] || "${LAUNCH[@]}" train_cepe.py --cepe "$OUT/warmup/model" --stage main --window "$WINDOW" \
-  --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --batch-size "$BATCH" --lr 3e-4 --warmup-steps 20 \
+  --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --batch-size "$BATCH" --lr "$MAIN_LR" --warmup-steps 20 \
   --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" "${MAIN_DATA[@]}" --output-dir "$OUT/main"
 mark "CEPE main stage ($CONTEXT_CHUNKS x $CHUNK context tokens + $WINDOW window): $OUT/main/model"
 
