@@ -32,7 +32,7 @@ import easy_context as ec
 from easy_context.cepe import config as cepe_config, data as cepe_data
 from easy_context.cepe.distill import window_topk
 from easy_context.cepe.io import load_cepe, read_cepe_config, save_cepe
-from easy_context.cepe.loss import CEPEWithLoss
+from easy_context.cepe.loss import CEPEWithLoss, describe_gain, memory_gain
 from easy_context.cepe.model import build_cepe
 from easy_context.cepe.train_config import CEPETrainConfig, cepe_config as flags_config, parse_cepe_config
 from easy_context.hf import models
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                      tokens_per_step=cfg.batch_size * row_len * cfg.grad_accum * groups.dp_size,
                      max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, time_limit=cfg.time_limit,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
+    inputs = None
     for epoch, row, (ids, labels, *_) in data.batches(dataset, sampler, cfg.batch_size, row_len, cfg.data_workers):
         if loop.done():
             break
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
             break  # a non-finite loss on some rank: no rank took its backward (nor step)
         loop.end_micro(lr, epoch, row)
     loop.end()
+    if inputs is not None:  # does the memory help yet? (a warmup that never leaves the decoder's loss has not)
+        gain = memory_gain(wrapped, inputs)
+        if accelerator.is_main_process:
+            print(describe_gain(cfg.stage, *gain))
     final = None
     if not cfg.no_save:
         weights = accelerator.get_state_dict(wrapped)  # every rank must call it under ZeRO-3

@@ -24,8 +24,9 @@ Tensor = torch.Tensor
 
 class CEPEWithLoss(torch.nn.Module):
     """forward(input_ids, target_ids, position_ids, chunk_ids, chunk_mask=None, teacher_probs=None,
-    teacher_ids=None) -> (loss, loss value, number of target tokens) of ``model`` (module doc); ``group``: the SP
-    group or None (each rank trains whole windows and holds all of their chunks)."""
+    teacher_ids=None) -> (loss, loss value, number of target tokens) of ``model`` (module doc); chunk_ids None: the
+    decoder alone, with no memory. ``group``: the SP group or None (each rank trains whole windows and holds all of
+    their chunks)."""
 
     def __init__(self, model: CEPEModel, *, group=None, kernel: str | None = None, grad_reduction: str = "mean",
                  chunk_size: int = DEFAULT_CHUNK, lm_coef: float = 1.0, kl_coef: float = 0.0, kl_rest: str = "bucket"):
@@ -43,11 +44,12 @@ class CEPEWithLoss(torch.nn.Module):
             return
         register_external_parameter(self, model.head().weight)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None, chunk_ids: Tensor,
+    def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None, chunk_ids: Tensor | None,
                 chunk_mask: Tensor | None = None, teacher_probs: Tensor | None = None,
                 teacher_ids: Tensor | None = None):
         queries = "replicated" if self.group is None else "sharded"
-        memory = self.model.encode(chunk_ids, chunk_mask, group=self.group, queries=queries, kernel=self.kernel)
+        memory = None if chunk_ids is None else self.model.encode(chunk_ids, chunk_mask, group=self.group,
+                                                                  queries=queries, kernel=self.kernel)
         hidden = self.model(input_ids, position_ids, memory)
         weight = self.model.head().weight
         if weight.numel() == 0:
@@ -71,3 +73,25 @@ class CEPEWithLoss(torch.nn.Module):
                                   self.grad_reduction)
             loss, value = loss + self.kl_coef * part.loss, value + self.kl_coef * part.value
         return loss, value, torch.tensor(lm.num_tokens, device=loss.device)
+
+
+@torch.no_grad()
+def memory_gain(loss_module: torch.nn.Module, inputs: tuple) -> tuple[float, float]:
+    """(loss value with the encoder's memory, without it: the decoder alone) of one batch of ``CEPEWithLoss``
+    arguments (``data.rank_inputs``' order), through ``loss_module`` (a CEPEWithLoss, or the engine wrapping it)."""
+    with_memory = loss_module(*inputs)[1]
+    alone = loss_module(*inputs[:3], None, None, *inputs[5:])[1]
+    return float(with_memory), float(alone)
+
+
+def describe_gain(stage: str, with_memory: float, alone: float) -> str:
+    """``memory_gain``'s figures as a line for the console, saying what to do when the memory does not help (its
+    loss not at least 1% below the decoder's alone)."""
+    line = f"the encoder's memory on the last batch: loss {with_memory:.4f}, the decoder alone {alone:.4f}"
+    if with_memory < alone - 0.01 * abs(alone):
+        return line
+    if stage == "warmup":
+        return (f"{line}. The cross-attention has not learned to copy from the memory yet: train the warmup longer "
+                "or at a higher --lr (with the loss on every token) before the main stage")
+    return (f"{line}. The context does not help yet: train longer, or check that the data's evidence lies in the "
+            "context chunks, before the window")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -38,10 +39,15 @@ def decoder(world):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, decoder):
+def trained(tmp_path_factory, decoder):
+    """(output directory, console output) of a short main-stage run."""
     out = str(tmp_path_factory.mktemp("cepe") / "run")
-    train_cepe(out, "--model", decoder, "--save-decoder", *ARGS)
-    return out
+    return out, train_cepe(out, "--model", decoder, "--save-decoder", *ARGS).stdout
+
+
+@pytest.fixture(scope="module")
+def run(trained):
+    return trained[0]
 
 
 def test_training_saves_a_cepe_model_and_leaves_the_decoder_bit_identical(run, decoder):
@@ -57,6 +63,12 @@ def test_training_saves_a_cepe_model_and_leaves_the_decoder_bit_identical(run, d
         assert torch.equal(saved[name], weight), f"decoder weight {name} changed in training"
     with open(os.path.join(run, "model", "cepe_config.json")) as f:
         assert json.load(f)["decoder"] == "."
+
+
+def test_it_says_what_the_memory_gains_on_its_last_batch(trained):
+    line = next(x for x in trained[1].splitlines() if x.startswith("the encoder's memory on the last batch"))
+    with_memory, alone = (float(x) for x in re.findall(r"\d+\.\d{4}", line)[:2])
+    assert math.isfinite(with_memory) and math.isfinite(alone) and with_memory != alone
 
 
 def test_a_resumed_run_continues_with_the_same_losses(run, decoder, tmp_path):
