@@ -67,6 +67,17 @@ def pieces(blocks: list[Block], bounds: Bounds | None, layout: str, rank: int, s
     return [p for b in blocks for p in block_pieces(bounds, q_spans, k_spans, b.q, b.k, b.causal)]
 
 
+def whole_block(schedule: Schedule, world: int, seq: int, causal: bool, bounds: Bounds | None) -> Piece | None:
+    """The single kernel call of a group of one rank without documents (None otherwise): no transfer to overlap
+    and nothing to merge, so the kernel's own results are the ring's."""
+    if world > 1 or bounds is not None:
+        return None
+    blocks = schedule(0, 0, 1, seq, causal)
+    if len(blocks) != 1 or blocks[0].q != ALL or blocks[0].k != ALL:
+        return None
+    return Piece(ALL, ALL, blocks[0].causal)
+
+
 def piece_forward(kernel: AttentionKernel, q: Tensor, k: Tensor, v: Tensor, p: Piece,
                   scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) of one piece: rows ``p.q`` of q against rows ``p.k`` of k/v, by documents when it has them."""
@@ -121,6 +132,10 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, gr
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, bounds: Bounds | None, causal: bool, scale: float, group,
                   kernel: AttentionKernel, schedule: Schedule, layout: str) -> tuple[Tensor, Tensor]:
     rank, world = rank_and_size(group)
+    whole = whole_block(schedule, world, q.shape[2], causal, bounds)
+    if whole is not None:
+        out, lse = piece_forward(kernel, q, k, v, whole, scale)
+        return (out if out.stride() == q.stride() else torch.empty_like(q).copy_(out)), lse  # q's order: see below
     comm = RingComm(group) if world > 1 else None
     acc = accumulation_dtype(q.dtype)
     # Strided like q: HF hands q as a [B, S, H, D] buffer viewed [B, H, S, D], so the output comes back in
@@ -173,7 +188,7 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """dq, dk, dv of the local shards, given the final local out and lse (a ring per head group, as forward).
 
     The local block is split around the ring (``split_local_blocks``) so that both the first K/V hop
-    and the last dk/dv hop overlap compute. The float32 dk/dv accumulator of rank j's K/V starts at
+    and the last dk/dv hop overlap compute; a group of one rank makes one kernel call (``whole_block``). The float32 dk/dv accumulator of rank j's K/V starts at
     rank j+1 and reaches j after P-1 hops, where j adds its own local part.
     """
     return by_rows_and_heads_backward(_ring_backward, dout, q, k, v, out, lse, documents, causal, scale, group,
@@ -184,8 +199,11 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    causal: bool, scale: float, group, kernel: AttentionKernel, schedule: Schedule,
                    layout: str) -> tuple[Tensor, Tensor, Tensor]:
     rank, world = rank_and_size(group)
-    acc = accumulation_dtype(q.dtype)
     seq = q.shape[2]
+    whole = whole_block(schedule, world, seq, causal, bounds)
+    if whole is not None:
+        return piece_backward(kernel, dout, q, k, v, out, lse, whole, scale)
+    acc = accumulation_dtype(q.dtype)
     dq, dk, dv = RowSum(q, acc), RowSum(k, acc), RowSum(v, acc)
     early, late = (pieces(part, bounds, layout, rank, rank, world)
                    for part in split_local_blocks(schedule(0, rank, world, seq, causal), seq))

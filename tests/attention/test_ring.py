@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from tests.helpers.distributed import run_distributed
 from easy_context import ring_attention, zigzag_ring_attention
+from easy_context.attention.kernels import ReferenceKernel
 from tests.helpers.reference import check_against_full
 
 BACKENDS = {"contiguous": ring_attention, "zigzag": zigzag_ring_attention}
@@ -161,3 +162,32 @@ def _gpu_worker(rank, world, seed, results):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_matches_full_attention_nccl_bf16(seed):
     run_distributed(_gpu_worker, 2, seed, None, backend="nccl")
+
+
+@pytest.mark.parametrize("attn", [ring_attention, zigzag_ring_attention])
+def test_one_rank_makes_one_kernel_call_each_way_and_returns_its_results_as_they_are(attn, seed):
+    # With no other rank there is no transfer to overlap: the local causal block is not split in backward, and
+    # nothing goes through float32 buffers (the kernel's out and gradients are the results, bit for bit).
+    calls = []
+
+    class Counting(ReferenceKernel):
+        def forward(self, *args):
+            calls.append("forward")
+            return super().forward(*args)
+
+        def backward(self, *args):
+            calls.append("backward")
+            return super().backward(*args)
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, 12, 16, generator=g, dtype=torch.float32) for h in (4, 2, 2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attn(*leaves, causal=True, kernel=Counting(), return_lse=True)
+    dout = torch.randn(out.shape, generator=g)
+    out.backward(dout)
+    assert calls == ["forward", "backward"]
+    want_out, want_lse = ReferenceKernel().forward(q, k, v, True, 16 ** -0.5)
+    want = ReferenceKernel().backward(dout, q, k, v, want_out, want_lse, True, 16 ** -0.5)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    for leaf, grad in zip(leaves, want):
+        assert torch.equal(leaf.grad, grad)
