@@ -164,6 +164,13 @@ def test_matches_full_attention_nccl_bf16(seed):
     run_distributed(_gpu_worker, 2, seed, None, backend="nccl")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_gpu_matches_full_attention_bf16(seed):
+    # one rank: each kernel's single call, its output in q's memory order (HF's [B, S, H, D] buffers too)
+    run_distributed(_gpu_worker, 1, seed, None, backend="nccl")
+
+
 @pytest.mark.parametrize("attn", [ring_attention, zigzag_ring_attention])
 def test_one_rank_makes_one_kernel_call_each_way_and_returns_its_results_as_they_are(attn, seed):
     # With no other rank there is no transfer to overlap: the local causal block is not split in backward, and
