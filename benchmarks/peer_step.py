@@ -41,12 +41,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (differentiable all_gather of sp_loss)
 import torch.nn.functional as F
-import torch.profiler
 
 from easy_context.hf import models
 from easy_context.memory.offload import check_zero_offload_host
 from peer_cp import ROTATE, build_torch_cp
-from profile_step import profile_record
+from profile_step import profile_record, step_profiler
 
 SYSTEMS = ("hf", "hf_liger", "alst", "torch_cp")
 PREFIX = "PEER_STEP "
@@ -236,14 +235,6 @@ def largest(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def profiler() -> torch.profiler.profile:
-    """A torch.profiler over the CPU and, where there is one, the GPU, recording input shapes."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities, record_shapes=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", choices=SYSTEMS, required=True)
@@ -283,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(1, args.steps + 1):
         batch = next(batches)
         profiled = bool(args.profile) and i == args.steps
-        prof = profiler() if profiled else None
+        prof = step_profiler() if profiled else None
         if cuda:
             torch.cuda.synchronize()
         if prof is not None:

@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +113,13 @@ def top_op_stacks(prof, ops: tuple[str, ...] = ("aten::copy_", "aten::add", "ate
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 
 
+def step_profiler(stacks: bool = False) -> torch.profiler.profile:
+    """A torch.profiler over the CPU and, where there is one, the GPU, recording input shapes (and, with ``stacks``,
+    Python stacks); started and stopped by the caller around one step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, record_shapes=True, with_stack=stacks)
+
+
 def profile_record(prof, step: int, wall_s: float, stacks: bool = False) -> dict:
     """What a profiled step writes: its number, ``summarize``'s figures, the top kernels and aten ops (and, with
     ``stacks``, the op stacks) of a stopped torch.profiler ``prof``."""
@@ -128,7 +136,8 @@ def profile_lines(title: str, profile: dict) -> list[str]:
     for k, v in profile["kinds"].items():
         lines.append(f"  {k:10s} {v['union_s']:8.3f} s (kernels summed {v['sum_s']:.3f} s, {v['count']} calls)")
     lines.append("  top kernels (summed s, calls, kind, name):")
-    lines += [f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}" for t in profile.get("top_kernels", [])]
+    lines += [f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}"
+              for t in profile.get("top_kernels", [])]
     lines.append("  top aten ops by self GPU time (s, calls, op, input shapes):")
     lines += [f"    {t['self_s']:7.3f} {t['count']:6d} {t['op']} {t['shapes']}" for t in profile.get("top_ops", [])]
     return lines
@@ -144,13 +153,10 @@ def main() -> None:
     args = p.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
 
-    from torch.profiler import ProfilerActivity, profile
-
     from easy_context.hf import causal_lm as hf
     from easy_context.train.run_log import RunLog
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities, record_shapes=True, with_stack=args.stacks)
+    prof = step_profiler(args.stacks)
     forwards, started = [0], [0.0]
 
     def sync() -> None:

@@ -188,8 +188,9 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """dq, dk, dv of the local shards, given the final local out and lse (a ring per head group, as forward).
 
     The local block is split around the ring (``split_local_blocks``) so that both the first K/V hop
-    and the last dk/dv hop overlap compute; a group of one rank makes one kernel call (``whole_block``). The float32 dk/dv accumulator of rank j's K/V starts at
-    rank j+1 and reaches j after P-1 hops, where j adds its own local part.
+    and the last dk/dv hop overlap compute; a group of one rank makes one kernel call (``whole_block``). The
+    float32 dk/dv accumulator of rank j's K/V starts at rank j+1 and reaches j after P-1 hops, where j adds its
+    own local part.
     """
     return by_rows_and_heads_backward(_ring_backward, dout, q, k, v, out, lse, documents, causal, scale, group,
                                       kernel, schedule, layout)

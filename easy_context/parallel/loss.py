@@ -86,10 +86,14 @@ class _Grads:
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         acc = accumulation_dtype(weight.dtype)  # a bf16 running sum over many chunks would lose low-order bits
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        self.wanted = any(needs)
         self.dh = torch.empty_like(hidden) if needs[0] else None
         self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether any gradient is asked for."""
+        return self.dh is not None or self.dw is not None or self.db is not None
 
     def add(self, a: int, h: Tensor, weight: Tensor, g: Tensor, g_sum: Tensor | None) -> None:
         """Rows a.. of the hidden gradient and a chunk's share of the weight and bias gradients, from its rows ``h``

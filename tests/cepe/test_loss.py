@@ -57,8 +57,8 @@ def test_a_zero_initialized_memory_gains_nothing_until_it_trains(seed):
     model = tiny_cepe(seed=seed % 100, dtype=torch.float64, init="zero")
     ids = torch.randint(128, (2, 10), generator=torch.Generator().manual_seed(seed))
     inputs = whole_batch(ids, ids)
-    with_memory, without = memory_gain(CEPEWithLoss(model, chunk_size=4), (inputs.input_ids, inputs.target_ids,
-                                                                           inputs.position_ids, chunks(seed, 2, 3), None))
+    args = (inputs.input_ids, inputs.target_ids, inputs.position_ids, chunks(seed, 2, 3), None)
+    with_memory, without = memory_gain(CEPEWithLoss(model, chunk_size=4), args)
     assert with_memory == pytest.approx(without, rel=1e-12)
 
 
