@@ -1,10 +1,46 @@
-"""The dtype attention and loss accumulate in: float64 for float64 inputs (the exact tests), float32 otherwise."""
+"""The dtype attention and loss accumulate in (float64 for float64 inputs, the exact tests; float32 otherwise), and
+matmuls whose bf16/fp16 products land in that dtype straight from the GEMM where cuBLAS can (CUDA, torch >= 2.8)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+Tensor = torch.Tensor
+# aten's mm/addmm with ``out_dtype`` (bf16 x bf16 -> float32 in the GEMM's epilogue) exist from torch 2.8, on CUDA
+_OUT_DTYPE_MATMUL = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype" in torch.ops.aten.mm.overloads()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for any other (bf16, fp16, fp32): the dtype of running sums and lse."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_out_dtype_gemm(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere on: bf16 GEMMs with float32 output
+
+
+def widens_in_gemm(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a @ b (same bf16/fp16 dtype) can come out of the GEMM as float32 ``dtype`` here, rounded once."""
+    return (_OUT_DTYPE_MATMUL and a.is_cuda and dtype == torch.float32 and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16) and _cuda_out_dtype_gemm(a.device))
+
+
+def wide_product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a [m, k] @ b [k, n] as ``dtype``: straight out of the GEMM where ``widens_in_gemm``, else a @ b (under any
+    autocast in force) then cast."""
+    if widens_in_gemm(a, b, dtype):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+def add_product_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc [m, n] += a [m, k] @ b [k, n] in acc's dtype, added inside the GEMM (no [m, n] temporary) where acc, a
+    and b share a dtype or ``widens_in_gemm``; else a @ b (under any autocast) is added."""
+    if acc.dtype == a.dtype == b.dtype:
+        return acc.addmm_(a, b)
+    if widens_in_gemm(a, b, acc.dtype):
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    return acc.add_(a @ b)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
-from ..attention.precision import accumulation_dtype
+from ..attention.precision import accumulation_dtype, add_product_, wide_product
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK = 1024
@@ -36,8 +36,8 @@ REDUCTIONS = ("sum", "mean", "none")
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor | None]:
     """float32 (float64 for float64 inputs) logits of one chunk, and tanh(raw / softcap) when soft-capped."""
-    z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-    z = z.to(accumulation_dtype(weight.dtype))
+    wide = accumulation_dtype(weight.dtype)
+    z = wide_product(h, weight.t(), wide) if bias is None else torch.addmm(bias, h, weight.t()).to(wide)
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -71,10 +71,13 @@ def _losses_and_logit_grad(h: Tensor, weight: Tensor, bias: Tensor | None, y: Te
     losses = torch.where(keep, total.log() + top.squeeze(1) - picked, 0.0)  # logsumexp - the label's logit
     if not grad:
         return losses, None, None
-    g = e.div_(torch.where(keep, total, torch.inf).unsqueeze(1))  # softmax, 0 on ignored rows
-    g.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -keep.to(g.dtype).unsqueeze(1))  # minus onehot(label)
-    if row_scale is not None:
-        g.mul_(row_scale.unsqueeze(1))
+    # softmax - onehot(label) = (e - total * onehot) / total: the label's -1 is taken in float32, before the division
+    g = e.scatter_add_(1, torch.where(keep, y, 0).unsqueeze(1), -torch.where(keep, total, 0.0).unsqueeze(1))
+    scale = torch.where(keep, total.reciprocal(), 0.0)  # 0 on ignored rows
+    scale = (scale if row_scale is None else scale * row_scale).unsqueeze(1)
+    if t is None and not bias_grad and g.dtype != weight.dtype:  # scaled and cast to the matmul dtype in one pass
+        return losses, torch.mul(g, scale, out=torch.empty_like(g, dtype=weight.dtype)), None
+    g.mul_(scale)
     if t is not None:
         g.mul_(1 - t * t)  # through cap * tanh(raw / cap)
     return losses, g.to(weight.dtype), g.sum(0) if bias_grad else None
@@ -101,7 +104,7 @@ class _Grads:
         if self.dh is not None:
             self.dh[a:a + g.shape[0]] = g @ weight
         if self.dw is not None:
-            self.dw += g.t() @ h  # added in the accumulator's dtype, without a cast copy
+            add_product_(self.dw, g.t(), h)
         if self.db is not None:
             self.db += g_sum
 
@@ -123,6 +126,8 @@ def _chunk_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     """Rows a..a+size: their per-token losses; their gradients (weighted by ``row_scale``) added into ``grads``
     unless it is None. ``weight`` as ``_matmul_weight`` gives it."""
     h, y = hidden[a:a + size], labels[a:a + size]
+    if h.dtype != weight.dtype and torch.is_autocast_enabled(h.device.type):
+        h = h.to(weight.dtype)  # autocast's cast, once for the chunk's three matmuls
     want = grads is not None and grads.wanted
     losses, g, g_sum = _losses_and_logit_grad(h, weight, bias, y, y != ignore_index, softcap, want, row_scale,
                                               bias_grad=want and grads.db is not None)

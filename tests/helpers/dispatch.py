@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")  # the aten ops a matrix product dispatches to
+MATMULS = ("mm", "addmm", "addmm_", "bmm", "matmul", "linear")  # the aten ops a matrix product dispatches to
 
 
 class Op(NamedTuple):

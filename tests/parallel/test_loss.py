@@ -114,6 +114,13 @@ def test_a_training_loss_takes_three_matmuls_per_chunk_all_in_forward(seed):
     assert (fwd.count, bwd.count) == (3 * chunks, 0)
 
 
+def test_each_chunks_weight_gradient_is_added_inside_its_matmul(seed):
+    hidden, weight, _, labels = _problem(seed, 40, 8, 32, dtype=torch.float32)
+    with OpCounter(["add", "add_"]) as rec:
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="mean")
+    assert not [op for op in rec.seen if tuple(weight.shape) in op.shapes], rec.seen  # no [V, H] product to add
+
+
 def test_without_gradients_the_loss_computes_only_the_logits(seed):
     hidden, weight, _, labels = _problem(seed, 40, 8, 32, dtype=torch.float32)
     with OpCounter(MATMULS) as rec, torch.no_grad():

@@ -108,3 +108,18 @@ def test_on_cuda_it_equals_the_reference_and_holds_one_chunk_of_logits(weight_dt
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
     for got, exp in zip((h.grad, w.grad), grads):
         torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8, reason="needs sm80+")
+def test_on_cuda_logits_and_weight_gradient_leave_the_gemm_in_float32():
+    n, hidden, vocab, chunk = 2048, 256, 8192, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) / hidden ** 0.5).requires_grad_()
+    labels = torch.randint(vocab, (n,), device="cuda", generator=g)
+    with OpCounter(["add", "add_", "_to_copy", "copy_"]) as rec, torch.autocast("cuda", dtype=torch.bfloat16):
+        chunked_cross_entropy(h, w, labels, chunk_size=chunk, reduction="mean")
+    # no [V, H] product added to the float32 gradient, no [chunk, V] logits or logit gradient cast on its own
+    assert not [op for op in rec.seen if {(vocab, hidden), (chunk, vocab)} & set(op.shapes)], rec.seen
