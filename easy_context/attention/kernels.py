@@ -78,8 +78,12 @@ class AttentionKernel:
         """``backward`` of ``forward_varlen``."""
         return backward_by_head_groups(self._backward_gqa, dout, q, k, v, out, lse, causal, scale, tuple(cu_seqlens))
 
+    def _native_gqa(self, cu_seqlens: tuple[int, ...] | None) -> bool:
+        """Whether this call takes k/v with fewer heads than q as they are (else they are repeated to q's)."""
+        return self.native_gqa
+
     def _forward_gqa(self, q, k, v, causal, scale, cu_seqlens=None):
-        if not self.native_gqa:
+        if not self._native_gqa(cu_seqlens):
             n_rep = q.shape[1] // k.shape[1]
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         if cu_seqlens is None:
@@ -87,15 +91,15 @@ class AttentionKernel:
         return self._forward_varlen(q, k, v, cu_seqlens, causal, scale)
 
     def _backward_gqa(self, dout, q, k, v, out, lse, causal, scale, cu_seqlens=None):
-        h_kv = k.shape[1]
-        if not self.native_gqa:
+        h_kv, native = k.shape[1], self._native_gqa(cu_seqlens)
+        if not native:
             n_rep = q.shape[1] // h_kv
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         if cu_seqlens is None:
             dq, dk, dv = self._backward(dout, q, k, v, out, lse, causal, scale)
         else:
             dq, dk, dv = self._backward_varlen(dout, q, k, v, out, lse, cu_seqlens, causal, scale)
-        if not self.native_gqa:
+        if not native:
             dk, dv = sum_kv_groups(dk, h_kv), sum_kv_groups(dv, h_kv)
         return dq, dk, dv
 
@@ -309,9 +313,11 @@ def _flash_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: tuple[int
 
 
 class CudnnKernel(AttentionKernel):
-    """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper)."""
+    """cuDNN fused attention through ``aten._scaled_dot_product_cudnn_attention`` (fastest on Hopper); from torch
+    2.8 it takes GQA's k/v heads as they are (each serves its group of q heads, gradients summed in the kernel)."""
 
     name = "cudnn"
+    native_gqa = torch.__version__ >= "2.8"  # dense blocks only: document runs may go to flash's varlen op
 
     def __init__(self):
         self._aux = _CudaAuxCache(lambda t: torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -336,6 +342,9 @@ class CudnnKernel(AttentionKernel):
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, cum_q, cum_k,
             q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+
+    def _native_gqa(self, cu_seqlens) -> bool:
+        return self.native_gqa and cu_seqlens is None
 
     # A document with at least this much work (tokens^2 x heads x head_dim) gets a cuDNN call of its own (about
     # 535 TFLOP/s on an H200, against about 300 for the varlen flash op); runs of smaller ones share one varlen

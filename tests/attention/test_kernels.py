@@ -1,4 +1,5 @@
-"""Block kernels: outputs strided like the query, cuDNN's backward right whatever output layouts come in."""
+"""Block kernels: outputs strided like the query, cuDNN's backward right whatever output layouts come in, GQA's k/v
+heads passed to cuDNN as they are."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from easy_context import zigzag_ring_attention
 from easy_context.attention import kernels
 from easy_context.attention.kernels import get_kernel
+from tests.helpers.dispatch import OpCounter
 
 
 def test_ring_output_is_strided_like_its_query():
@@ -55,3 +57,20 @@ def test_cudnn_backward_right_whatever_output_layouts_come_in_one_process():
         for name, got, want in zip(("dq", "dk", "dv"), kernel.backward(do, q, k, v, o, lse, True, 0.125), r_grads):
             err = ((got.float() - want).norm() / want.norm()).item()
             assert err < 2e-2, f"{name}: relative error {err:.2e} with O strides {o.stride()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_takes_gqa_kv_heads_as_they_are_from_torch_2_8():
+    kernel = get_kernel("cudnn")
+    q, k, v = (torch.randn(1, h, 512, 64, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+    out, lse = kernel.forward(q, k, v, True, 0.125)
+    kernel.backward(out, q, k, v, out, lse, True, 0.125)  # builds the backward's cached state first
+    ops = ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"]
+    with OpCounter(ops) as rec:
+        out, lse = kernel.forward(q, k, v, True, 0.125)
+        dq, dk, dv = kernel.backward(out, q, k, v, out, lse, True, 0.125)
+    kv_heads = 2 if torch.__version__ >= "2.8" else 8  # before 2.8: k/v repeated to q's heads
+    forward, backward = rec.seen
+    assert forward.shapes[1][1] == backward.shapes[2][1] == kv_heads, rec.seen
+    assert dk.shape == k.shape and dv.shape == v.shape
