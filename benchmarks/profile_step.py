@@ -72,11 +72,12 @@ def top_kernels(kernels: list[tuple[str, float, float]], n: int = 30) -> list[di
 
 
 def top_ops(prof, n: int = 30) -> list[dict]:
-    """The ``n`` (aten op, input shapes) pairs with the most self GPU time: which code the kernels came from."""
+    """The ``n`` (aten op, input shapes) pairs with the most self GPU time: which code the kernels came from.
+    Only dispatcher ops ("namespace::name") count: kernels and profiler markers ("Command Buffer Full") do not."""
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
+        if t > 0 and "::" in e.key and " " not in e.key:
             rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "self_s": t / 1e6, "count": e.count})
     return sorted(rows, key=lambda r: -r["self_s"])[:n]
 

@@ -1,6 +1,6 @@
 """benchmarks/profile_step.py: GPU kernels are sorted into kinds by name and their time is counted once."""
 
-
+from types import SimpleNamespace
 
 import profile_step
 
@@ -34,6 +34,18 @@ def test_top_kernels_rank_names_by_summed_time():
 
 def _layout_copy(x):
     return x.transpose(0, 1).contiguous()
+
+
+def test_top_ops_rank_dispatcher_ops_and_leave_out_kernels_and_profiler_markers():
+    def event(key, us, count=1):
+        return SimpleNamespace(key=key, self_device_time_total=us, input_shapes=[[4, 8]], count=count)
+
+    events = [event("Command Buffer Full", 900_000, 90), event("nvjet_sm90_tst_128x256", 500_000),
+              event("void at::native::vectorized_elementwise_kernel<4>", 400_000), event("aten::mm", 300_000, 2),
+              event("aten::add_", 200_000), event("aten::view", 0)]
+    prof = SimpleNamespace(key_averages=lambda group_by_input_shape: events)
+    top = profile_step.top_ops(prof)
+    assert [(t["op"], t["self_s"], t["count"]) for t in top] == [("aten::mm", 0.3, 2), ("aten::add_", 0.2, 1)]
 
 
 def test_op_stacks_name_the_line_that_made_a_copy():
