@@ -60,6 +60,21 @@ def summarize(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
     return {"wall_s": wall_s, "compute_busy_s": busy, "no_compute_s": wall_s - busy, "kinds": kinds}
 
 
+def idle_gaps(kernels: list[tuple[str, float, float]], n: int = 8) -> list[dict]:
+    """The ``n`` longest stretches between compute kernels (NCCL aside) with none running: seconds, the kernel
+    that ended before and the one that started after (where the GPU waited on the host)."""
+    compute = sorted((a, b, name) for name, a, b in kernels if kind(name) != "nccl")
+    if not compute:
+        return []
+    gaps, (_, end, last) = [], compute[0]
+    for a, b, name in compute[1:]:
+        if a > end:
+            gaps.append({"s": (a - end) / 1e6, "after": last[:80], "before": name[:80]})
+        if b > end:
+            end, last = b, name
+    return sorted(gaps, key=lambda g: -g["s"])[:n]
+
+
 def top_kernels(kernels: list[tuple[str, float, float]], n: int = 30) -> list[dict]:
     """The ``n`` kernel names with the most summed seconds: name (cut to 120 characters), kind, seconds, count."""
     by_name: dict[str, list[float]] = {}
@@ -126,7 +141,8 @@ def profile_record(prof, step: int, wall_s: float, stacks: bool = False) -> dict
     ``stacks``, the op stacks) of a stopped torch.profiler ``prof``."""
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                if e.device_type != torch.autograd.DeviceType.CPU]
-    return {"step": step, **summarize(kernels, wall_s), "top_kernels": top_kernels(kernels), "top_ops": top_ops(prof),
+    return {"step": step, **summarize(kernels, wall_s), "gaps": idle_gaps(kernels), "top_kernels": top_kernels(kernels),
+            "top_ops": top_ops(prof),
             **({"op_stacks": top_op_stacks(prof)} if stacks else {})}
 
 
@@ -136,6 +152,8 @@ def profile_lines(title: str, profile: dict) -> list[str]:
              f"running {profile['no_compute_s']:.3f} s"]
     for k, v in profile["kinds"].items():
         lines.append(f"  {k:10s} {v['union_s']:8.3f} s (kernels summed {v['sum_s']:.3f} s, {v['count']} calls)")
+    lines.append("  longest stretches with no compute kernel (s, the kernel before -> the one after):")
+    lines += [f"    {g['s']:7.4f} {g['after']} -> {g['before']}" for g in profile.get("gaps", [])]
     lines.append("  top kernels (summed s, calls, kind, name):")
     lines += [f"    {t['sum_s']:7.3f} {t['count']:6d} {t['kind']:9s} {t['name']}"
               for t in profile.get("top_kernels", [])]

@@ -24,6 +24,14 @@ def test_overlapping_kernels_are_counted_once_and_idle_time_is_what_no_compute_k
     assert s["kinds"]["nccl"]["union_s"] == 1.0
 
 
+def test_idle_gaps_are_the_longest_stretches_no_compute_kernel_covers():
+    kernels = [("nvjet_a", 0, 100), ("fill", 50, 300), ("ncclDevKernel_x", 300, 900),  # nccl is not compute
+               ("cudnn_sdpa", 1000, 1200), ("nvjet_b", 1250, 1300)]
+    gaps = profile_step.idle_gaps(kernels)
+    assert [(round(g["s"] * 1e6), g["after"], g["before"]) for g in gaps] == [
+        (700, "fill", "cudnn_sdpa"), (50, "cudnn_sdpa", "nvjet_b")]
+
+
 def test_top_kernels_rank_names_by_summed_time():
     kernels = [("fill", 0, 100_000), ("nvjet_a", 0, 300_000), ("fill", 200_000, 500_000), ("x" * 200, 0, 10)]
     top = profile_step.top_kernels(kernels, n=2)
