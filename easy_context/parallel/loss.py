@@ -100,7 +100,7 @@ class _Grads:
 
     def add(self, a: int, h: Tensor, weight: Tensor, g: Tensor, g_sum: Tensor | None) -> None:
         """Rows a.. of the hidden gradient and a chunk's share of the weight and bias gradients, from its rows ``h``
-        and logit gradient ``g`` and its column sums (``weight`` and ``g`` in the matmul dtype)."""
+        and logit gradient ``g`` and its column sums (``h``, ``weight`` and ``g`` in the matmul dtype)."""
         if self.dh is not None:
             self.dh[a:a + g.shape[0]] = g @ weight
         if self.dw is not None:
