@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: 
     """The model at ``path`` with ``cfg``'s memory options, LoRA+ and the plan's attention (``packed``: packed rows)."""
     model = models.load_model(path, config=config, dtype=dtype)
     offload.setup_checkpointing(model, offload=cfg.offload_activations, skip_last=cfg.no_gradient_checkpointing,
-                                layers_per_checkpoint=cfg.layers_per_checkpoint)
+                                layers_per_checkpoint=cfg.layers_per_checkpoint, group_recompute=cfg.group_recompute)
     if cfg.keep_attention:
         ec.keep_attention_outputs(model)
     if cfg.fuse_pointwise or (cfg.fuse_pointwise is None and torch.cuda.is_available()):

@@ -1,7 +1,14 @@
 """Checkpoint groups of k consecutive decoder layers: gradient checkpointing keeps the input of the first layer of
-each group only and the backward recomputes the whole group, so ceil(L / k) layer inputs wait from forward to
-backward instead of L (with ``OffloadedCheckpoint``, k times less pinned host memory). The cost: the backward
-holds the recompute activations of k layers on the device at once instead of one layer's.
+each group only and the backward recomputes the group, so ceil(L / k) layer inputs wait from forward to backward
+instead of L (with ``OffloadedCheckpoint``, k times less pinned host memory).
+
+How a group is recomputed (``GROUP_RECOMPUTE``):
+- "layer" (the default): each layer but the last runs in a checkpoint of its own inside the group's. The group's
+  recompute then keeps only those layers' inputs, and each layer's backward recomputes its own activations, so the
+  backward holds one layer's activations and k - 1 layer inputs at once. The cost: the first k - 1 layers of a
+  group run their forward a third time.
+- "group": the group's recompute keeps every layer's activations, k layers' at once on the device, for one forward
+  fewer per layer.
 
 How: the model's layer loop still calls every layer. The first layer of a group (its leader) runs, inside its one
 checkpoint region, its own forward and then the other k - 1 layers' forwards with the same arguments, and returns
@@ -26,6 +33,7 @@ import types
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint as plain_checkpoint
 
 try:  # transformers 5.x: the per-layer outputs being collected by the current forward (hidden states, attentions)
     from transformers.utils.output_capturing import _active_collector
@@ -34,6 +42,7 @@ except ImportError:  # pragma: no cover - older transformers return per-layer ou
 
 Tensor = torch.Tensor
 _ATTR = "_easy_context_layer_group"
+GROUP_RECOMPUTE = ("layer", "group")
 
 
 def group_inputs(layers: int, k: int) -> int:
@@ -105,9 +114,12 @@ class _Pending:
 class LayerGroup:
     """k consecutive checkpointed decoder layers run in one checkpoint region of their first layer."""
 
-    def __init__(self, layers: list[torch.nn.Module], checkpoint_fn: Callable):
+    def __init__(self, layers: list[torch.nn.Module], checkpoint_fn: Callable, recompute: str = "layer"):
+        if recompute not in GROUP_RECOMPUTE:
+            raise ValueError(f"a group is recomputed by one of {GROUP_RECOMPUTE}; got {recompute!r}")
         self.leader, self.followers = layers[0], layers[1:]
         self.checkpoint_fn = checkpoint_fn  # the leader's checkpoint function (plain or OffloadedCheckpoint)
+        self.recompute = recompute
         self.call: tuple[tuple, dict] | None = None  # the leader's call in progress: (args, kwargs)
         self.pending: _Pending | None = None
 
@@ -131,14 +143,19 @@ class LayerGroup:
                                "through an unexpected function (this transformers version checkpoints layers "
                                "another way); use 1 layer per checkpoint")
         forward, kwargs, followers = function.func, function.keywords, self.followers
+        steps = [function] + [functools.partial(forward, layer, **kwargs) for layer in followers]
+        nested = self.recompute == "layer"
 
         def run_group(hidden: Tensor, *rest):
-            out = function(hidden, *rest)
-            for layer in followers:
-                if not isinstance(out, Tensor):
-                    raise TypeError(f"checkpointing layers in groups: {type(layer).__name__} returns "
+            out = hidden
+            for i, step in enumerate(steps):
+                if i and not isinstance(out, Tensor):
+                    raise TypeError(f"checkpointing layers in groups: {type(followers[i - 1]).__name__} gets "
                                     f"{type(out).__name__}, not the hidden states alone; use 1 layer per checkpoint")
-                out = forward(layer, out, *rest, **kwargs)
+                # in the group's checkpoint a nested one saves only its input, and only while the group recomputes
+                last = i == len(steps) - 1
+                out = step(out, *rest) if last or not nested else plain_checkpoint(step, out, *rest,
+                                                                                   use_reentrant=False)
             return out
 
         output = self.checkpoint_fn(run_group, *args, **options)
@@ -188,11 +205,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             and not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
 
 
-def group_checkpointed_layers(model: torch.nn.Module, k: int) -> list[LayerGroup]:
+def group_checkpointed_layers(model: torch.nn.Module, k: int, recompute: str = "layer") -> list[LayerGroup]:
     """Checkpoint ``model``'s checkpointed decoder layers (a transformers model with gradient checkpointing
     on, the last layers possibly left out) in groups of ``k`` consecutive layers, the last group possibly
-    shorter; returns the groups of more than one layer. Each group uses its first layer's checkpoint
-    function (say an ``OffloadedCheckpoint``). Call it once, after every other change to checkpointing."""
+    shorter, each recomputed as ``recompute`` says (``GROUP_RECOMPUTE``); returns the groups of more than one
+    layer. Each group uses its first layer's checkpoint function (say an ``OffloadedCheckpoint``). Call it once,
+    after every other change to checkpointing."""
     config = getattr(model, "config", None)
     layers = decoder_layers(model)
     flags = [m.gradient_checkpointing is True for m in layers]
@@ -216,7 +234,7 @@ def group_checkpointed_layers(model: torch.nn.Module, k: int) -> list[LayerGroup
             raise ValueError(f"layers {a}..{a + len(members) - 1} are of different classes "
                              f"({sorted(c.__name__ for c in kinds)}); checkpoint them one by one (1 layer per "
                              "checkpoint)")
-        group = LayerGroup(members, members[0]._gradient_checkpointing_func)
+        group = LayerGroup(members, members[0]._gradient_checkpointing_func, recompute)
         members[0]._gradient_checkpointing_func = group.checkpoint
         for i, m in enumerate(members):
             setattr(m, _ATTR, (group, i - 1, m.forward))

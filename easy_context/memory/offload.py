@@ -306,11 +306,12 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
 
 
 def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: int = 0,
-                        layers_per_checkpoint: int = 1) -> None:
+                        layers_per_checkpoint: int = 1, group_recompute: str = "layer") -> None:
     """Gradient checkpointing for a transformers model as the recipe's flags say: ``skip_last`` -1 turns it
     off, N > 0 leaves the last N layers uncheckpointed; ``offload`` N > 0 keeps the first N layers' saved
     inputs in pinned host memory (-1: every layer's), 0 keeps them on the device; ``layers_per_checkpoint`` k > 1
-    keeps the input of every k-th checkpointed layer only and recomputes k layers at once (``layer_groups``)."""
+    keeps the input of every k-th checkpointed layer only, each group recomputed as ``group_recompute`` says
+    (``layer_groups``)."""
     check_layer_groups(len(decoder_layers(model)), layers_per_checkpoint, skip_last=skip_last,
                        layer_types=getattr(getattr(model, "config", None), "layer_types", None))
     if skip_last < 0:
@@ -320,4 +321,4 @@ def setup_checkpointing(model: torch.nn.Module, *, offload: int = 0, skip_last: 
     else:
         _enable_checkpointing(model)
     skip_checkpointing(model, skip_last)
-    group_checkpointed_layers(model, layers_per_checkpoint)
+    group_checkpointed_layers(model, layers_per_checkpoint, group_recompute)

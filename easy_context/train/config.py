@@ -21,6 +21,7 @@ import torch
 
 from ..attention.registry import REGISTRY
 from ..hf import models
+from ..memory.layer_groups import GROUP_RECOMPUTE
 from ..world.default import PRESETS
 from .instructions import INSTRUCTION_COLUMNS, MESSAGES, PROMPT_FORMATS
 from .schedule import SCHEDULES
@@ -100,9 +101,12 @@ class TrainConfig:
     offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
                                      "host memory", nargs="?", const=ALL_LAYERS, metavar="N")
     layers_per_checkpoint: int = flag(1, "activation checkpointing keeps the input of every K-th layer only "
-                                       "and recomputes K layers at once in the backward (K times fewer saved or "
-                                       "offloaded inputs, for K layers' recompute activations on the GPU at once)",
-                                       metavar="K")
+                                       "(K times fewer saved or offloaded inputs); the backward recomputes each "
+                                       "group of K layers as --group-recompute says", metavar="K")
+    group_recompute: str = flag("layer", "with --layers-per-checkpoint K: 'layer' recomputes a group one layer at a "
+                                "time (one layer's activations and K-1 inputs on the GPU; K-1 of K layers run "
+                                "forward a third time), 'group' all at once (K layers' activations, one forward "
+                                "fewer)", choices=GROUP_RECOMPUTE)
     # --- LoRA, PoSE
     lora_rank: int = flag(0, "LoRA+ (LongLoRA): LoRA on attention + trainable embeddings and norms "
                            "(0: full fine-tuning)")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from easy_context.memory import layer_groups
-from easy_context.memory.layer_groups import check_layer_groups, group_checkpointed_layers, valid_group_sizes
+from easy_context.memory.layer_groups import (GROUP_RECOMPUTE, check_layer_groups, group_checkpointed_layers,
+                                              valid_group_sizes)
 from easy_context.memory.offload import OffloadedCheckpoint, _Offloaded, check_layer_counts, setup_checkpointing
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import batch, tiny_model
@@ -26,9 +27,10 @@ def _model(family: str, seed: int, layers: int = LAYERS, **overrides):
 
 
 def _grouped(family: str, seed: int, k: int, *, offload: int = 0, skip_last: int = 0, layers: int = LAYERS,
-             **overrides):
+             recompute: str = "layer", **overrides):
     model = _model(family, seed, layers, **overrides)
-    setup_checkpointing(model, offload=offload, skip_last=skip_last, layers_per_checkpoint=k)
+    setup_checkpointing(model, offload=offload, skip_last=skip_last, layers_per_checkpoint=k,
+                        group_recompute=recompute)
     return model.train()
 
 
@@ -51,20 +53,23 @@ def _reference(family: str, seed: int, ids, labels, layers: int = LAYERS, **over
     return _loss_and_grads(_model(family, seed, layers, **overrides).train(), ids, labels)
 
 
+@pytest.mark.parametrize("recompute", GROUP_RECOMPUTE)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("k", [1, 2, 3, LAYERS])
-def test_groups_equal_no_checkpointing(family, k, seed):
+def test_groups_equal_no_checkpointing(family, k, recompute, seed):
     ids, labels = batch(seed, 2, SEQ)
-    got = _loss_and_grads(_grouped(family, seed, k), ids, labels)
-    _assert_equal(got, _reference(family, seed, ids, labels), f"{family} k={k}")
+    got = _loss_and_grads(_grouped(family, seed, k, recompute=recompute), ids, labels)
+    _assert_equal(got, _reference(family, seed, ids, labels), f"{family} k={k} {recompute}")
 
 
+@pytest.mark.parametrize("recompute", GROUP_RECOMPUTE)
 @pytest.mark.parametrize("k", [2, 3, LAYERS])
 @pytest.mark.parametrize("offload, skip_last", [(-1, 0), (2, 0), (0, 1), (-1, 1), (3, 2)])
-def test_groups_compose_with_offload_and_skipped_last_layers(k, offload, skip_last, seed):
+def test_groups_compose_with_offload_and_skipped_last_layers(k, offload, skip_last, recompute, seed):
     ids, labels = batch(seed, 2, SEQ)
-    got = _loss_and_grads(_grouped("llama", seed, k, offload=offload, skip_last=skip_last), ids, labels)
-    _assert_equal(got, _reference("llama", seed, ids, labels), f"k={k} offload={offload} skip_last={skip_last}")
+    model = _grouped("llama", seed, k, offload=offload, skip_last=skip_last, recompute=recompute)
+    _assert_equal(_loss_and_grads(model, ids, labels), _reference("llama", seed, ids, labels),
+                  f"k={k} offload={offload} skip_last={skip_last} {recompute}")
 
 
 def _mlp_calls(model) -> list[int]:
@@ -80,11 +85,48 @@ def _mlp_calls(model) -> list[int]:
     (2, 1, [2, 0, 1]), (3, 1, [0, 1, 2]),
 ])
 def test_backward_recomputes_whole_groups_last_group_first(k, skip_last, recompute, seed):
+    model = _grouped("llama", seed, k, skip_last=skip_last, recompute="group")
+    order = _mlp_calls(model)
+    ids, labels = batch(seed, 2, SEQ)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert order == list(range(LAYERS)) + recompute
+
+
+@pytest.mark.parametrize("k, skip_last, recompute", [
+    (1, 0, [3, 2, 1, 0]), (2, 0, [2, 3, 2, 0, 1, 0]), (3, 0, [3, 0, 1, 2, 1, 0]), (4, 0, [0, 1, 2, 3, 2, 1, 0]),
+    (2, 1, [2, 0, 1, 0]), (3, 1, [0, 1, 2, 1, 0]),
+])
+def test_layer_by_layer_the_group_runs_forward_to_its_last_layer_then_each_layer_recomputes_alone(
+        k, skip_last, recompute, seed):
     model = _grouped("llama", seed, k, skip_last=skip_last)
     order = _mlp_calls(model)
     ids, labels = batch(seed, 2, SEQ)
     model(input_ids=ids, labels=labels).loss.backward()
     assert order == list(range(LAYERS)) + recompute
+
+
+def _backward_peak(model, ids, labels) -> int:
+    """The most bytes the CPU allocator held during the backward, above what it held when the backward began."""
+    loss = model(input_ids=ids, labels=labels).loss
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage  # what the op itself allocated, less what it freed
+        peak = max(peak, live)
+    return peak
+
+
+def test_layer_by_layer_the_backward_holds_one_layers_activations_and_the_groups_inputs(seed):
+    ids, labels = batch(seed, 2, 512)  # long enough that activations outweigh the parameters' gradients
+    per_layer = _backward_peak(_grouped("llama", seed, 1), ids, labels)
+    by_layer = _backward_peak(_grouped("llama", seed, LAYERS), ids, labels)
+    whole = _backward_peak(_grouped("llama", seed, LAYERS, recompute="group"), ids, labels)
+    layer_input = 2 * 512 * _model("llama", seed).config.hidden_size * 8  # float64
+    # one checkpoint per layer, plus at most the group's other inputs
+    assert by_layer <= per_layer + (LAYERS - 1) * layer_input, (by_layer, per_layer, layer_input)
+    # the whole group's recompute: every layer's activations at once, far more than two inputs per layer
+    assert whole - per_layer > 2 * (LAYERS - 1) * layer_input, (whole, per_layer, layer_input)
 
 
 class _SavedInDecoder:
