@@ -105,25 +105,28 @@ def peer_command(system: str, model: str, seq: int, steps: int, offload: str, gp
 
 def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeout: float, gpus: int = 1,
              rotate: str = "allgather", profile: bool = False) -> dict:
-    """One peer_step.py launch: {"ok", "records", "tail", "cmd", "profile" (its last step's, or None)}."""
+    """One peer_step.py launch: {"ok", "timed_out", "records" (also those printed before a timeout), "tail", "cmd",
+    "profile" (its last step's, or None)}."""
     path = os.path.join(tempfile.mkdtemp(prefix="bench_peers_"), "profile.json") if profile else None
     cmd = peer_command(system, model, seq, steps, offload, gpus, rotate, path)
     # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
+    timed_out = False
     try:
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         out, ok = res.stdout + res.stderr, res.returncode == 0
     except subprocess.TimeoutExpired as e:
-        out, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
+        printed = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        out, ok, timed_out = f"{printed}\ntimeout after {timeout}s", False, True
     records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]
     prof = json.load(open(path)) if path and os.path.exists(path) else None
-    return {"ok": ok and bool(records), "records": records, "tail": error_tail(out), "cmd": " ".join(cmd),
-            "profile": prof}
+    return {"ok": ok and bool(records), "timed_out": timed_out, "records": records, "tail": error_tail(out),
+            "cmd": " ".join(cmd), "profile": prof}
 
 
 def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: float, extra: list[str],
              profile: bool = False) -> dict:
-    """train.py under this recipe's ``system`` config: {"ok", "records", "tail", "cmd", "profile"}; with
+    """train.py under this recipe's ``system`` config: {"ok", "timed_out", "records", "tail", "cmd", "profile"}; with
     ``profile`` one step more, profiled (benchmarks/profile_step.py), its record marked profiled."""
     config, flags = OURS[system]
     if not torch.cuda.is_available():
@@ -132,8 +135,8 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
     r = run_train(gpus, config, model, seq, "zigzag_ring", total, [*flags, *extra], timeout,
                   profile_step=total if profile else 0)
     records = [{**x, "profiled": True} if profile and x["step"] == total else x for x in r["records"]]
-    return {"ok": r["ok"] and bool(records), "records": records, "tail": r["tail"], "cmd": r["cmd"],
-            "profile": r["profile"]}
+    return {"ok": r["ok"] and bool(records), "timed_out": r["timed_out"], "records": records, "tail": r["tail"],
+            "cmd": r["cmd"], "profile": r["profile"]}
 
 
 def failure_line(error: str) -> str:
@@ -154,9 +157,12 @@ def measure(system: str, args, seq: int) -> dict:
          if system in PEERS
          else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split(), args.profile))
     row.update(cmd=r["cmd"], wall_s=time.time() - started, **({"profile": r["profile"]} if r["profile"] else {}))
-    figures = median_figures(r["records"], args.warmup) if r["ok"] else None
+    # a run stopped at its time cap still measured the steps it finished (a failed one may not have: say OOM)
+    figures = median_figures(r["records"], args.warmup) if r["ok"] or r["timed_out"] else None
     if figures is None:
         return {**row, "error": error_tail(r["tail"], 1500)}
+    if not r["ok"]:
+        row["stopped"] = f"stopped at --timeout {args.timeout:.0f} s after {len(r['records'])} of {args.steps} steps"
     flops, params = model_flops_per_token(args.model, seq)
     per_gpu = figures["tokens_per_s"] / args.gpus  # every system trains one sequence over all args.gpus
     return {**row, **figures, "params": params, "tokens_per_s_per_gpu": per_gpu, "mfu": flops * per_gpu / PEAK}
@@ -198,7 +204,8 @@ def table(rows: list[dict], longest_rows: list[dict]) -> str:
         if "mfu" in r:
             memory = f"{r['memory_vs_best_peer']:.2f}x" if "memory_vs_best_peer" in r else ""
             ratio = f"{r['speed_vs_best_peer']:.2f}x ({r['best_peer']}) | {memory} |" if "best_peer" in r else " | |"
-            lines.append(f"| {r['system']} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
+            system = f"{r['system']} ({r['stopped']})" if "stopped" in r else r["system"]
+            lines.append(f"| {system} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
                          f"{r['step_s']:.3f} | {r['peak_gpu_gib']:.1f} | {r['host_peak_gib']:.1f} | {ratio}{tail}")
         else:
             why = r.get("skipped") or "failed: " + failure_line(r["error"])

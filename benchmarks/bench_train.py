@@ -71,7 +71,8 @@ def error_tail(output: str, chars: int = 2500) -> str:
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
         timeout: float, profile_step: int = 0, emulate: bool = False) -> dict:
     """One train.py launch (under profile_step.py if ``profile_step``); returns its per-step log records
-    (empty on failure), the tail of its output and rank 0's profile of that step (or None).
+    (those written before a failure or the ``timeout``), whether it timed out, the tail of its output and rank
+    0's profile of that step (or None).
     ``emulate``: one process plays rank 0 of ``gpus`` (benchmarks/emulate_rank.py): its memory, compute only."""
     out = tempfile.mkdtemp(prefix="bench_train_")
     script = [os.path.join(REPO, "train.py")]
@@ -84,21 +85,22 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
            "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
-    launched = time.time()
+    launched, timed_out = time.time(), False
     try:
         # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         tail, ok = error_tail(res.stdout + res.stderr), res.returncode == 0
     except subprocess.TimeoutExpired as e:
-        tail, ok = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False
+        tail, ok, timed_out = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False, True
     path = os.path.join(out, "log.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     # launch to the start of the first step: process start, model build, DeepSpeed engine, data workers
     startup = records[0]["time"] - records[0]["step_s"] - launched if records and "time" in records[0] else None
     prof = os.path.join(out, "profile.rank0.json")
     profile = json.load(open(prof)) if os.path.exists(prof) else None
-    return {"ok": ok, "records": records, "tail": tail, "cmd": " ".join(cmd), "startup_s": startup, "profile": profile}
+    return {"ok": ok, "timed_out": timed_out, "records": records, "tail": tail, "cmd": " ".join(cmd),
+            "startup_s": startup, "profile": profile}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -225,3 +226,35 @@ def test_a_profiled_record_is_never_timed():
     records = [{"step_s": s, "tokens_per_s": 10 / s, "peak_gpu_gib": 1.0, "host_peak_gib": 1.0} for s in (9, 2, 4)]
     records[-1]["profiled"] = True
     assert bench_peers.median_figures(records, warmup=1)["step_s"] == 2
+
+
+def _stopped_run(records: list[dict], ok: bool = False, timed_out: bool = True):
+    return lambda *args, **kwargs: {"ok": ok, "timed_out": timed_out, "records": records, "tail": "timeout after 90s",
+                                    "cmd": "train.py", "profile": None}
+
+
+def test_a_run_stopped_at_its_time_cap_keeps_the_steps_it_finished_and_says_so(monkeypatch):
+    records = [{"step_s": s, "tokens_per_s": 64 / s, "peak_gpu_gib": 2.0, "host_peak_gib": 1.0} for s in (9, 2, 4)]
+    args = bench_peers.parse_args(["--model", TINY, "--seqlens", "64", "--steps", "4", "--timeout", "90"])
+    monkeypatch.setattr(bench_peers, "run_ours", _stopped_run(records))
+    row = bench_peers.measure("ours_ddp", args, 64)
+    assert row["step_s"] == 3 and row["steps_timed"] == 2
+    assert row["stopped"] == "stopped at --timeout 90 s after 3 of 4 steps"
+    assert "| ours_ddp (stopped at --timeout 90 s after 3 of 4 steps) | 64 |" in bench_peers.table([row], [])
+
+
+def test_a_run_that_failed_or_timed_out_before_a_timed_step_is_a_failed_row(monkeypatch):
+    args = bench_peers.parse_args(["--model", TINY, "--seqlens", "64", "--timeout", "90"])
+    one = [{"step_s": 9.0, "tokens_per_s": 7.0, "peak_gpu_gib": 2.0, "host_peak_gib": 1.0}]
+    for run in (_stopped_run(one), _stopped_run(one * 3, timed_out=False)):  # only the warmup; out of memory
+        monkeypatch.setattr(bench_peers, "run_ours", run)
+        row = bench_peers.measure("ours_ddp", args, 64)
+        assert "error" in row and "step_s" not in row, row
+
+
+def test_a_peer_stopped_at_its_time_cap_returns_the_steps_it_printed(monkeypatch):
+    script = ("import json, time\nfor i in (1, 2): print('PEER_STEP ' + json.dumps({'step': i}), flush=True)\n"
+              "time.sleep(60)")
+    monkeypatch.setattr(bench_peers, "peer_command", lambda *args, **kwargs: [sys.executable, "-c", script])
+    r = bench_peers.run_peer("hf", TINY, 64, 4, "none", timeout=5)
+    assert r["timed_out"] and not r["ok"] and [x["step"] for x in r["records"]] == [1, 2]
