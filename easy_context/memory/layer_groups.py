@@ -14,7 +14,7 @@ How: the model's layer loop still calls every layer. The first layer of a group 
 checkpoint region, its own forward and then the other k - 1 layers' forwards with the same arguments, and returns
 the group's output; each of the other layers (followers) checks that it was called with that output and the
 leader's arguments, and passes its input through. Exact: the same layer forwards run on the same values, once in
-forward and once in the recompute, like per-layer checkpointing. Module hooks of a follower layer itself (not
+forward and again in the recompute (twice for the nested layers), like per-layer checkpointing. Module hooks of a follower layer itself (not
 of its submodules) run at its pass-through, outside the region: DeepSpeed ZeRO-3 gathers parameters around
 submodule calls, so it works; a wrapper that gathers a whole layer's parameters at the layer (FSDP2) would not.
 
@@ -152,10 +152,10 @@ class LayerGroup:
                 if i and not isinstance(out, Tensor):
                     raise TypeError(f"checkpointing layers in groups: {type(followers[i - 1]).__name__} gets "
                                     f"{type(out).__name__}, not the hidden states alone; use 1 layer per checkpoint")
-                # in the group's checkpoint a nested one saves only its input, and only while the group recomputes
-                last = i == len(steps) - 1
-                out = step(out, *rest) if last or not nested else plain_checkpoint(step, out, *rest,
-                                                                                   use_reentrant=False)
+                # a nested checkpoint saves its input through the group's: dropped in forward, kept while the
+                # group recomputes; the last layer's own backward comes first, so it needs none
+                nest = nested and i < len(steps) - 1
+                out = plain_checkpoint(step, out, *rest, use_reentrant=False) if nest else step(out, *rest)
             return out
 
         output = self.checkpoint_fn(run_group, *args, **options)
