@@ -83,7 +83,8 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
         script = [os.path.join(REPO, "benchmarks", "emulate_rank.py"), "--world", str(gpus), "--", *script]
     config_file = config if config.endswith(".yaml") else os.path.join(REPO, "accelerate_configs", config + ".yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
-           "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random", "--seq-length", str(seq),
+           "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random",
+           "--seq-length", str(seq),
            "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
     launched, timed_out = time.time(), False
     try:

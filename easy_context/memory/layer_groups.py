@@ -14,9 +14,10 @@ How: the model's layer loop still calls every layer. The first layer of a group 
 checkpoint region, its own forward and then the other k - 1 layers' forwards with the same arguments, and returns
 the group's output; each of the other layers (followers) checks that it was called with that output and the
 leader's arguments, and passes its input through. Exact: the same layer forwards run on the same values, once in
-forward and again in the recompute (twice for the nested layers), like per-layer checkpointing. Module hooks of a follower layer itself (not
-of its submodules) run at its pass-through, outside the region: DeepSpeed ZeRO-3 gathers parameters around
-submodule calls, so it works; a wrapper that gathers a whole layer's parameters at the layer (FSDP2) would not.
+forward and again in the recompute (twice for the nested layers), like per-layer checkpointing. Module hooks of a
+follower layer itself (not of its submodules) run at its pass-through, outside the region: DeepSpeed ZeRO-3
+gathers parameters around submodule calls, so it works; a wrapper that gathers a whole layer's parameters at the
+layer (FSDP2) would not.
 
 The arguments must be the same for every layer of a group: refused before loading where the config's
 ``layer_types`` differ within a group (Qwen2/Qwen3 sliding-window layers get another mask), and checked on every
