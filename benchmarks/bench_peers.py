@@ -126,8 +126,9 @@ def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeou
 
 def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: float, extra: list[str],
              profile: bool = False) -> dict:
-    """train.py under this recipe's ``system`` config: {"ok", "timed_out", "records", "tail", "cmd", "profile"}; with
-    ``profile`` one step more, profiled (benchmarks/profile_step.py), its record marked profiled."""
+    """train.py under this recipe's ``system`` config: {"ok", "timed_out", "records", "tail", "cmd", "profile",
+    "startup_s"}; with ``profile`` one step more, profiled (benchmarks/profile_step.py), its record marked
+    profiled."""
     config, flags = OURS[system]
     if not torch.cuda.is_available():
         flags = [*flags, "--kernel", "reference"] if "--kernel" not in flags else flags
@@ -136,7 +137,7 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
                   profile_step=total if profile else 0)
     records = [{**x, "profiled": True} if profile and x["step"] == total else x for x in r["records"]]
     return {"ok": r["ok"] and bool(records), "timed_out": r["timed_out"], "records": records, "tail": r["tail"],
-            "cmd": r["cmd"], "profile": r["profile"]}
+            "cmd": r["cmd"], "profile": r["profile"], "startup_s": r["startup_s"]}
 
 
 def failure_line(error: str) -> str:
@@ -157,6 +158,8 @@ def measure(system: str, args, seq: int) -> dict:
          if system in PEERS
          else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split(), args.profile))
     row.update(cmd=r["cmd"], wall_s=time.time() - started, **({"profile": r["profile"]} if r["profile"] else {}))
+    if r.get("startup_s") is not None:  # train.py's launch to its first step: start-up, not training
+        row["startup_s"] = r["startup_s"]
     # a run stopped at its time cap still measured the steps it finished (a failed one may not have: say OOM)
     figures = median_figures(r["records"], args.warmup) if r["ok"] or r["timed_out"] else None
     if figures is None:

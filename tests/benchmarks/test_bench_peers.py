@@ -215,6 +215,7 @@ def test_profile_adds_one_profiled_step_per_row_kept_out_of_the_figures(tmp_path
                       "--timeout", "300", "--json", str(out)])
     rows = json.load(open(out))["rows"]
     assert [r["system"] for r in rows] == ["hf", "ours_ddp"]
+    assert 0 < rows[1]["startup_s"] < rows[1]["wall_s"]  # train.py's launch to its first step
     for r in rows:
         assert r["steps_timed"] == 1, r  # step 2 timed; step 3 profiled, not timed
         assert r["profile"]["step"] == 3 and r["profile"]["wall_s"] > 0 and "kinds" in r["profile"]
