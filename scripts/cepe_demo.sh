@@ -59,6 +59,24 @@ IFS=: read -r BATCH STEPS MINUTES <<< "$DECODER"
   --output-dir "$OUT/decoder"
 mark "decoder trained at $WINDOW tokens: $OUT/decoder/model"
 
+IFS=: read -r BATCH STEPS MINUTES <<< "$MAIN"
+MAIN_DATA=(--dataset "$DATA") ROWS_PID=""
+trap 'if [ -n "$ROWS_PID" ]; then kill "$ROWS_PID" 2>/dev/null || true; fi' EXIT  # a failed stage stops the writer
+if [ -n "${MAIN_TASKS:-}" ] && [ ! -d "$OUT/main/model" ]; then
+  # Rows of the task suite (eval_ruler.py's generators over the generated haystack): the question and answer end
+  # each row, so they fall in the decoder's window while the evidence lies mostly in the encoder's context. They
+  # need only the decoder's tokenizer, so they are written while the warmup stage trains.
+  ROWS=$OUT/data/main_rows_$(( BATCH * STEPS * NPROC )); ROW_LEN=$(( CONTEXT_CHUNKS * CHUNK + WINDOW ))
+  if [ ! -d "$ROWS" ]; then
+    python3 -c "from easy_context.eval.task_mixture import write_mixture
+write_mixture('$ROWS', '$OUT/decoder/model', $ROW_LEN, $(( BATCH * STEPS * NPROC )), tasks='$MAIN_TASKS'.split(),
+              source='generated', num_proc=$(nproc))" &
+    ROWS_PID=$!
+  fi
+  MAIN_DATA=(--dataset "$ROWS")
+fi
+MAIN_ARGS=(--batch-size "$BATCH" --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"})
+
 IFS=: read -r BATCH STEPS MINUTES <<< "$WARMUP"
 # shellcheck disable=SC2086  # ENCODER holds several flags
 [ -d "$OUT/warmup/model" ] || "${LAUNCH[@]}" train_cepe.py --model "$OUT/decoder/model" $ENCODER --stage warmup \
@@ -66,20 +84,10 @@ IFS=: read -r BATCH STEPS MINUTES <<< "$WARMUP"
   ${MINUTES:+--time-limit "$MINUTES"} --dataset "$WARM_DATA" "${COMMON[@]}" --output-dir "$OUT/warmup"
 mark "CEPE warmup stage (the encoder reads the window itself): $OUT/warmup/model"
 
-IFS=: read -r BATCH STEPS MINUTES <<< "$MAIN"
-MAIN_DATA=(--dataset "$DATA")
-if [ -n "${MAIN_TASKS:-}" ] && [ ! -d "$OUT/main/model" ]; then
-  # Rows of the task suite (eval_ruler.py's generators over the generated haystack): the question and answer end
-  # each row, so they fall in the decoder's window while the evidence lies mostly in the encoder's context.
-  ROWS=$OUT/data/main_rows_$(( BATCH * STEPS * NPROC )); ROW_LEN=$(( CONTEXT_CHUNKS * CHUNK + WINDOW ))
-  [ -d "$ROWS" ] || python3 -c "from easy_context.eval.task_mixture import write_mixture
-write_mixture('$ROWS', '$OUT/decoder/model', $ROW_LEN, $(( BATCH * STEPS * NPROC )), tasks='$MAIN_TASKS'.split(),
-              source='generated', num_proc=$(nproc))"
-  MAIN_DATA=(--dataset "$ROWS")
-fi
+if [ -n "$ROWS_PID" ]; then wait "$ROWS_PID"; ROWS_PID=""; fi  # the main stage's rows, written beside the warmup
 [ -d "$OUT/main/model" ] || "${LAUNCH[@]}" train_cepe.py --cepe "$OUT/warmup/model" --stage main --window "$WINDOW" \
-  --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --batch-size "$BATCH" --lr "$MAIN_LR" --warmup-steps 20 \
-  --max-steps "$STEPS" ${MINUTES:+--time-limit "$MINUTES"} "${COMMON[@]}" "${MAIN_DATA[@]}" --output-dir "$OUT/main"
+  --chunk-size "$CHUNK" --context-chunks "$CONTEXT_CHUNKS" --lr "$MAIN_LR" --warmup-steps 20 "${MAIN_ARGS[@]}" \
+  "${COMMON[@]}" "${MAIN_DATA[@]}" --output-dir "$OUT/main"
 mark "CEPE main stage ($CONTEXT_CHUNKS x $CHUNK context tokens + $WINDOW window): $OUT/main/model"
 
 # shellcheck disable=SC2086  # the context lists are several numbers
