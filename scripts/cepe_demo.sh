@@ -65,12 +65,14 @@ trap 'if [ -n "$ROWS_PID" ]; then kill "$ROWS_PID" 2>/dev/null || true; fi' EXIT
 if [ -n "${MAIN_TASKS:-}" ] && [ ! -d "$OUT/main/model" ]; then
   # Rows of the task suite (eval_ruler.py's generators over the generated haystack): the question and answer end
   # each row, so they fall in the decoder's window while the evidence lies mostly in the encoder's context. They
-  # need only the decoder's tokenizer, so they are written while the warmup stage trains.
+  # need only the decoder's tokenizer, so they are written while the warmup stage trains, on half the cores (the
+  # warmup's small steps are bound by the host's kernel launches).
+  DATA_PROCS=${DATA_PROCS:-$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))}
   ROWS=$OUT/data/main_rows_$(( BATCH * STEPS * NPROC )); ROW_LEN=$(( CONTEXT_CHUNKS * CHUNK + WINDOW ))
   if [ ! -d "$ROWS" ]; then
     python3 -c "from easy_context.eval.task_mixture import write_mixture
 write_mixture('$ROWS', '$OUT/decoder/model', $ROW_LEN, $(( BATCH * STEPS * NPROC )), tasks='$MAIN_TASKS'.split(),
-              source='generated', num_proc=$(nproc))" &
+              source='generated', num_proc=$DATA_PROCS)" &
     ROWS_PID=$!
   fi
   MAIN_DATA=(--dataset "$ROWS")
