@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, run as run_train
+from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, printed_before, run as run_train
 from peer_cp import ROTATE, cp_unavailable
 from profile_step import profile_lines
 
@@ -116,8 +116,7 @@ def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeou
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         out, ok = res.stdout + res.stderr, res.returncode == 0
     except subprocess.TimeoutExpired as e:
-        printed = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-        out, ok, timed_out = f"{printed}\ntimeout after {timeout}s", False, True
+        out, ok, timed_out = f"{printed_before(e)}\ntimeout after {timeout}s", False, True
     records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]
     prof = json.load(open(path)) if path and os.path.exists(path) else None
     return {"ok": ok and bool(records), "timed_out": timed_out, "records": records, "tail": error_tail(out),

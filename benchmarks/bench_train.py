@@ -68,6 +68,12 @@ def error_tail(output: str, chars: int = 2500) -> str:
     return (head + "\n...\n" if head else "") + output[-chars:]
 
 
+def printed_before(timeout: subprocess.TimeoutExpired) -> str:
+    """What a process stopped at its timeout had printed (``subprocess`` hands it over as bytes, even in text mode)."""
+    out = timeout.stdout or ""
+    return out.decode(errors="replace") if isinstance(out, bytes) else out
+
+
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
         timeout: float, profile_step: int = 0, emulate: bool = False) -> dict:
     """One train.py launch (under profile_step.py if ``profile_step``); returns its per-step log records
@@ -84,8 +90,8 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
     config_file = config if config.endswith(".yaml") else os.path.join(REPO, "accelerate_configs", config + ".yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
            "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random",
-           "--seq-length", str(seq),
-           "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save", *extra]
+           "--seq-length", str(seq), "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save",
+           *extra]
     launched, timed_out = time.time(), False
     try:
         # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
@@ -93,7 +99,7 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         tail, ok = error_tail(res.stdout + res.stderr), res.returncode == 0
     except subprocess.TimeoutExpired as e:
-        tail, ok, timed_out = f"timeout after {timeout}s: {str(e.stdout)[-1000:]}", False, True
+        tail, ok, timed_out = f"timeout after {timeout}s: {printed_before(e)[-1000:]}", False, True
     path = os.path.join(out, "log.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     # launch to the start of the first step: process start, model build, DeepSpeed engine, data workers
