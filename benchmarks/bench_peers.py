@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, printed_before, run as run_train
+from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, run as run_train, run_command
 from peer_cp import ROTATE, cp_unavailable
 from profile_step import profile_lines
 
@@ -111,12 +111,9 @@ def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeou
     cmd = peer_command(system, model, seq, steps, offload, gpus, rotate, path)
     # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
-    timed_out = False
-    try:
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        out, ok = res.stdout + res.stderr, res.returncode == 0
-    except subprocess.TimeoutExpired as e:
-        out, ok, timed_out = f"{printed_before(e)}\ntimeout after {timeout}s", False, True
+    out, returncode, timed_out = run_command(cmd, env, timeout)
+    ok = returncode == 0 and not timed_out
+    out += f"\ntimeout after {timeout}s" if timed_out else ""
     records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]
     prof = json.load(open(path)) if path and os.path.exists(path) else None
     return {"ok": ok and bool(records), "timed_out": timed_out, "records": records, "tail": error_tail(out),

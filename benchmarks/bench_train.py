@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,10 +69,18 @@ def error_tail(output: str, chars: int = 2500) -> str:
     return (head + "\n...\n" if head else "") + output[-chars:]
 
 
-def printed_before(timeout: subprocess.TimeoutExpired) -> str:
-    """What a process stopped at its timeout had printed (``subprocess`` hands it over as bytes, even in text mode)."""
-    out = timeout.stdout or ""
-    return out.decode(errors="replace") if isinstance(out, bytes) else out
+def run_command(cmd: list[str], env: dict | None, timeout: float) -> tuple[str, int, bool]:
+    """Run ``cmd`` in its own process group: (stdout + stderr, exit status, timed out). At the timeout the whole
+    group is killed: a launcher's workers would otherwise hold the output pipe open and the wait would never end."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out, proc.returncode, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return out, proc.returncode, True
 
 
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
@@ -92,14 +101,12 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
            "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random",
            "--seq-length", str(seq), "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save",
            *extra]
-    launched, timed_out = time.time(), False
-    try:
-        # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        tail, ok = error_tail(res.stdout + res.stderr), res.returncode == 0
-    except subprocess.TimeoutExpired as e:
-        tail, ok, timed_out = f"timeout after {timeout}s: {printed_before(e)[-1000:]}", False, True
+    # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
+    launched = time.time()
+    output, returncode, timed_out = run_command(cmd, env, timeout)
+    ok = returncode == 0 and not timed_out
+    tail = f"timeout after {timeout}s: {output[-1000:]}" if timed_out else error_tail(output)
     path = os.path.join(out, "log.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     # launch to the start of the first step: process start, model build, DeepSpeed engine, data workers
