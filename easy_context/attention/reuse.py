@@ -3,8 +3,9 @@
 The backends' autograd functions compute their attention through ``reuse_or_compute(compute)``. Inside an
 ``attention_call_scope`` opened around one attention module's call (the transformers glue in ``easy_context/hf/``
 opens it), the first forward stores the (out, lse) it computed and the checkpoint recompute of the same layer gets
-those tensors back without computing them again. Outside any scope, or for a module whose model has no store
-attached (``memory.keep.keep_attention_outputs`` attaches one), it is a plain call.
+those tensors back without computing them again; a later call in the same step computes and stores nothing.
+Outside any scope, or for a module whose model has no store attached (``memory.keep.keep_attention_outputs``
+attaches one), it is a plain call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ _active: list[tuple[dict, object]] = []  # (store, key) of the attention call in
 
 
 class KeptOutputs(dict):
-    """Per-model store: attention-call key -> (out, lse) from the layer's first forward, until its recompute."""
+    """Per-model store: attention-call key -> (out, lse) from the layer's first forward, until its recompute;
+    ``handed_back``: the keys already replayed since the last ``clear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed_back: set = set()
+
+    def clear(self) -> None:
+        super().clear()
+        self.handed_back.clear()
 
 
 @contextmanager
@@ -44,7 +54,10 @@ def reuse_or_compute(compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[t
         return compute()
     store, key = _active[-1]
     if key in store:
+        store.handed_back.add(key)
         return store.pop(key)
     outputs = compute()
-    store[key] = tuple(t.detach() for t in outputs)
+    # a third call in one step (a nested checkpoint's recompute inside a layer group) has no later call to serve
+    if key not in store.handed_back:
+        store[key] = tuple(t.detach() for t in outputs)
     return outputs

@@ -11,7 +11,9 @@ from easy_context.parallel.groups import init_groups
 from easy_context.hf.attention import apply_seq_parallel_monkey_patch
 from easy_context.hf.causal_lm import causal_lm_loss
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
-from easy_context.memory.keep import keep_attention_outputs
+from easy_context.memory.layer_groups import GROUP_RECOMPUTE
+from easy_context.memory.offload import setup_checkpointing
+from easy_context.memory.keep import keep_attention_outputs, keep_by_default, kept_attention_bytes
 from easy_context.attention.kernels import CPUFlashKernel
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import batch, tiny_model
@@ -31,11 +33,13 @@ class CountingKernel(CPUFlashKernel):
         return super()._forward(q, k, v, causal, scale)
 
 
-def _step(backend: str, group, keep: bool, seed: int = 0, stale: bool = False):
+def _step(backend: str, group, keep: bool, seed: int = 0, stale: bool = False, k: int = 1,
+          recompute: str = "layer"):
     """(loss, {name: grad}, kernel forward calls, the store or None) of one checkpointed training step;
-    ``stale``: first a forward on other tokens that is never backpropagated."""
+    ``stale``: first a forward on other tokens that is never backpropagated; ``k``: layers per checkpoint, each
+    group recomputed as ``recompute`` says."""
     model = tiny_model("llama", seed)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    setup_checkpointing(model, layers_per_checkpoint=k, group_recompute=recompute)
     model.train()
     kernel = CountingKernel()
     apply_seq_parallel_monkey_patch(backend, model, group, kernel=kernel, check=False)
@@ -84,6 +88,17 @@ def test_a_forward_never_backpropagated_leaves_nothing_stale():
         assert rel_err(kept_grads[n], g) < 1e-6, n
 
 
+@pytest.mark.parametrize("recompute", GROUP_RECOMPUTE)
+def test_with_layer_groups_each_layer_keeps_its_output_once_and_nothing_is_left(recompute):
+    loss, grads, calls, _ = _step("zigzag_ring", None, keep=False, k=2, recompute=recompute)
+    kept_loss, kept_grads, kept_calls, store = _step("zigzag_ring", None, keep=True, k=2, recompute=recompute)
+    assert torch.equal(kept_loss, loss)
+    for n, g in grads.items():
+        assert rel_err(kept_grads[n], g) < 1e-6, n
+    assert not store  # layer by layer a group's first layers run a third time: that call stores nothing
+    assert calls - kept_calls == tiny_model("llama", 0).config.num_hidden_layers  # one reused recompute per layer
+
+
 def test_nothing_is_kept_without_autograd_or_in_eval():
     model = tiny_model("llama", 0)
     apply_seq_parallel_monkey_patch("zigzag_ring", model, None, kernel=CountingKernel(), check=False)
@@ -124,3 +139,24 @@ def test_s2attn_keeps_its_outputs_too():
     assert kept_calls * 2 == calls and not store
     for n, g in grads.items():
         assert rel_err(kept_grads[n], g) < 1e-6, n
+
+
+def test_kept_bytes_are_each_checkpointed_layers_output_and_float32_lse():
+    model = tiny_model("llama", 0)
+    cfg = model.config
+    heads, dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    per_layer = 3 * 100 * (heads * dim * 2 + heads * 4)  # batch 3 x 100 local tokens: bf16 output, float32 lse
+    assert kept_attention_bytes(cfg, tokens=300, dtype=torch.bfloat16, layers=2) == 2 * per_layer
+    assert kept_attention_bytes(cfg, tokens=300, dtype=torch.bfloat16, layers=0) == 0
+
+
+@pytest.mark.parametrize("kept, device, keep", [
+    (2 << 30, 139 << 30, True),      # 1B shape at 32K on an H200: 2 GiB
+    (139 << 26, 139 << 30, True),    # exactly the share
+    (8 << 30, 80 << 30, False),      # 7B shape at 32K on an 80 GB GPU: more than 1/16
+    (64 << 30, 139 << 30, False),    # 8B shape at 256K
+    (1 << 20, None, False),          # no GPU (CPU runs): never by default
+    (0, 139 << 30, False),           # nothing checkpointed: nothing to keep
+])
+def test_kept_by_default_only_where_the_outputs_take_a_small_share_of_the_gpu(kept, device, keep):
+    assert keep_by_default(kept, device) is keep
