@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=540)
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--tiled-mlp 8192'")
     p.add_argument("--variants", default="", help="train.py flags per variant, separated by |, each run in turn "
-                   "(e.g. --variants='|--keep-attention': without and with)")
+                   "(e.g. --variants='--no-keep-attention|--keep-attention': without and with)")
     p.add_argument("--profile-step", type=int, default=0, help="profile this step (use the last; it is not "
                    "timed) with benchmarks/profile_step.py")
     p.add_argument("--emulate", action="store_true", help="run rank 0 of --gpus on one GPU "

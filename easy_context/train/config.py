@@ -91,8 +91,10 @@ class TrainConfig:
     # --- memory
     no_gradient_checkpointing: int = flag(0, "activation checkpointing off (N: off for the last N layers only: "
                                            "speed for memory)", nargs="?", const=ALL_LAYERS, metavar="N")
-    keep_attention: bool = flag(False, "keep each layer's attention output for the checkpoint recompute instead "
-                                 "of running attention again (speed for memory)")
+    keep_attention: bool | None = flag(None, "keep each layer's attention output for the checkpoint recompute "
+                                        "instead of running attention again (speed for memory; default: on with a "
+                                        "CUDA GPU while the kept outputs take at most 1/16 of its memory; "
+                                        "--no-keep-attention: off)")
     fuse_pointwise: bool | None = flag(None, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; "
                                         "same math; default: on with a CUDA GPU where the model has them, off on "
                                         "CPU; --no-fuse-pointwise: off)")

@@ -1,0 +1,31 @@
+"""Flags left unset (None) that are decided once per run, from the model, the lengths and the GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..memory.keep import keep_by_default, kept_attention_bytes
+from .config import ALL_LAYERS, TrainConfig
+
+
+def checkpointed_layers(cfg: TrainConfig, num_layers: int) -> int:
+    """How many decoder layers run under activation checkpointing with ``cfg``'s flags."""
+    skip = cfg.no_gradient_checkpointing
+    return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
+
+
+def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None) -> TrainConfig:
+    """``cfg`` with ``keep_attention`` decided where the command line left it unset: on a GPU of ``device_bytes``
+    (None: no GPU) while the outputs its ``sp_size``-rank shard keeps take a small share of it
+    (``memory.keep.keep_by_default``), and off where a flag already trades speed for memory (offloaded
+    activations, layer groups, tiled MLPs). Flags the user gave are kept as they are."""
+    if cfg.keep_attention is not None:
+        return cfg
+    if cfg.offload_activations or cfg.layers_per_checkpoint > 1 or cfg.tiled_mlp:
+        return dataclasses.replace(cfg, keep_attention=False)
+    tokens = cfg.batch_size * cfg.seq_length // sp_size
+    kept = kept_attention_bytes(config, tokens=tokens, dtype=torch.bfloat16,
+                                layers=checkpointed_layers(cfg, config.num_hidden_layers))
+    return dataclasses.replace(cfg, keep_attention=keep_by_default(kept, device_bytes))

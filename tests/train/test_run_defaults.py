@@ -1,0 +1,43 @@
+"""run_defaults.py: flags left unset are decided once, from the model, the lengths and the GPU; a flag the user
+gave is never overridden."""
+
+from __future__ import annotations
+
+import pytest
+
+from easy_context.hf import models
+from easy_context.train.config import parse_config
+from easy_context.train.run_defaults import resolve_run_defaults
+
+GIB = 1 << 30
+ONE_B = models.shape_config("shape:llama3.2-1b")  # 16 layers, 32 heads of 64
+
+
+@pytest.mark.parametrize("argv, device, keep", [
+    (["--seq-length", "32768"], 139 * GIB, True),                                  # 2.1 GiB of 139
+    (["--seq-length", "131072"], 139 * GIB, True),                                 # 8.3 GiB: under 8.7
+    (["--seq-length", "262144"], 139 * GIB, False),                                # 16.5 GiB: over 1/16
+    (["--seq-length", "262144", "--sp-size", "2", "--backend", "ulysses"], 139 * GIB, True),  # half the tokens
+    (["--seq-length", "32768"], 80 * GIB, True),
+    (["--seq-length", "131072"], 80 * GIB, False),                                 # 8.3 GiB: over 5
+    (["--seq-length", "32768"], None, False),                                      # CPU
+    (["--seq-length", "32768", "--no-gradient-checkpointing"], 139 * GIB, False),  # no recompute to save
+    (["--seq-length", "32768", "--offload-activations"], 139 * GIB, False),        # memory asked for elsewhere
+    (["--seq-length", "32768", "--layers-per-checkpoint", "2"], 139 * GIB, False),
+    (["--seq-length", "32768", "--tiled-mlp", "4096"], 139 * GIB, False),
+    (["--seq-length", "262144", "--keep-attention"], 139 * GIB, True),             # the user's word stands
+    (["--seq-length", "32768", "--no-keep-attention"], 139 * GIB, False),
+])
+def test_attention_outputs_are_kept_by_default_while_they_take_a_sixteenth_of_the_gpu(argv, device, keep):
+    cfg = parse_config(argv)
+    sp_size = cfg.sp_size or 1
+    resolved = resolve_run_defaults(cfg, ONE_B, sp_size=sp_size, device_bytes=device)
+    assert resolved.keep_attention is keep
+
+
+def test_only_the_unset_flags_change():
+    cfg = parse_config(["--seq-length", "32768", "--lr", "3e-4"])
+    resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=139 * GIB)
+    assert cfg.keep_attention is None and resolved.keep_attention is True
+    assert {k: v for k, v in vars(resolved).items() if k != "keep_attention"} == \
+        {k: v for k, v in vars(cfg).items() if k != "keep_attention"}
