@@ -35,14 +35,14 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from bench_train import PEAK, error_lines, error_tail, model_flops_per_token, run as run_train, run_command
+from bench_train import (PEAK, error_lines, error_tail, launch_env, model_flops_per_token, run as run_train,
+                         run_command)
 from peer_cp import ROTATE, cp_unavailable
 from profile_step import profile_lines
 
@@ -109,9 +109,7 @@ def run_peer(system: str, model: str, seq: int, steps: int, offload: str, timeou
     "profile" (its last step's, or None)}."""
     path = os.path.join(tempfile.mkdtemp(prefix="bench_peers_"), "profile.json") if profile else None
     cmd = peer_command(system, model, seq, steps, offload, gpus, rotate, path)
-    # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
-    out, returncode, timed_out = run_command(cmd, env, timeout)
+    out, returncode, timed_out = run_command(cmd, launch_env(gpus), timeout)
     ok = returncode == 0 and not timed_out
     out += f"\ntimeout after {timeout}s" if timed_out else ""
     records = [json.loads(line[len("PEER_STEP "):]) for line in out.splitlines() if line.startswith("PEER_STEP ")]

@@ -69,6 +69,12 @@ def error_tail(output: str, chars: int = 2500) -> str:
     return (head + "\n...\n" if head else "") + output[-chars:]
 
 
+def launch_env(gpus: int) -> dict:
+    """The environment of a launch on ``gpus`` GPUs: this one, with the host's cores shared among the ranks
+    (torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core)."""
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
+
+
 def run_command(cmd: list[str], env: dict | None, timeout: float) -> tuple[str, int, bool]:
     """Run ``cmd`` in its own process group: (stdout + stderr, exit status, timed out). At the timeout the whole
     group is killed: a launcher's workers would otherwise hold the output pipe open and the wait would never end."""
@@ -101,10 +107,8 @@ def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, 
            "--num_processes", str(1 if emulate else gpus), *script, "--model", model, "--dataset", "random",
            "--seq-length", str(seq), "--backend", backend, "--max-steps", str(steps), "--output-dir", out, "--no-save",
            *extra]
-    # torchrun sets OMP_NUM_THREADS=1 unless it is set: DeepSpeed's CPU Adam would then run on one core.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
     launched = time.time()
-    output, returncode, timed_out = run_command(cmd, env, timeout)
+    output, returncode, timed_out = run_command(cmd, launch_env(gpus), timeout)
     ok = returncode == 0 and not timed_out
     tail = f"timeout after {timeout}s: {output[-1000:]}" if timed_out else error_tail(output)
     path = os.path.join(out, "log.jsonl")
