@@ -21,7 +21,8 @@ import torch
 from ..attention.reuse import ATTR, KeptOutputs
 
 # By default (train.py) outputs are kept only while they take at most this share of the GPU's memory: measured
-# 1.08x (16K) and 1.10x (32K) faster on the Llama-3.2-1B shape for 5% and 9% more peak memory (docs/performance.md).
+# 1.07x (16K) and 1.14x (32K) faster on the Llama-3.2-1B shape than without, for 4% and 8% more peak memory
+# (docs/performance.md).
 DEFAULT_SHARE = 1 / 16
 
 

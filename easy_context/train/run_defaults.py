@@ -10,7 +10,7 @@ from ..memory.keep import keep_by_default, kept_attention_bytes
 from .config import ALL_LAYERS, TrainConfig
 
 
-def checkpointed_layers(cfg: TrainConfig, num_layers: int) -> int:
+def checkpointed_layer_count(cfg: TrainConfig, num_layers: int) -> int:
     """How many decoder layers run under activation checkpointing with ``cfg``'s flags."""
     skip = cfg.no_gradient_checkpointing
     return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
@@ -27,5 +27,5 @@ def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes
         return dataclasses.replace(cfg, keep_attention=False)
     tokens = cfg.batch_size * cfg.seq_length // sp_size
     kept = kept_attention_bytes(config, tokens=tokens, dtype=torch.bfloat16,
-                                layers=checkpointed_layers(cfg, config.num_hidden_layers))
+                                layers=checkpointed_layer_count(cfg, config.num_hidden_layers))
     return dataclasses.replace(cfg, keep_attention=keep_by_default(kept, device_bytes))
