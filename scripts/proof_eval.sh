@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 3 of the RULER-style proof (settings: scripts/proof_env.sh): every run of the comparison on the task suite
 # (eval_ruler.py, sequence-parallel over the NPROC GPUs) and on perplexity of held-out real text (eval_ppl.py),
-# at SHORT/2 .. LONG, then side by side:
+# at SHORT, 4 x SHORT, .. up to LONG, then side by side:
 #   stage1     the stage-1 model as trained (RoPE unchanged: past SHORT it extrapolates)
 #   theta      no training, RoPE base raised by the NTK-aware rule, 10000 * FACTOR^(d/(d-2)) (d = head_dim 64)
 #   yarn       no training, YaRN by FACTOR
@@ -10,9 +10,9 @@
 #     bash scripts/proof_eval.sh    # resumes: only what a run's results lack is scored (RUNS=yarn ...: some runs only)
 source "$(dirname "$0")/proof_env.sh"
 SAMPLES=${SAMPLES:-2}
-DEPTH_STEP=${DEPTH_STEP:-25}
+DEPTH_STEP=${DEPTH_STEP:-50}  # evidence at depths 0, 50 and 100%
 SCORING=${SCORING:-greedy}   # every run the same: exact greedy decoding, a KV cache on one process (eval_ruler.py)
-LENGTHS=${LENGTHS:-$(python3 -c "n=$SHORT//2; print(*[n*2**i for i in range(40) if n*2**i <= $LONG])")}
+LENGTHS=${LENGTHS:-$(python3 -c "print(*[$SHORT*4**i for i in range(20) if $SHORT*4**i <= $LONG])")}  # SHORT, x4, ..
 THETA_NTK=$(python3 -c "print(f'{10000 * $FACTOR ** (64 / 62):.0f}')")
 RUNS=${RUNS:-"stage1 theta yarn dynamic extended"}
 for run in $RUNS; do

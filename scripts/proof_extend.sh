@@ -5,9 +5,10 @@
 # (THETA=...: a raised RoPE base instead), on the task mixture at growing lengths up to LONG.
 #     bash scripts/proof_extend.sh
 source "$(dirname "$0")/proof_env.sh"
-# Stages are LENGTH:BATCH:STEPS[:MINUTES] (as in proof_stage1.sh); the RoPE change goes to the first one, later
-# stages inherit it from the config.
-EXTEND=${EXTEND:-"8192:8:300 $LONG:1:300"}
+# Stages are LENGTH:BATCH:STEPS[:MINUTES] (as in proof_stage1.sh); the RoPE change goes to the first one, and
+# later stages inherit it from the config. The measured runs: 64x (LONG 131072) and 16x (LONG 32768).
+if [ "$LONG" -gt 32768 ]; then DEFAULT="8192:8:300 32768:2:150 $LONG:1:150"; else DEFAULT="8192:8:300 $LONG:1:300"; fi
+EXTEND=${EXTEND:-$DEFAULT}
 LR=${LR:-1e-4}  # a tenth of stage 1's: keep what the model knows
 BACKEND=${BACKEND:-zigzag_ring}
 MODEL=$OUT/stage1/model
