@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     loop = TrainLoop(accelerator, out_dir, run_log, saved, StopRequests(launcher_pid()),
                      tokens_per_step=cfg.batch_size * cfg.seq_length * cfg.grad_accum * groups.dp_size,
                      max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, time_limit=cfg.time_limit,
-                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints)
+                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                     memory_snapshot=cfg.memory_snapshot)
     for epoch, row, (ids, labels, positions) in data.batches(dataset, sampler, cfg.batch_size, cfg.seq_length,
                                                              cfg.data_workers):
         if loop.done():

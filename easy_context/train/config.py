@@ -24,6 +24,7 @@ from ..hf import models
 from ..memory.layer_groups import GROUP_RECOMPUTE
 from ..world.default import PRESETS
 from .instructions import INSTRUCTION_COLUMNS, MESSAGES, PROMPT_FORMATS
+from .memory_snapshot import check_snapshot_path
 from .schedule import SCHEDULES
 
 ALL_LAYERS = -1  # a layer-count flag given without its number (--offload-activations): every layer
@@ -118,6 +119,9 @@ class TrainConfig:
     # --- runs
     no_save: bool = flag(False, "skip the final model (benchmarks)")
     time_limit: float | None = flag(None, "minutes: stop after the step that passes it, then save")
+    memory_snapshot: str | None = flag(None, "record the GPU memory of the first step (rank 0) and write its snapshot "
+                                       "to this new file (for pytorch.org/memory_viz), with a summary of the peak by "
+                                       "allocation site in FILE.txt; at an out-of-memory error too", metavar="FILE")
     data_workers: int = field(default_factory=default_data_workers,
                               metadata={"help": "DataLoader worker processes (default: 2 on GPU, 0 on CPU)"})
 
@@ -245,6 +249,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         models.parse_rope_scaling(cfg.rope_scaling)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if cfg.memory_snapshot:
+        check_snapshot_path(cfg.memory_snapshot)
     if cfg.checkpoint_every and cfg.checkpoint_every >= cfg.max_steps and os.environ.get("RANK", "0") == "0":
         print(f"warning: --checkpoint-every {cfg.checkpoint_every} is not below --max-steps {cfg.max_steps}: no "
               "checkpoint will be written before the final model", file=sys.stderr)

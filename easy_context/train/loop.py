@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import checkpoint_root, save_checkpoint
 from .distributed import finish
+from .memory_snapshot import MemorySnapshot
 from .memory_stats import memory_stats
 from .run_log import RunLog
 from .stop import StopRequests
@@ -23,13 +24,14 @@ class TrainLoop:
     micro-step: stop at ``max_steps`` or past ``time_limit`` minutes; on a ``stop`` request (SIGINT, SIGTERM,
     a dead launcher: ``stop.StopRequests``) stop after the step with a checkpoint; on a non-finite loss stop
     before its backward (under DeepSpeed the backward also steps the optimizer) and checkpoint the state
-    before it. ``saved``: the counters a resume restored (step, tokens, epoch, row)."""
+    before it. ``saved``: the counters a resume restored (step, tokens, epoch, row); ``memory_snapshot``: a file
+    for rank 0's GPU memory over the first step (``memory_snapshot.MemorySnapshot``)."""
 
     stop_on_non_finite = True  # off only where losses are known garbage (benchmarks/emulate_rank.py, rank > 0)
 
     def __init__(self, accelerator, output_dir: str, run_log: RunLog, saved: dict, stop: StopRequests, *,
                  tokens_per_step: int, max_steps: int, grad_accum: int = 1, time_limit: float | None = None,
-                 checkpoint_every: int = 0, keep_checkpoints: int = 2):
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2, memory_snapshot: str | None = None):
         from tqdm import tqdm
 
         self.accelerator = accelerator
@@ -54,6 +56,8 @@ class TrainLoop:
         self.bar = tqdm(total=max_steps, initial=self.step, disable=not accelerator.is_main_process, desc="train")
         self.t0 = time.perf_counter()
         self.t_start = time.time()
+        snapshot = memory_snapshot and accelerator.is_main_process
+        self.snapshot = MemorySnapshot(memory_snapshot) if snapshot else None  # until the first step ends
 
     def done(self) -> bool:
         """Before a micro-step: whether the loop ends here (only ever between optimizer steps)."""
@@ -89,6 +93,9 @@ class TrainLoop:
         record = {"step": self.step, "loss": self.loss, "lr": lr, "tokens": self.tokens, "step_s": dt,
                   "tokens_per_s": self.tokens_per_step / dt, **memory_stats(), "time": time.time()}
         self.run_log.write(record)
+        if self.snapshot is not None:
+            self.snapshot.dump()
+            self.snapshot = None
         if self.accelerator.is_main_process:
             self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             self.bar.update(1)
