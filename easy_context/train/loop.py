@@ -90,12 +90,12 @@ class TrainLoop:
         now = time.perf_counter()
         dt = now - self.t0
         self.t0 = now
+        if self.snapshot is not None:  # first: while it records, memory_stats' allocator snapshot takes seconds
+            self.snapshot.dump()
+            self.snapshot = None
         record = {"step": self.step, "loss": self.loss, "lr": lr, "tokens": self.tokens, "step_s": dt,
                   "tokens_per_s": self.tokens_per_step / dt, **memory_stats(), "time": time.time()}
         self.run_log.write(record)
-        if self.snapshot is not None:
-            self.snapshot.dump()
-            self.snapshot = None
         if self.accelerator.is_main_process:
             self.bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             self.bar.update(1)
