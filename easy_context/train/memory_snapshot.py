@@ -47,19 +47,25 @@ def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[int, 
         for b in seg["blocks"]:
             if b["state"] == "active_allocated" and b["address"] not in allocated:
                 live[b["address"]] = (b["size"], b.get("frames", []))
-    total = peak = sum(size for size, _ in live.values())
-    at_peak = dict(live)
-    for e in trace:
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], e.get("frames", []))
-            total += e["size"]
-        elif e["action"] == free_action and e["addr"] in live:
-            total -= live.pop(e["addr"])[0]
-        else:
-            continue
-        if total > peak:
-            peak, at_peak = total, dict(live)
+    peak, peak_at, _ = _replay(trace, live, free_action, len(trace))
+    at_peak = _replay(trace, live, free_action, peak_at + 1)[2]  # copying the live set at each new peak: quadratic
     return peak, list(at_peak.values())
+
+
+def _replay(trace: list[dict], live: dict, free_action: str, stop: int) -> tuple[int, int, dict]:
+    """(peak bytes, the index of the event that reached it (-1: the start), the blocks live after event ``stop`` - 1)
+    of ``trace``'s first ``stop`` events, from the blocks ``live`` at its start (address -> (bytes, frames))."""
+    blocks, total = dict(live), sum(size for size, _ in live.values())
+    peak, peak_at = total, -1
+    for i, e in enumerate(trace[:stop]):
+        if e["action"] == "alloc":
+            blocks[e["addr"]] = (e["size"], e.get("frames", []))
+            total += e["size"]
+        elif e["action"] == free_action and e["addr"] in blocks:
+            total -= blocks.pop(e["addr"])[0]
+        if total > peak:
+            peak, peak_at = total, i
+    return peak, peak_at, blocks
 
 
 def summarize(snapshot: dict, device: int = 0, top: int = 15) -> str:
