@@ -29,11 +29,16 @@ def allocation_site(frames: list[dict]) -> str:
     return f"{path}:{frame['line']} ({frame['name']})"
 
 
+def _trace(snapshot: dict, device: int) -> list[dict]:
+    """``device``'s recorded allocator events in a snapshot ([] when none were recorded)."""
+    return snapshot["device_traces"][device] if snapshot.get("device_traces") else []
+
+
 def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[int, list[dict]]]]:
     """(peak bytes, [(bytes, frames)] of the blocks live then), replaying ``device``'s trace from a
     ``torch.cuda.memory._snapshot()``: blocks the trace frees before allocating them, and blocks still allocated
     at the end that it never allocates, were live from its start (frames [] when their allocation is unknown)."""
-    trace = snapshot["device_traces"][device] if snapshot.get("device_traces") else []
+    trace = _trace(snapshot, device)
     free_action = "free_completed" if any(e["action"] == "free_completed" for e in trace) else "free_requested"
     allocated, live = set(), {}
     for e in trace:  # what lived before the trace's first event
@@ -70,7 +75,7 @@ def _replay(trace: list[dict], live: dict, free_action: str, stop: int) -> tuple
 
 def summarize(snapshot: dict, device: int = 0, top: int = 15) -> str:
     """A table of the memory live at the trace's peak: GiB and block count per allocation site, largest first
-    (the ``top`` largest, then the rest in one line)."""
+    (the ``top`` largest, then the rest in one line), then each allocation that failed for want of memory."""
     peak, blocks = live_at_peak(snapshot, device)
     sites: dict[str, list[int]] = {}
     for size, frames in blocks:
@@ -84,6 +89,9 @@ def summarize(snapshot: dict, device: int = 0, top: int = 15) -> str:
     if rest:
         lines.append(f"{sum(s for _, (s, _) in rest) / 2**30:6.2f}  {sum(c for _, (_, c) in rest):6d}  "
                      f"({len(rest)} other sites)")
+    trace = _trace(snapshot, device)
+    lines += [f"out of memory asking for {e['size'] / 2**30:.2f} GiB at {allocation_site(e.get('frames', []))}"
+              for e in trace if e["action"] == "oom"]
     return "\n".join(lines)
 
 

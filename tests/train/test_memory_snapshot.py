@@ -74,6 +74,14 @@ def test_the_summary_groups_the_peak_by_site_largest_first(monkeypatch):
     assert summarize(snapshot_of_one_step(), top=1).splitlines()[-1] == "  5.00       2  (2 other sites)"
 
 
+def test_an_allocation_that_ran_out_of_memory_is_named_with_its_size_and_site(monkeypatch):
+    monkeypatch.setattr(sys, "path", ["/opt/lib"])
+    snapshot = snapshot_of_one_step()
+    snapshot["device_traces"][0].append({"action": "oom", "addr": 0, "size": 3 * GIB,
+                                         "frames": frames("model/mlp.py", 7, "forward")})
+    assert summarize(snapshot).splitlines()[-1] == "out of memory asking for 3.00 GiB at model/mlp.py:7 (forward)"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_the_flag_is_refused_on_a_machine_without_cuda(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU; leave the flag out on CPU"):
