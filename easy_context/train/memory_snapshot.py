@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -107,12 +108,20 @@ def check_snapshot_path(path: str) -> None:
         raise SystemExit(f"--memory-snapshot {path}: no folder {folder}; create it first")
 
 
-def _write_new(path: str, data: bytes) -> None:
-    """``data`` into ``path`` whole (a temporary file renamed into place), or not at all."""
+def _write_new(path: str, write: Callable[[BinaryIO], None]) -> bool:
+    """``write(file)`` into ``path`` whole (a temporary file linked into place), or not at all; False, with nothing
+    written, when ``path`` exists by then (never overwritten)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.link(tmp, path)  # unlike a rename, fails when the name is taken
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class MemorySnapshot:
@@ -131,7 +140,8 @@ class MemorySnapshot:
         self.done = True
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        text = f"{summarize(snapshot, torch.cuda.current_device())}\n(snapshot {when}: {self.path})\n"
-        _write_new(self.path, pickle.dumps(snapshot))
-        _write_new(self.path + ".txt", text.encode())
+        text = summarize(snapshot, torch.cuda.current_device())
+        saved = _write_new(self.path, lambda f: pickle.dump(snapshot, f))
+        text += f"\n(snapshot {when}: {self.path}{'' if saved else ' NOT written: the file appeared meanwhile'})"
+        _write_new(self.path + ".txt", lambda f: f.write(text.encode() + b"\n"))
         print(text, file=sys.stderr, flush=True)
