@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from typing import BinaryIO, Callable
 
 import torch
+
+from .new_file import create_new
 
 BEFORE = "(allocated before recording began)"
 # frames of these files are plumbing: the allocation site is the first frame outside them
@@ -108,22 +109,6 @@ def check_snapshot_path(path: str) -> None:
         raise SystemExit(f"--memory-snapshot {path}: no folder {folder}; create it first")
 
 
-def _write_new(path: str, write: Callable[[BinaryIO], None]) -> bool:
-    """``write(file)`` into ``path`` whole (a temporary file linked into place), or not at all; False, with nothing
-    written, when ``path`` exists by then (never overwritten)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.link(tmp, path)  # unlike a rename, fails when the name is taken
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class MemorySnapshot:
     """Records this process's CUDA allocations from construction, and writes ``path`` (the snapshot) and
     ``path``.txt (``summarize``) once: at ``dump()`` or at the first out-of-memory error, whichever comes first."""
@@ -141,7 +126,7 @@ class MemorySnapshot:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         text = summarize(snapshot, torch.cuda.current_device())
-        saved = _write_new(self.path, lambda f: pickle.dump(snapshot, f))
+        saved = create_new(self.path, lambda f: pickle.dump(snapshot, f))
         text += f"\n(snapshot {when}: {self.path}{'' if saved else ' NOT written: the file appeared meanwhile'})"
-        _write_new(self.path + ".txt", lambda f: f.write(text.encode() + b"\n"))
+        create_new(self.path + ".txt", lambda f: f.write(text.encode() + b"\n"))
         print(text, file=sys.stderr, flush=True)

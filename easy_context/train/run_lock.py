@@ -3,8 +3,8 @@ until it exits.
 
 A lock whose holder is gone from this host (no such process, or its pid now belongs to a later process)
 is taken over; a lock taken on another host is refused, since whether its holder still runs cannot be
-checked from here (the message says to delete it if that run is gone). ``os.link`` publishes the lock
-with its content complete and fails when one exists, on NFS too.
+checked from here (the message says to delete it if that run is gone). ``new_file.create_new`` publishes the
+lock with its content complete and fails when one exists.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 import socket
 import sys
 import time
+
+from .new_file import create_new
 
 LOCK = "run.lock"
 _held: list[str] = []
@@ -63,26 +65,7 @@ def _read(path: str) -> dict | None:
 
 def _create(path: str, me: dict) -> bool:
     """Publish ``me`` as the lock at ``path``; False when a lock exists."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(me, f)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a filesystem without hard links
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    finally:
-        os.unlink(tmp)
+    return create_new(path, lambda f: f.write(json.dumps(me).encode()))
 
 
 def _remove_stale(path: str, holder: dict) -> None:

@@ -153,16 +153,3 @@ def test_the_training_loop_dumps_once_the_first_optimizer_step_ends_on_rank_0_on
         dumps.append(sum(r.dumps for r in Recorder.made))
     assert dumps == ([0, 1, 1, 1] if main else [0, 0, 0, 0])
 
-
-def test_a_file_is_written_whole_and_never_over_one_that_appeared_meanwhile(tmp_path):
-    path = str(tmp_path / "step.pickle")
-    assert memory_snapshot._write_new(path, lambda f: f.write(b"snapshot"))
-    assert not memory_snapshot._write_new(path, lambda f: f.write(b"another"))
-    assert open(path, "rb").read() == b"snapshot"
-    def fails_halfway(f):
-        f.write(b"half")
-        raise RuntimeError("the disk is full")
-
-    with pytest.raises(RuntimeError, match="the disk is full"):
-        memory_snapshot._write_new(str(tmp_path / "half.pickle"), fails_halfway)
-    assert sorted(os.listdir(tmp_path)) == ["step.pickle"]  # no half file, no temporary left
