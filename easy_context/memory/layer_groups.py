@@ -10,7 +10,8 @@ How a group is recomputed (``GROUP_RECOMPUTE``):
 - "group": the group's recompute keeps every layer's activations, k layers' at once on the device, for one forward
   fewer per layer.
 
-How: the model's layer loop still calls every layer. The first layer of a group (its leader) runs, inside its one
+How: the model's layer loop still calls every layer. transformers checkpoints a layer in its ``forward`` (5.25)
+or around its module call (5.0-5.17); both are taken. The first layer of a group (its leader) runs, inside its one
 checkpoint region, its own forward and then the other k - 1 layers' forwards with the same arguments, and returns
 the group's output; each of the other layers (followers) checks that it was called with that output and the
 leader's arguments, and passes its input through. Exact: the same layer forwards run on the same values, once in
@@ -103,6 +104,10 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
+_UNEXPECTED = ("checkpointing layers in groups: {} was checkpointed through an unexpected function (this "
+               "transformers version checkpoints layers another way); use 1 layer per checkpoint")
+
+
 class _Pending:
     """A group's forward that ran in its leader's checkpoint: its output, and the arguments the leader got."""
 
@@ -134,18 +139,27 @@ class LayerGroup:
             self.call = None
 
     def checkpoint(self, function: Callable, *args, **options) -> Any:
-        """The leader's ``_gradient_checkpointing_func``: ``function`` is transformers' ``partial(forward, leader,
-        **kwargs)``; runs it and the followers' forwards with the same arguments in one checkpoint region."""
-        call = self.call
-        if call is None or _capturing_outputs():  # called outside its module call, or per-layer outputs wanted
+        """The leader's ``_gradient_checkpointing_func``: runs the leader and its followers with the same arguments
+        in one checkpoint region. ``function`` is transformers' ``partial(forward, leader, **kwargs)`` from inside
+        the module call (transformers 5.25), or ``partial(leader.__call__, **kwargs)`` around it (5.0-5.17)."""
+        if _capturing_outputs():  # per-layer outputs wanted: each layer its own
             return self.checkpoint_fn(function, *args, **options)
-        if not (isinstance(function, functools.partial) and function.args == (self.leader,)):
-            raise RuntimeError(f"checkpointing layers in groups: {type(self.leader).__name__} was checkpointed "
-                               "through an unexpected function (this transformers version checkpoints layers "
-                               "another way); use 1 layer per checkpoint")
-        forward, kwargs, followers = function.func, function.keywords, self.followers
-        steps = [function] + [functools.partial(forward, layer, **kwargs) for layer in followers]
+        if not isinstance(function, functools.partial):
+            raise RuntimeError(_UNEXPECTED.format(type(self.leader).__name__))
+        kwargs = function.keywords
+        if getattr(function.func, "__self__", None) is self.leader and not function.args:  # the module call
+            call = (args, kwargs)
+            forwards = [getattr(layer, _ATTR)[2] for layer in self.followers]  # each one's forward as defined
+            steps = [function] + [functools.partial(forward, **kwargs) for forward in forwards]
+        elif function.args == (self.leader,):  # the leader's forward, inside its module call
+            call = self.call
+            if call is None:  # called outside its module call
+                return self.checkpoint_fn(function, *args, **options)
+            steps = [function] + [functools.partial(function.func, layer, **kwargs) for layer in self.followers]
+        else:
+            raise RuntimeError(_UNEXPECTED.format(type(self.leader).__name__))
         nested = self.recompute == "layer"
+        followers = self.followers
 
         def run_group(hidden: Tensor, *rest):
             out = hidden
@@ -162,6 +176,18 @@ class LayerGroup:
         output = self.checkpoint_fn(run_group, *args, **options)
         self.pending = _Pending(output, *call)
         return output
+
+    def follower_checkpoint(self, own: Callable) -> Callable:
+        """A follower's ``_gradient_checkpointing_func``, given its own (``own``): while its group's forward is
+        pending, its module call (transformers 5.0-5.17 checkpoints there) passes its input through with no region
+        of its own; otherwise ``own``."""
+
+        def checkpoint(function: Callable, *args, **options) -> Any:
+            if self.pending is not None:
+                return function(*args)
+            return own(function, *args, **options)
+
+        return checkpoint
 
     def follower_forward(self, index: int, forward: Callable, *args, **kwargs) -> Any:
         """Follower ``index``'s module forward: its input when the leader ran the group, else its own forward."""
@@ -237,6 +263,8 @@ def group_checkpointed_layers(model: torch.nn.Module, k: int, recompute: str = "
                              "checkpoint)")
         group = LayerGroup(members, members[0]._gradient_checkpointing_func, recompute)
         members[0]._gradient_checkpointing_func = group.checkpoint
+        for m in members[1:]:
+            m._gradient_checkpointing_func = group.follower_checkpoint(m._gradient_checkpointing_func)
         for i, m in enumerate(members):
             setattr(m, _ATTR, (group, i - 1, m.forward))
             m.forward = types.MethodType(_leader_forward if i == 0 else _follower_forward, m)

@@ -5,6 +5,7 @@ group first; state dicts are unchanged; models whose layers of one group would g
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,9 +30,35 @@ def _model(family: str, seed: int, layers: int = LAYERS, **overrides):
     return tiny_model(family, seed, num_hidden_layers=layers, **overrides).double()
 
 
+def _call_checkpointed(base: type) -> type:
+    """``base`` (a transformers decoder layer class) checkpointed in ``__call__`` as transformers 5.0-5.17 does it,
+    around the module call (``partial(super().__call__, **kwargs)``); later versions wrap ``forward`` instead."""
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(
+                functools.partial(torch.nn.Module.__call__.__get__(self), **kwargs), *args)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    old_style = type(f"CallCheckpointed{base.__name__}", (base,), {"__call__": __call__})
+    old_style.forward = getattr(base.forward, "__wrapped__", base.forward)  # as defined: no checkpointing
+    return old_style
+
+
+def checkpoint_in_call(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its decoder layers checkpointed in ``__call__`` (``_call_checkpointed``)."""
+    classes: dict[type, type] = {}
+    for layer in layer_groups.decoder_layers(model):
+        base = type(layer)
+        layer.__class__ = classes.setdefault(base, _call_checkpointed(base))
+    return model
+
+
 def _grouped(family: str, seed: int, k: int, *, offload: int = 0, skip_last: int = 0, layers: int = LAYERS,
-             recompute: str = "layer", **overrides):
+             recompute: str = "layer", in_call: bool = False, **overrides):
     model = _model(family, seed, layers, **overrides)
+    if in_call:
+        checkpoint_in_call(model)
     setup_checkpointing(model, offload=offload, skip_last=skip_last, layers_per_checkpoint=k,
                         group_recompute=recompute)
     return model.train()
@@ -62,6 +89,14 @@ def test_groups_equal_no_checkpointing(family, k, recompute, seed):
     ids, labels = batch(seed, 2, SEQ)
     got = _loss_and_grads(_grouped(family, seed, k, recompute=recompute), ids, labels)
     _assert_equal(got, _reference(family, seed, ids, labels), f"{family} k={k} {recompute}")
+
+
+@pytest.mark.parametrize("k, recompute", [(k, r) for k in (2, 3, LAYERS) for r in GROUP_RECOMPUTE])
+def test_groups_equal_no_checkpointing_where_transformers_checkpoints_the_module_call(k, recompute, seed):
+    ids, labels = batch(seed, 2, SEQ)
+    model = _grouped("llama", seed, k, recompute=recompute, in_call=True)
+    got = _loss_and_grads(model, ids, labels)
+    _assert_equal(got, _reference("llama", seed, ids, labels), f"checkpointed in __call__, k={k} {recompute}")
 
 
 @pytest.mark.parametrize("recompute", GROUP_RECOMPUTE)
@@ -150,15 +185,16 @@ def test_groups_under_deepspeed_zero3_equal_one_layer_per_checkpoint(seed):
 
 
 class _SavedInDecoder:
-    """Counts the tensors autograd saves outside checkpoint regions from the first decoder layer's call to the
-    end of the last one's: with every layer checkpointed, exactly what the checkpoints keep for their recompute."""
+    """Counts the tensors autograd saves outside checkpoint regions from just before the first decoder layer's call
+    (after the rotary embedding) to just after the last one's (before the final norm): with every layer
+    checkpointed, exactly what the checkpoints keep for their recompute. (Not hooks on the layers: where
+    transformers checkpoints the module call, those run inside the region.)"""
 
     def __init__(self, model):
         self.saved: list[torch.Tensor] = []
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        layers = model.model.layers
-        layers[0].register_forward_pre_hook(lambda *_: self.hooks.__enter__())
-        layers[-1].register_forward_hook(lambda *_: self.hooks.__exit__(None, None, None))
+        model.model.rotary_emb.register_forward_hook(lambda *_: self.hooks.__enter__())
+        model.model.norm.register_forward_pre_hook(lambda *_: self.hooks.__exit__(None, None, None))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if t.numel():  # torch <= 2.11 also saves checkpoint's empty marker
@@ -166,9 +202,10 @@ class _SavedInDecoder:
         return t
 
 
+@pytest.mark.parametrize("in_call", [False, True], ids=["forward-checkpointed", "call-checkpointed"])
 @pytest.mark.parametrize("k", [1, 2, 3, LAYERS])
-def test_forward_keeps_one_input_per_group(k, seed):
-    model = _grouped("llama", seed, k)
+def test_forward_keeps_one_input_per_group(k, in_call, seed):
+    model = _grouped("llama", seed, k, in_call=in_call)
     counter = _SavedInDecoder(model)
     ids, labels = batch(seed, 2, SEQ)
     loss = model(input_ids=ids, labels=labels).loss
@@ -177,8 +214,9 @@ def test_forward_keeps_one_input_per_group(k, seed):
     loss.backward()
 
 
+@pytest.mark.parametrize("in_call", [False, True], ids=["forward-checkpointed", "call-checkpointed"])
 @pytest.mark.parametrize("k, offload", [(1, -1), (2, -1), (3, -1), (LAYERS, -1), (2, 3), (3, 3)])
-def test_offload_copies_one_input_per_group_to_the_host(k, offload, seed, monkeypatch):
+def test_offload_copies_one_input_per_group_to_the_host(k, offload, in_call, seed, monkeypatch):
     copies = []
     pack = OffloadedCheckpoint._pack
 
@@ -189,7 +227,7 @@ def test_offload_copies_one_input_per_group_to_the_host(k, offload, seed, monkey
         return saved
 
     monkeypatch.setattr(OffloadedCheckpoint, "_pack", counting_pack)
-    model = _grouped("llama", seed, k, offload=offload)
+    model = _grouped("llama", seed, k, offload=offload, in_call=in_call)
     ids, labels = batch(seed, 2, SEQ)
     got = _loss_and_grads(model, ids, labels)
     # the groups whose first layer is among the first `offload` layers
@@ -206,18 +244,20 @@ def test_state_dict_keys_and_values_are_unchanged(seed):
                                                         for m in grouped.model.layers)
 
 
-def test_evaluation_and_no_grad_run_each_layer_alone(seed):
+@pytest.mark.parametrize("in_call", [False, True], ids=["forward-checkpointed", "call-checkpointed"])
+def test_evaluation_and_no_grad_run_each_layer_alone(in_call, seed):
     ids, _ = batch(seed, 2, SEQ)
-    plain, grouped = _model("llama", seed).eval(), _grouped("llama", seed, 2)
+    plain, grouped = _model("llama", seed).eval(), _grouped("llama", seed, 2, in_call=in_call)
     ref = plain(input_ids=ids).logits
     with torch.no_grad():
         assert torch.equal(grouped(input_ids=ids).logits, ref)  # training mode, no autograd: no checkpoint
     assert torch.equal(grouped.eval()(input_ids=ids).logits, ref)
 
 
-def test_hidden_states_asked_for_are_each_layers_own(seed):
+@pytest.mark.parametrize("in_call", [False, True], ids=["forward-checkpointed", "call-checkpointed"])
+def test_hidden_states_asked_for_are_each_layers_own(in_call, seed):
     ids, labels = batch(seed, 2, SEQ)
-    plain, grouped = _model("llama", seed).train(), _grouped("llama", seed, 2)
+    plain, grouped = _model("llama", seed).train(), _grouped("llama", seed, 2, in_call=in_call)
     ref = plain(input_ids=ids, labels=labels, output_hidden_states=True)
     out = grouped(input_ids=ids, labels=labels, output_hidden_states=True)
     assert len(out.hidden_states) == LAYERS + 1
