@@ -5,7 +5,9 @@
 #   MODEL=meta-llama/Llama-3.1-8B DATA=... bash scripts/train_8b_1gpu.sh
 #   MODEL=shape:llama3-8b DATA=random STEPS=1 bash scripts/train_8b_1gpu.sh     # random-init shape: a timing run
 # Measured on one H200 (139 GiB) with 125 GiB of host memory (docs/performance.md): at 256K 215 s a step, 125.2 GiB
-# GPU, 97.5 GiB host; at 128K 69.4 s, 86.1 GiB GPU. At 256K with 8 layer inputs offloaded the host ran out.
+# GPU, 97.5 GiB host; at 128K 69.4 s, 86.1 GiB GPU. The longest so far, 384K, keeps one layer input per 2 layers:
+#   SEQ=393216 MEMORY="--tiled-mlp 4096 --fuse-pointwise --layers-per-checkpoint 2"   # 466 s a step, 118.6 GiB GPU
+# At 256K with 8 layer inputs offloaded the host ran out.
 # train.py refuses, before loading, a ZeRO-3 state plus offloaded activations that the host cannot hold, and
 # names the "ratio" that fits.
 set -euo pipefail
