@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                                 max_position_embeddings=cfg.seq_length)
     ec.check_model_fits_plan(config, plan)
     gpu_bytes = torch.cuda.get_device_properties(state.device).total_memory if torch.cuda.is_available() else None
-    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes)  # --keep-attention
+    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes, deepspeed=use_ds,
+                               processes=state.num_processes)  # --keep-attention, --bf16-grads
     num_params = models.parameter_count(config) if use_ds else 0  # for the ZeRO-3 host check; before zero.Init
     # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
     input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
     model = build_model(cfg, model_path, config, plan, dtype, packed)
     wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk)
-    wrapped, optimizer, saved, run_log = prepare_training(accelerator, wrapped, model, cfg, sampler, out_dir,
-                                                          resume_from)
+    wrapped, optimizer, saved, run_log, grads = prepare_training(accelerator, wrapped, model, cfg, sampler,
+                                                                 out_dir, resume_from)
     if accelerator.is_main_process:
         start = f"resuming from {resume_from}" if resume_from else "fresh start"
         print(f"{state.num_processes} processes = {groups.dp_size} data-parallel x {groups.sp_size} "
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
         inputs = (b.input_ids, b.target_ids, b.position_ids, b.documents)
-        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm):
+        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm, grads):
             break  # a non-finite loss on some rank: no rank took its backward (nor step)
         loop.end_micro(lr, epoch, row)  # log, checkpoint every N steps
     loop.end()  # stopped by a signal or a non-finite loss: checkpoint, say how to resume, exit non-zero

@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
                               mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
-    wrapped, optimizer, saved, run_log = prepare_training(accelerator, wrapped, model, cfg, sampler, out_dir,
-                                                          resume_from)
+    wrapped, optimizer, saved, run_log, grads = prepare_training(accelerator, wrapped, model, cfg, sampler,
+                                                                 out_dir, resume_from)
     if accelerator.is_main_process:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         start = f"resuming from {resume_from}" if resume_from else "fresh start"
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                     schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
-        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm):
+        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm, grads):
             break  # a non-finite loss on some rank: no rank took its backward (nor step)
         loop.end_micro(lr, epoch, row)
     loop.end()

@@ -152,6 +152,11 @@ def _tiled_forward(self: torch.nn.Module, hidden_states: Tensor, *args, **kwargs
     return _TiledMLP.apply(self, state, params, hidden_states, anchor)
 
 
+def tiled_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that ``apply_tiled_mlp`` made tiled."""
+    return [m for m in model.modules() if hasattr(m, _ATTR)]
+
+
 def _default_tile_tokens(model: torch.nn.Module) -> int:
     # A tile's [T, intermediate] activation then holds as many elements as one MLP weight matrix.
     return int(getattr(getattr(model, "config", None), "hidden_size", None) or 4096)

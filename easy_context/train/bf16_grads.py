@@ -1,0 +1,136 @@
+"""Gradients that hold only bf16 values, kept in bf16 until the optimizer step: 2 bytes a number instead of 4.
+
+Under bf16 autocast a linear layer's float32 weight is cast to bf16 for its matmul, so the weight's gradient is
+that matmul's bf16 output cast back to float32: every number in its float32 ``.grad`` is a bf16 number. Moving it
+into a bf16 tensor as autograd finishes it loses nothing and frees the float32 one, so a backward holds half the
+bytes for these gradients (on the Llama shapes, 79% of the parameters at 1B and 87% at 8B). The step then rebuilds
+float32 gradients a chunk of parameters at a time, clips them by the same total norm and steps the optimizer on
+that chunk only: parameters, moments and the clipping are bitwise those of the float32 path, since the norm of
+each gradient is taken from its float32 form (in the hook, by the kernel ``clip_grad_norm_`` uses) and AdamW acts
+on each number alone.
+
+Use it where every weight it takes gets one gradient per optimizer step, computed in bf16: one process (no DDP
+reducer reading ``.grad``), no gradient accumulation, bf16 autocast with float32 weights. Weights whose gradient
+is a float32 sum (tied embeddings, an output layer whose loss accumulates its gradient in float32, a tiled MLP's
+per-tile sums) must be left out; ``linear_weights`` picks the others. The first step checks that each stored
+gradient was a bf16 number, and stops the run with the weights' names if one was not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..memory.tiled_mlp import tiled_mlps
+
+Tensor = torch.Tensor
+CHUNK_BYTES = 1 << 30  # float32 gradients rebuilt at once in the step
+
+
+def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, weight) of ``model``'s trainable ``nn.Linear`` weights, in model order, leaving out those whose
+    ``id`` is in ``exclude`` and any weight another module also holds (tied embeddings)."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    out = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and isinstance(w, torch.nn.Parameter) and w.requires_grad
+                and w.dtype == torch.float32 and id(w) not in exclude and holders[id(w)] == 1):
+            out.append((f"{name}.weight" if name else "weight", w))
+    return out
+
+
+def bf16_gradient_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``linear_weights`` of a causal LM whose gradients are bf16 numbers under bf16 autocast: without the output
+    layer (the chunked loss sums its gradient in float32) and tiled MLPs (a sum over tiles in float32)."""
+    head = model.get_output_embeddings()
+    exclude = {id(p) for m in [*tiled_mlps(model), *([head] if head is not None else [])] for p in m.parameters()}
+    return linear_weights(model, exclude)
+
+
+class Bf16Gradients:
+    """Keeps the gradients of ``weights`` ((name, float32 parameter) pairs) in bf16 from the moment autograd
+    finishes each until ``step``; their ``.grad`` stays None in between. ``step`` replaces clipping and
+    ``optimizer.step()`` for all of ``params`` (the optimizer's parameters, in the order clipping would take)."""
+
+    def __init__(self, weights: list[tuple[str, torch.nn.Parameter]], params: list[torch.nn.Parameter],
+                 chunk_bytes: int = CHUNK_BYTES):
+        self.names = {id(p): name for name, p in weights}
+        self.params = list(params)
+        missing = set(self.names) - {id(p) for p in self.params}
+        if missing:
+            raise ValueError(f"Bf16Gradients: {len(missing)} weights are not among the optimizer's parameters "
+                             f"(e.g. {next(self.names[k] for k in missing)})")
+        self.chunk_bytes = chunk_bytes
+        self.grads: dict[int, Tensor] = {}
+        self.norms: dict[int, Tensor] = {}
+        self.inexact: list[Tensor] | None = []  # per stored gradient, on the first step only
+        self.handles = [p.register_post_accumulate_grad_hook(self._take) for _, p in weights]
+
+    def _take(self, p: torch.nn.Parameter) -> None:
+        key = id(p)
+        if key in self.grads:
+            raise RuntimeError(f"{self.names[key]} got a second gradient before the optimizer step; bf16 gradient "
+                               "storage needs one per step (no gradient accumulation): pass --no-bf16-grads")
+        g = p.grad
+        stored = g.to(torch.bfloat16)
+        if self.inexact is not None:
+            self.inexact.append((stored.float() != g).any())
+        self.norms[key] = torch._foreach_norm([g], 2.0)[0]
+        self.grads[key] = stored
+        p.grad = None
+
+    def _check_exact(self) -> None:
+        flags, self.inexact = self.inexact, None
+        if flags and bool(torch.stack(flags).any()):
+            bad = [self.names[k] for k, f in zip(self.grads, flags) if bool(f)]
+            raise RuntimeError(f"bf16 gradient storage would round the gradients of {', '.join(bad[:4])}"
+                               f"{' ...' if len(bad) > 4 else ''}: they are not bf16 numbers (float32 weights "
+                               "outside bf16 autocast?); pass --no-bf16-grads")
+
+    def total_norm(self) -> Tensor:
+        """The 2-norm of all gradients, stored or in ``.grad``: ``clip_grad_norm_``'s, bit for bit."""
+        held = [p for p in self.params if id(p) not in self.grads and p.grad is not None]
+        held_norms = dict(zip(map(id, held), torch._foreach_norm([p.grad for p in held], 2.0))) if held else {}
+        norms = [self.norms[id(p)] if id(p) in self.grads else held_norms[id(p)] for p in self.params
+                 if id(p) in self.grads or id(p) in held_norms]
+        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> Tensor:
+        """Clip all gradients to ``max_grad_norm`` (``clip_grad_norm_``'s rule) and step ``optimizer`` over them,
+        one chunk of parameters at a time; leaves every ``.grad`` None. Returns the norm before clipping."""
+        if self.inexact is not None:
+            self._check_exact()
+        total = self.total_norm()
+        coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+        grads = dict(self.grads)  # every gradient, by parameter, out of .grad: each chunk's step sees its own only
+        for p in self.params:
+            if p.grad is not None:
+                grads[id(p)], p.grad = p.grad, None
+        chunk, size = [], 0
+        for p in self.params:
+            if id(p) in grads:
+                chunk.append(p)
+                size += p.numel() * 4
+            if chunk and (size >= self.chunk_bytes or p is self.params[-1]):
+                self._step_chunk(optimizer, chunk, [grads.pop(id(q)) for q in chunk], coef)
+                chunk, size = [], 0
+        self.grads.clear()
+        self.norms.clear()
+        return total
+
+    @staticmethod
+    def _step_chunk(optimizer, chunk: list[torch.nn.Parameter], grads: list[Tensor], coef: Tensor) -> None:
+        for p, g in zip(chunk, grads):
+            p.grad = g.float() if g.dtype == torch.bfloat16 and p.dtype == torch.float32 else g
+        grads = [p.grad for p in chunk]
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        optimizer.step()
+        for p in chunk:
+            p.grad = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
