@@ -73,7 +73,7 @@ class Bf16Gradients:
         key = id(p)
         if key in self.grads:
             raise RuntimeError(f"{self.names[key]} got a second gradient before the optimizer step; bf16 gradient "
-                               "storage needs one per step (no gradient accumulation): pass --no-bf16-grads")
+                               "storage needs one per step (no gradient accumulation): leave out --bf16-grads")
         g = p.grad
         stored = g.to(torch.bfloat16)
         if self.inexact is not None:
@@ -88,7 +88,7 @@ class Bf16Gradients:
             bad = [self.names[k] for k, f in zip(self.grads, flags) if bool(f)]
             raise RuntimeError(f"bf16 gradient storage would round the gradients of {', '.join(bad[:4])}"
                                f"{' ...' if len(bad) > 4 else ''}: they are not bf16 numbers (float32 weights "
-                               "outside bf16 autocast?); pass --no-bf16-grads")
+                               "outside bf16 autocast?); leave out --bf16-grads")
 
     def total_norm(self) -> Tensor:
         """The 2-norm of all gradients, stored or in ``.grad``: ``clip_grad_norm_``'s, bit for bit."""

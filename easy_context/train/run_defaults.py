@@ -22,12 +22,9 @@ def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes
 
     ``keep_attention``: on a GPU of ``device_bytes`` (None: no GPU) while the outputs its ``sp_size``-rank shard
     keeps take a small share of it (``memory.keep.keep_by_default``), and off where a flag already trades speed for
-    memory (offloaded activations, layer groups, tiled MLPs). ``bf16_grads``: on where it is exact and nothing else
-    holds the gradients (a GPU's bf16 autocast, one process, no DeepSpeed, no accumulation); given where it cannot
-    be, a SystemExit that says why."""
-    if cfg.bf16_grads is None:
-        cfg = dataclasses.replace(cfg, bf16_grads=bf16_grads_blocker(cfg, device_bytes, deepspeed, processes) is None)
-    elif cfg.bf16_grads and (why := bf16_grads_blocker(cfg, device_bytes, deepspeed, processes)):
+    memory (offloaded activations, layer groups, tiled MLPs). ``bf16_grads`` asked for where it cannot hold the
+    gradients exactly (``bf16_grads_blocker``): a SystemExit that says why, before any weights load."""
+    if cfg.bf16_grads and (why := bf16_grads_blocker(cfg, device_bytes, deepspeed, processes)):
         raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
     if cfg.keep_attention is not None:
         return cfg

@@ -98,7 +98,7 @@ def test_between_backward_and_step_the_weights_hold_bf16_gradients_only():
 
 
 def test_float32_matmul_gradients_are_refused_at_the_first_step():
-    with pytest.raises(RuntimeError, match=r"not bf16 numbers.*--no-bf16-grads"):
+    with pytest.raises(RuntimeError, match=r"not bf16 numbers.*leave out --bf16-grads"):
         train(tiny_llama(tied=True), stored=True, max_grad_norm=1.0, steps=1, autocast=False)
 
 
@@ -107,7 +107,7 @@ def test_a_second_gradient_before_the_step_is_refused():
     Bf16Gradients(linear_weights(model), list(model.parameters()))
     ids = batches(1)[0]
     loss_of(model, ids, autocast=True).backward()
-    with pytest.raises(RuntimeError, match=r"second gradient.*--no-bf16-grads"):
+    with pytest.raises(RuntimeError, match=r"second gradient.*leave out --bf16-grads"):
         loss_of(model, ids, autocast=True).backward()
 
 

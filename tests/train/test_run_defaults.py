@@ -39,25 +39,15 @@ def test_only_the_unset_flags_change():
     cfg = parse_config(["--seq-length", "32768", "--lr", "3e-4"])
     resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=139 * GIB)
     assert cfg.keep_attention is None and resolved.keep_attention is True
-    assert {k: v for k, v in vars(resolved).items() if k not in ("keep_attention", "bf16_grads")} == \
-        {k: v for k, v in vars(cfg).items() if k not in ("keep_attention", "bf16_grads")}
+    assert {k: v for k, v in vars(resolved).items() if k != "keep_attention"} == \
+        {k: v for k, v in vars(cfg).items() if k != "keep_attention"}
 
 
-@pytest.mark.parametrize("argv, device, deepspeed, processes, on", [
-    ([], 139 * GIB, False, 1, True),                             # one CUDA process, no DeepSpeed: on
-    ([], None, False, 1, False),                                 # CPU: float32 matmuls, float32 gradients
-    ([], 139 * GIB, True, 1, False),                             # DeepSpeed keeps bf16 gradients itself
-    ([], 139 * GIB, False, 2, False),                            # DDP's reducer reads float32 .grad
-    (["--grad-accum", "2"], 139 * GIB, False, 1, False),         # sums over micro-steps
-    (["--no-bf16-grads"], 139 * GIB, False, 1, False),           # the user's word stands
-    (["--bf16-grads"], 139 * GIB, False, 1, True),
-])
-def test_bf16_gradients_are_on_where_they_are_exact_and_nothing_else_holds_gradients(argv, device, deepspeed,
-                                                                                       processes, on):
+@pytest.mark.parametrize("argv", [[], ["--bf16-grads"]])
+def test_bf16_gradients_are_what_the_user_asked_for_where_they_are_exact(argv):
     cfg = parse_config(argv)
-    resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=device, deepspeed=deepspeed,
-                                    processes=processes)
-    assert resolved.bf16_grads is on
+    resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=139 * GIB, deepspeed=False, processes=1)
+    assert resolved.bf16_grads is bool(argv)  # off unless asked: on the 1B shape at 16K it did not lower the peak
 
 
 @pytest.mark.parametrize("device, deepspeed, processes, says", [
