@@ -17,7 +17,8 @@ Columns: tokens/s per GPU; MFU = (6 N + 6 L d S) x tokens/s per GPU / 989 TFLOP/
 hidden size, S sequence length; the same formula for every system, recomputation not counted); peak GPU memory
 (the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
 each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
-``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
+``--variants 'A|B'`` runs this recipe's rows once per set of train.py flags (the peers once), so
+settings compare against the same peer rows. ``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
 ``--profile`` runs one step more per row under torch.profiler (kept out of the figures) and prints where each
 system's step goes by kind of kernel (attention, matmul, optimizer, other...): what to close against a peer.
 ``--gpus P`` runs every row on P processes (torchrun for the peers, accelerate for this recipe), one sequence
@@ -140,9 +141,10 @@ def failure_line(error: str) -> str:
     return re.sub(r"^\s*\[rank\d+\]:\s*", "", lines[-1])[:120]
 
 
-def measure(system: str, args, seq: int) -> dict:
-    """One row: the system at ``seq`` with its figures, or why it did not run."""
-    row = {"system": system, "seq": seq, "gpus": args.gpus}
+def measure(system: str, args, seq: int, variant: str = "") -> dict:
+    """One row: the system at ``seq`` (this recipe's with the train.py flags ``variant`` too) with its figures, or
+    why it did not run."""
+    row = {"system": system, "seq": seq, "gpus": args.gpus, **({"variant": variant} if variant else {})}
     why = missing(system, args.gpus)
     if why:
         return {**row, "skipped": why}
@@ -150,7 +152,8 @@ def measure(system: str, args, seq: int) -> dict:
     r = (run_peer(system, args.model, seq, args.steps, args.offload, args.timeout, args.gpus, args.cp_rotate,
                   args.profile)
          if system in PEERS
-         else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout, args.extra.split(), args.profile))
+         else run_ours(system, args.model, seq, args.steps, args.gpus, args.timeout,
+                       [*args.extra.split(), *variant.split()], args.profile))
     row.update(cmd=r["cmd"], wall_s=time.time() - started, **({"profile": r["profile"]} if r["profile"] else {}))
     if r.get("startup_s") is not None:  # train.py's launch to its first step: start-up, not training
         row["startup_s"] = r["startup_s"]
@@ -198,15 +201,16 @@ def table(rows: list[dict], longest_rows: list[dict]) -> str:
     lines = [head + (" longest |" if top else ""), "|---" * (9 + bool(top)) + "|"]
     for r in rows:
         tail = f" {top.get(r['system'])} |" if top else ""
+        name = f"{r['system']} `{r['variant']}`" if r.get("variant") else r["system"]
         if "mfu" in r:
             memory = f"{r['memory_vs_best_peer']:.2f}x" if "memory_vs_best_peer" in r else ""
             ratio = f"{r['speed_vs_best_peer']:.2f}x ({r['best_peer']}) | {memory} |" if "best_peer" in r else " | |"
-            system = f"{r['system']} ({r['stopped']})" if "stopped" in r else r["system"]
+            system = f"{name} ({r['stopped']})" if "stopped" in r else name
             lines.append(f"| {system} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
                          f"{r['step_s']:.3f} | {r['peak_gpu_gib']:.1f} | {r['host_peak_gib']:.1f} | {ratio}{tail}")
         else:
             why = r.get("skipped") or "failed: " + failure_line(r["error"])
-            lines.append(f"| {r['system']} | {r['seq']} | {why} | | | | | | |{tail}")
+            lines.append(f"| {name} | {r['seq']} | {why} | | | | | | |{tail}")
     return "\n".join(lines)
 
 
@@ -223,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cp-rotate", choices=ROTATE, default="allgather",
                    help="torch_cp: set_rotate_method's method for the K/V shards (PyTorch's default: allgather)")
     p.add_argument("--extra", default="", help="more train.py flags for this recipe's rows")
+    p.add_argument("--variants", default="", help="this recipe's rows once per set of train.py flags, sets "
+                   "separated by | (an empty set: the defaults), e.g. --variants='|--loss-chunk 256'")
     p.add_argument("--longest", default="", help="START,MAX: per system, double the length from START up to MAX "
                    "until a run fails; the last that completed is its longest")
     p.add_argument("--profile", action="store_true", help="one more step per row, profiled: where each system's "
@@ -240,12 +246,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def runs(args) -> list[tuple[str, str]]:
+    """(system, train.py flags) per row at one length: this recipe's systems once per ``--variants`` entry."""
+    variants = args.variants.split("|") if args.variants else [""]
+    return [(s, v.strip()) for s in args.systems.split(",") for v in (variants if s in OURS else [""])]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = []
     for seq in map(int, args.seqlens.split(",")):
-        for system in args.systems.split(","):
-            rows.append(measure(system, args, seq))
+        for system, variant in runs(args):
+            rows.append(measure(system, args, seq, variant))
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cmd", "error", "profile")}), flush=True)
     add_ratios(rows)
     longest_rows = [longest(s, args) for s in args.systems.split(",")] if args.longest else []

@@ -259,3 +259,22 @@ def test_a_peer_stopped_at_its_time_cap_returns_the_steps_it_printed(monkeypatch
     monkeypatch.setattr(bench_peers, "peer_command", lambda *args, **kwargs: [sys.executable, "-c", script])
     r = bench_peers.run_peer("hf", TINY, 64, 4, "none", timeout=5)
     assert r["timed_out"] and not r["ok"] and [x["step"] for x in r["records"]] == [1, 2]
+
+
+def test_variants_give_this_recipes_rows_once_per_flag_set_and_peers_once(monkeypatch):
+    args = bench_peers.parse_args(["--model", TINY, "--seqlens", "64", "--systems", "hf,ours_ddp,ours_zero3",
+                                   "--variants", "|--loss-chunk 256", "--extra=--keep-attention"])
+    assert bench_peers.runs(args) == [("hf", ""), ("ours_ddp", ""), ("ours_ddp", "--loss-chunk 256"),
+                                      ("ours_zero3", ""), ("ours_zero3", "--loss-chunk 256")]
+    seen = []
+
+    def run(system, model, seq, steps, gpus, timeout, extra, profile=False):
+        seen.append(extra)
+        return _stopped_run([{"step_s": 1.0, "tokens_per_s": 64.0, "peak_gpu_gib": 2.0, "host_peak_gib": 1.0}] * 4,
+                            timed_out=False, ok=True)(system, model, seq, steps, gpus, timeout, extra, profile)
+
+    monkeypatch.setattr(bench_peers, "run_ours", run)
+    got = bench_peers.measure("ours_ddp", args, 64, "--loss-chunk 256")
+    assert seen == [["--keep-attention", "--loss-chunk", "256"]]
+    assert got["variant"] == "--loss-chunk 256"
+    assert "| ours_ddp `--loss-chunk 256` | 64 |" in bench_peers.table([got], [])
