@@ -17,8 +17,9 @@ Columns: tokens/s per GPU; MFU = (6 N + 6 L d S) x tokens/s per GPU / 989 TFLOP/
 hidden size, S sequence length; the same formula for every system, recomputation not counted); peak GPU memory
 (the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
 each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
-``--variants 'A|B'`` runs this recipe's rows once per set of train.py flags (the peers once), so
-settings compare against the same peer rows. ``--longest`` adds, per system, the longest length of a doubling search that completes its steps.
+``--variants 'A|B'`` runs this recipe's rows once per set of train.py flags (the peers once), so settings compare
+against the same peer rows. ``--longest`` adds, per system, the longest length of a doubling search that completes
+its steps.
 ``--profile`` runs one step more per row under torch.profiler (kept out of the figures) and prints where each
 system's step goes by kind of kernel (attention, matmul, optimizer, other...): what to close against a peer.
 ``--gpus P`` runs every row on P processes (torchrun for the peers, accelerate for this recipe), one sequence
