@@ -169,11 +169,12 @@ def test_layer_by_layer_the_backward_holds_one_layers_activations_and_the_groups
 def _zero3_worker(rank, world, seed):
     zero3.init(rank, world)
     ids, labels = batch(seed + rank, 1, SEQ)
-    models = [_grouped("llama", seed, 1).float()] + [_grouped("llama", seed, LAYERS, recompute=r).float()
-                                                      for r in GROUP_RECOMPUTE]
+    runs = [(r, in_call) for r in GROUP_RECOMPUTE for in_call in (False, True)]
+    models = [_grouped("llama", seed, 1).float()]
+    models += [_grouped("llama", seed, LAYERS, recompute=r, in_call=in_call).float() for r, in_call in runs]
     ref, *got = [zero3.loss_and_grads(m, ids, labels) for m in models]
-    for result, recompute in zip(got, GROUP_RECOMPUTE):
-        _assert_equal(result, ref, f"ZeRO-3 rank {rank}, {recompute}")
+    for result, (recompute, in_call) in zip(got, runs):
+        _assert_equal(result, ref, f"ZeRO-3 rank {rank}, {recompute}{', checkpointed in __call__' if in_call else ''}")
 
 
 @pytest.mark.skipif(not os.environ.get("EASY_CONTEXT_TEST_DEEPSPEED"),
