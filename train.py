@@ -28,6 +28,7 @@ from easy_context.memory import offload
 from easy_context.parallel.inputs import SeqParallelInputs
 from easy_context.parallel.plan import ParallelPlan, resolve_plan
 from easy_context.train import checkpoint, data, run_lock, schedule
+from easy_context.train.bf16_grads import check_bf16_grads
 from easy_context.train.config import TrainConfig, parse_config
 from easy_context.train.console import announce_op_builds, is_main_process, show_warnings_once
 from easy_context.train.distributed import finish, main_decides, run_script
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                                 max_position_embeddings=cfg.seq_length)
     ec.check_model_fits_plan(config, plan)
     gpu_bytes = torch.cuda.get_device_properties(state.device).total_memory if torch.cuda.is_available() else None
-    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes, deepspeed=use_ds,
-                               processes=state.num_processes)  # --keep-attention, --bf16-grads
+    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes)  # --keep-attention
+    if cfg.bf16_grads:
+        check_bf16_grads(gpu=gpu_bytes is not None, deepspeed=use_ds, processes=state.num_processes)
     num_params = models.parameter_count(config) if use_ds else 0  # for the ZeRO-3 host check; before zero.Init
     # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
     input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size

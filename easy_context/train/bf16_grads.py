@@ -26,6 +26,20 @@ Tensor = torch.Tensor
 CHUNK_BYTES = 1 << 30  # float32 gradients rebuilt at once in the step
 
 
+def check_bf16_grads(*, gpu: bool, deepspeed: bool, processes: int) -> None:
+    """SystemExit, before any weights load, where ``--bf16-grads`` cannot hold a run's gradients exactly (its
+    ``--grad-accum`` is refused as the command is read)."""
+    if not gpu:
+        why = "its gradients are bf16 numbers only under a CUDA GPU's bf16 autocast (on CPU they are float32)"
+    elif deepspeed:
+        why = "DeepSpeed holds the gradients itself (in bf16 already)"
+    elif processes > 1:
+        why = f"with {processes} processes DDP's reducer holds the gradients in float32 buckets"
+    else:
+        return
+    raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
+
+
 def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, weight) of ``model``'s trainable ``nn.Linear`` weights, in model order, leaving out those whose
     ``id`` is in ``exclude`` and any weight another module also holds (tied embeddings)."""

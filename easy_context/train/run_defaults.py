@@ -16,16 +16,11 @@ def checkpointed_layer_count(cfg: TrainConfig, num_layers: int) -> int:
     return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
 
 
-def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None,
-                         deepspeed: bool = False, processes: int = 1) -> TrainConfig:
-    """``cfg`` with the flags the command line left unset (None) decided; flags the user gave are kept as they are.
-
-    ``keep_attention``: on a GPU of ``device_bytes`` (None: no GPU) while the outputs its ``sp_size``-rank shard
-    keeps take a small share of it (``memory.keep.keep_by_default``), and off where a flag already trades speed for
-    memory (offloaded activations, layer groups, tiled MLPs). ``bf16_grads`` asked for where it cannot hold the
-    gradients exactly (``bf16_grads_blocker``): a SystemExit that says why, before any weights load."""
-    if cfg.bf16_grads and (why := bf16_grads_blocker(cfg, device_bytes, deepspeed, processes)):
-        raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
+def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None) -> TrainConfig:
+    """``cfg`` with ``keep_attention`` decided where the command line left it unset: on a GPU of ``device_bytes``
+    (None: no GPU) while the outputs its ``sp_size``-rank shard keeps take a small share of it
+    (``memory.keep.keep_by_default``), and off where a flag already trades speed for memory (offloaded
+    activations, layer groups, tiled MLPs). Flags the user gave are kept as they are."""
     if cfg.keep_attention is not None:
         return cfg
     if cfg.offload_activations or cfg.layers_per_checkpoint > 1 or cfg.tiled_mlp:
@@ -34,16 +29,3 @@ def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes
     kept = kept_attention_bytes(config, tokens=tokens, dtype=torch.bfloat16,
                                 layers=checkpointed_layer_count(cfg, config.num_hidden_layers))
     return dataclasses.replace(cfg, keep_attention=keep_by_default(kept, device_bytes))
-
-
-def bf16_grads_blocker(cfg: TrainConfig, device_bytes: int | None, deepspeed: bool, processes: int) -> str | None:
-    """Why ``train.bf16_grads`` cannot hold this run's gradients (None: it can)."""
-    if device_bytes is None:
-        return "its gradients are bf16 numbers only under a CUDA GPU's bf16 autocast (on CPU they are float32)"
-    if deepspeed:
-        return "DeepSpeed holds the gradients itself (in bf16 already)"
-    if processes > 1:
-        return f"with {processes} processes DDP's reducer holds the gradients in float32 buckets"
-    if cfg.grad_accum > 1:
-        return f"--grad-accum {cfg.grad_accum} sums several gradients per step in float32"
-    return None

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from easy_context.memory.tiled_mlp import apply_tiled_mlp
-from easy_context.train.bf16_grads import Bf16Gradients, bf16_gradient_weights, linear_weights
+from easy_context.train.bf16_grads import Bf16Gradients, bf16_gradient_weights, check_bf16_grads, linear_weights
+from easy_context.train.config import parse_config
 
 
 def tiny_llama(tied: bool) -> LlamaForCausalLM:
@@ -49,6 +50,27 @@ def train(model, *, stored: bool, max_grad_norm: float, steps: int = 3, chunk_by
             norms.append(float(grads.step(opt, max_grad_norm)))
         opt.zero_grad()
     return model, opt, norms
+
+
+def test_it_is_off_unless_asked_for_and_taken_where_it_is_exact():
+    assert parse_config([]).bf16_grads is False  # on the 1B shape at 16K it did not lower the peak
+    assert parse_config(["--bf16-grads"]).bf16_grads is True
+    check_bf16_grads(gpu=True, deepspeed=False, processes=1)  # one CUDA process without DeepSpeed: no refusal
+
+
+@pytest.mark.parametrize("gpu, deepspeed, processes, says", [
+    (False, False, 1, "CUDA GPU's bf16 autocast"),
+    (True, True, 1, "DeepSpeed holds the gradients"),
+    (True, False, 4, "4 processes"),
+])
+def test_asked_for_where_it_cannot_be_it_is_refused(gpu, deepspeed, processes, says):
+    with pytest.raises(SystemExit, match=f"--bf16-grads: .*{says}.*leave the flag out"):
+        check_bf16_grads(gpu=gpu, deepspeed=deepspeed, processes=processes)
+
+
+def test_with_accumulation_it_is_refused_as_the_command_is_read():
+    with pytest.raises(SystemExit, match="--bf16-grads keeps one gradient per step; --grad-accum 4"):
+        parse_config(["--bf16-grads", "--grad-accum", "4"])
 
 
 def test_linear_weights_are_the_projections_and_an_untied_output_layer():

@@ -41,26 +41,3 @@ def test_only_the_unset_flags_change():
     assert cfg.keep_attention is None and resolved.keep_attention is True
     assert {k: v for k, v in vars(resolved).items() if k != "keep_attention"} == \
         {k: v for k, v in vars(cfg).items() if k != "keep_attention"}
-
-
-@pytest.mark.parametrize("argv", [[], ["--bf16-grads"]])
-def test_bf16_gradients_are_what_the_user_asked_for_where_they_are_exact(argv):
-    cfg = parse_config(argv)
-    resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=139 * GIB, deepspeed=False, processes=1)
-    assert resolved.bf16_grads is bool(argv)  # off unless asked: on the 1B shape at 16K it did not lower the peak
-
-
-@pytest.mark.parametrize("device, deepspeed, processes, says", [
-    (None, False, 1, "CUDA GPU's bf16 autocast"),
-    (139 * GIB, True, 1, "DeepSpeed holds the gradients"),
-    (139 * GIB, False, 4, "4 processes"),
-])
-def test_bf16_gradients_asked_for_where_they_cannot_be_are_refused(device, deepspeed, processes, says):
-    cfg = parse_config(["--bf16-grads"])
-    with pytest.raises(SystemExit, match=f"--bf16-grads: .*{says}.*leave the flag out"):
-        resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=device, deepspeed=deepspeed, processes=processes)
-
-
-def test_bf16_gradients_with_accumulation_are_refused_as_the_command_is_read():
-    with pytest.raises(SystemExit, match="--bf16-grads keeps one gradient per step; --grad-accum 4"):
-        parse_config(["--bf16-grads", "--grad-accum", "4"])
