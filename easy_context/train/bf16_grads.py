@@ -81,7 +81,8 @@ class Bf16Gradients:
         self.grads: dict[int, Tensor] = {}
         self.norms: dict[int, Tensor] = {}
         self.inexact: list[Tensor] | None = []  # per stored gradient, on the first step only
-        self.handles = [p.register_post_accumulate_grad_hook(self._take) for _, p in weights]
+        for _, p in weights:
+            p.register_post_accumulate_grad_hook(self._take)
 
     def _take(self, p: torch.nn.Parameter) -> None:
         key = id(p)
@@ -104,47 +105,37 @@ class Bf16Gradients:
                                f"{' ...' if len(bad) > 4 else ''}: they are not bf16 numbers (float32 weights "
                                "outside bf16 autocast?); leave out --bf16-grads")
 
-    def total_norm(self) -> Tensor:
-        """The 2-norm of all gradients, stored or in ``.grad``: ``clip_grad_norm_``'s, bit for bit."""
-        held = [p for p in self.params if id(p) not in self.grads and p.grad is not None]
-        held_norms = dict(zip(map(id, held), torch._foreach_norm([p.grad for p in held], 2.0))) if held else {}
-        norms = [self.norms[id(p)] if id(p) in self.grads else held_norms[id(p)] for p in self.params
-                 if id(p) in self.grads or id(p) in held_norms]
-        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
-
     def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> Tensor:
-        """Clip all gradients to ``max_grad_norm`` (``clip_grad_norm_``'s rule) and step ``optimizer`` over them,
-        one chunk of parameters at a time; leaves every ``.grad`` None. Returns the norm before clipping."""
+        """Clip all gradients to ``max_grad_norm`` (``clip_grad_norm_``'s rule, its norm bit for bit) and step
+        ``optimizer`` over them, one chunk of parameters at a time; leaves every ``.grad`` None. Returns the norm
+        before clipping."""
         if self.inexact is not None:
             self._check_exact()
-        total = self.total_norm()
+        # the gradients not stored leave .grad too, so that each chunk's optimizer step sees its own only
+        held = [p for p in self.params if p.grad is not None]
+        if held:
+            self.norms.update(zip(map(id, held), torch._foreach_norm([p.grad for p in held], 2.0)))
+            for p in held:
+                self.grads[id(p)], p.grad = p.grad, None
+        order = [p for p in self.params if id(p) in self.grads]
+        total = torch.linalg.vector_norm(torch.stack([self.norms[id(p)] for p in order]), 2.0)
         coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
-        grads = dict(self.grads)  # every gradient, by parameter, out of .grad: each chunk's step sees its own only
-        for p in self.params:
-            if p.grad is not None:
-                grads[id(p)], p.grad = p.grad, None
         chunk, size = [], 0
-        for p in self.params:
-            if id(p) in grads:
-                chunk.append(p)
-                size += p.numel() * 4
-            if chunk and (size >= self.chunk_bytes or p is self.params[-1]):
-                self._step_chunk(optimizer, chunk, [grads.pop(id(q)) for q in chunk], coef)
+        for p in order:
+            chunk.append(p)
+            size += p.numel() * 4
+            if size >= self.chunk_bytes or p is order[-1]:
+                self._step_chunk(optimizer, chunk, [self.grads.pop(id(q)) for q in chunk], coef)
                 chunk, size = [], 0
-        self.grads.clear()
         self.norms.clear()
         return total
 
     @staticmethod
     def _step_chunk(optimizer, chunk: list[torch.nn.Parameter], grads: list[Tensor], coef: Tensor) -> None:
         for p, g in zip(chunk, grads):
-            p.grad = g.float() if g.dtype == torch.bfloat16 and p.dtype == torch.float32 else g
+            p.grad = g.to(p.dtype)
         grads = [p.grad for p in chunk]
         torch._foreach_mul_(grads, coef.to(grads[0].device))
         optimizer.step()
         for p in chunk:
             p.grad = None
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
