@@ -122,9 +122,10 @@ class TrainConfig:
     # --- runs
     no_save: bool = flag(False, "skip the final model (benchmarks)")
     time_limit: float | None = flag(None, "minutes: stop after the step that passes it, then save")
-    memory_snapshot: str | None = flag(None, "record the GPU memory of the first step (rank 0) and write its snapshot "
-                                       "to this new file (for pytorch.org/memory_viz), with a summary of the peak by "
-                                       "allocation site in FILE.txt; at an out-of-memory error too", metavar="FILE")
+    memory_snapshot: str | None = flag(None, "record the GPU memory of the first two steps (rank 0) and write its "
+                                       "snapshot to this new file (for pytorch.org/memory_viz), with a summary of the "
+                                       "peak by allocation site in FILE.txt; at an out-of-memory error too",
+                                       metavar="FILE")
     data_workers: int = field(default_factory=default_data_workers,
                               metadata={"help": "DataLoader worker processes (default: 2 on GPU, 0 on CPU)"})
 

@@ -17,6 +17,8 @@ from .memory_stats import memory_stats
 from .run_log import RunLog
 from .stop import StopRequests
 
+SNAPSHOT_STEPS = 2  # --memory-snapshot records this many optimizer steps
+
 
 class TrainLoop:
     """The training loop's bookkeeping around each micro-step (counters, the log and progress bar, a checkpoint
@@ -25,7 +27,7 @@ class TrainLoop:
     a dead launcher: ``stop.StopRequests``) stop after the step with a checkpoint; on a non-finite loss stop
     before its backward (under DeepSpeed the backward also steps the optimizer) and checkpoint the state
     before it. ``saved``: the counters a resume restored (step, tokens, epoch, row); ``memory_snapshot``: a file
-    for rank 0's GPU memory over the first step (``memory_snapshot.MemorySnapshot``)."""
+    for rank 0's GPU memory over the run's first two steps (``memory_snapshot.MemorySnapshot``)."""
 
     stop_on_non_finite = True  # off only where losses are known garbage (benchmarks/emulate_rank.py, rank > 0)
 
@@ -57,7 +59,9 @@ class TrainLoop:
         self.t0 = time.perf_counter()
         self.t_start = time.time()
         snapshot = memory_snapshot and accelerator.is_main_process
-        self.snapshot = MemorySnapshot(memory_snapshot) if snapshot else None  # until the first step ends
+        self.snapshot = MemorySnapshot(memory_snapshot) if snapshot else None
+        # the first step builds the optimizer's state; the second, a steady one, is where a backward peaks
+        self.snapshot_step = min(self.step + SNAPSHOT_STEPS, max_steps)
 
     def done(self) -> bool:
         """Before a micro-step: whether the loop ends here (only ever between optimizer steps)."""
@@ -90,8 +94,8 @@ class TrainLoop:
         now = time.perf_counter()
         dt = now - self.t0
         self.t0 = now
-        if self.snapshot is not None:  # first: while it records, memory_stats' allocator snapshot takes seconds
-            self.snapshot.dump()
+        if self.snapshot is not None and self.step >= self.snapshot_step:  # first: while it records, memory_stats'
+            self.snapshot.dump()                                            # allocator snapshot takes seconds
             self.snapshot = None
         record = {"step": self.step, "loss": self.loss, "lr": lr, "tokens": self.tokens, "step_s": dt,
                   "tokens_per_s": self.tokens_per_step / dt, **memory_stats(), "time": time.time()}

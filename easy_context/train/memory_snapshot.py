@@ -1,6 +1,7 @@
 """Where the GPU memory of a step goes: the CUDA allocator's history, recorded from the first step, is dumped as a
-snapshot (a pickle for https://pytorch.org/memory_viz) after the first optimizer step or at an out-of-memory
-error, and summarised as the memory live at its peak, grouped by the line of code that allocated it."""
+snapshot (a pickle for https://pytorch.org/memory_viz) after the second optimizer step (the first builds the
+optimizer's state; the second is a steady step), after a run's only step, or at an out-of-memory error, and
+summarised as the memory live at its peak, grouped by the line of code that allocated it."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class MemorySnapshot:
         torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
         torch._C._cuda_attach_out_of_memory_observer(lambda *_: self.dump("at the out-of-memory error"))
 
-    def dump(self, when: str = "after the first step") -> None:
+    def dump(self, when: str = "after the first steps") -> None:
         """Write the snapshot and its summary (printed too), then stop recording; later calls do nothing."""
         if self.done:
             return

@@ -139,7 +139,8 @@ class RunLog:
 
 
 @pytest.mark.parametrize("main", [True, False])
-def test_the_training_loop_dumps_once_the_first_optimizer_step_ends_on_rank_0_only(monkeypatch, tmp_path, main):
+def test_the_training_loop_dumps_once_the_second_optimizer_step_ends_on_rank_0_only(monkeypatch, tmp_path, main):
+    # the first step builds the optimizer's state; the second is a steady step, whose backward peaks higher
     monkeypatch.setattr(loop, "MemorySnapshot", Recorder)
     Recorder.made = []
     accelerator = Accelerator(main)
@@ -147,9 +148,25 @@ def test_the_training_loop_dumps_once_the_first_optimizer_step_ends_on_rank_0_on
                                 stop=None, tokens_per_step=8, max_steps=3, grad_accum=2,
                                 memory_snapshot=str(tmp_path / "step.pickle"))
     dumps = []
-    for micro in range(4):
+    for micro in range(6):
         accelerator.sync_gradients = micro % 2 == 1  # two micro-steps per optimizer step
         train_loop.end_micro(1e-3, 0, micro)
         dumps.append(sum(r.dumps for r in Recorder.made))
-    assert dumps == ([0, 1, 1, 1] if main else [0, 0, 0, 0])
+    assert dumps == ([0, 0, 0, 1, 1, 1] if main else [0] * 6)
 
+
+@pytest.mark.parametrize("saved_step, max_steps, dumped_after", [(0, 1, 1), (5, 6, 1), (5, 9, 2)])
+def test_a_run_of_one_step_or_a_resumed_one_dumps_after_its_own_steps(monkeypatch, tmp_path, saved_step, max_steps,
+                                                                       dumped_after):
+    monkeypatch.setattr(loop, "MemorySnapshot", Recorder)
+    Recorder.made = []
+    accelerator = Accelerator(True)
+    accelerator.sync_gradients = True
+    saved = {"step": saved_step, "tokens": 0, "epoch": 0, "row": 0}
+    train_loop = loop.TrainLoop(accelerator, str(tmp_path), RunLog(), saved, stop=None, tokens_per_step=8,
+                                max_steps=max_steps, memory_snapshot=str(tmp_path / "step.pickle"))
+    dumps = []
+    for micro in range(max_steps - saved_step):
+        train_loop.end_micro(1e-3, 0, micro)
+        dumps.append(Recorder.made[0].dumps)
+    assert dumps.index(1) + 1 == dumped_after and dumps[-1] == 1
