@@ -20,6 +20,12 @@ from .stop import StopRequests
 SNAPSHOT_STEPS = 2  # --memory-snapshot records this many optimizer steps
 
 
+def wait_for_device() -> None:
+    """Block until the GPU has run all the work queued on it (nothing to wait for on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class TrainLoop:
     """The training loop's bookkeeping around each micro-step (counters, the log and progress bar, a checkpoint
     every ``checkpoint_every`` steps) and the decisions every rank takes together from one all-reduce per
@@ -91,6 +97,7 @@ class TrainLoop:
         self.step += 1
         self.tokens += self.tokens_per_step
         self.position = (epoch, row)
+        wait_for_device()  # the host returns from the step while the GPU still runs its backward and update
         now = time.perf_counter()
         dt = now - self.t0
         self.t0 = now
