@@ -14,11 +14,10 @@ OUTPUT_DIR gets log.jsonl (one line per step), checkpoints/ (--checkpoint-every)
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
 import easy_context as ec
 from easy_context.hf import models
@@ -28,6 +27,7 @@ from easy_context.memory import offload
 from easy_context.parallel.inputs import SeqParallelInputs
 from easy_context.parallel.plan import ParallelPlan, resolve_plan
 from easy_context.train import checkpoint, data, run_lock, schedule
+from easy_context.train.accelerator import training_accelerator
 from easy_context.train.bf16_grads import check_bf16_grads
 from easy_context.train.config import TrainConfig, parse_config
 from easy_context.train.console import announce_op_builds, is_main_process, show_warnings_once
@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                          packed=packed)
 
     # --- model: RoPE settings, the plan's attention, the loss inside the module DeepSpeed wraps ---------------
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+    accelerator = training_accelerator(cfg.grad_accum)
     ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
     activations = offload.offloaded_input_host_bytes(config.num_hidden_layers, cfg.offload_activations,
                                                      cfg.layers_per_checkpoint, input_bytes)

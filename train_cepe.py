@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from datetime import timedelta
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
 import easy_context as ec
 from easy_context.cepe import config as cepe_config, data as cepe_data
@@ -41,6 +40,7 @@ from easy_context.hf.plan import apply_plan
 from easy_context.memory import offload
 from easy_context.parallel.plan import resolve_plan
 from easy_context.train import checkpoint, data, run_lock, schedule
+from easy_context.train.accelerator import training_accelerator
 from easy_context.train.console import announce_op_builds, is_main_process, show_warnings_once
 from easy_context.train.distributed import finish, main_decides, run_script
 from easy_context.train.loop import TrainLoop
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.kl_coef:  # the original model, reading context + window in full on every rank (never trained)
         teacher = models.load_model(cfg.teacher or decoder_path, dtype=dtype).to(state.device).eval()
         teacher.requires_grad_(False)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+    accelerator = training_accelerator(cfg.grad_accum)
     wrapped, optimizer, saved, run_log, grads = prepare_training(accelerator, wrapped, model, cfg, sampler,
                                                                  out_dir, resume_from)
     if accelerator.is_main_process:
