@@ -22,7 +22,7 @@ from ..attention.reuse import ATTR, KeptOutputs
 
 # By default (train.py) outputs are kept only while they take at most this share of the GPU's memory: measured
 # 1.07x (16K) and 1.14x (32K) faster on the Llama-3.2-1B shape than without, for 4% and 8% more peak memory
-# (docs/performance.md).
+# (one H200, bench_peers.py --extra=--no-keep-attention against the defaults).
 DEFAULT_SHARE = 1 / 16
 
 
