@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                                 max_position_embeddings=cfg.seq_length)
     ec.check_model_fits_plan(config, plan)
     gpu_bytes = torch.cuda.get_device_properties(state.device).total_memory if torch.cuda.is_available() else None
-    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes)  # --keep-attention
+    cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes, deepspeed=use_ds,
+                               processes=state.num_processes)  # --keep-attention, --bf16-grads
     if cfg.bf16_grads:
         check_bf16_grads(gpu=gpu_bytes is not None, deepspeed=use_ds, processes=state.num_processes)
     num_params = models.parameter_count(config) if use_ds else 0  # for the ZeRO-3 host check; before zero.Init

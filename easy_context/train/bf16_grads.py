@@ -9,14 +9,17 @@ that chunk only: parameters, moments and the clipping are bitwise those of the f
 each gradient is taken from its float32 form (in the hook, by the kernel ``clip_grad_norm_`` uses) and AdamW acts
 on each number alone.
 
-Use it where every weight it takes gets one gradient per optimizer step, computed in bf16: one process (no DDP
-reducer reading ``.grad``), no gradient accumulation, bf16 autocast with float32 weights. Weights whose gradient
-is a float32 sum (tied embeddings, an output layer whose loss accumulates its gradient in float32, a tiled MLP's
-per-tile sums) must be left out; ``linear_weights`` picks the others. The first step checks that each stored
-gradient was a bf16 number, and stops the run with the weights' names if one was not.
+Use it where every weight it takes gets one gradient per optimizer step: one process (no DDP reducer reading
+``.grad``), no gradient accumulation, bf16 autocast with float32 weights. Weights whose gradient is a float32 sum
+(tied embeddings, an output layer whose loss accumulates its gradient in float32, a tiled MLP's per-tile sums) are
+left out; ``linear_weights`` picks the others. On the first step each gradient is checked before it is stored: a
+weight whose gradient is not a bf16 number (a matmul run outside autocast) keeps its float32 gradient in ``.grad``
+from then on, so nothing is ever rounded.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -26,18 +29,22 @@ Tensor = torch.Tensor
 CHUNK_BYTES = 1 << 30  # float32 gradients rebuilt at once in the step
 
 
-def check_bf16_grads(*, gpu: bool, deepspeed: bool, processes: int) -> None:
-    """SystemExit, before any weights load, where ``--bf16-grads`` cannot hold a run's gradients exactly (its
-    ``--grad-accum`` is refused as the command is read)."""
+def bf16_grads_blocker(*, gpu: bool, deepspeed: bool, processes: int) -> str | None:
+    """Why bf16 gradient storage cannot hold a run's gradients (None: it can; ``--grad-accum`` is the config's)."""
     if not gpu:
-        why = "its gradients are bf16 numbers only under a CUDA GPU's bf16 autocast (on CPU they are float32)"
-    elif deepspeed:
-        why = "DeepSpeed holds the gradients itself (in bf16 already)"
-    elif processes > 1:
-        why = f"with {processes} processes DDP's reducer holds the gradients in float32 buckets"
-    else:
-        return
-    raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
+        return "its gradients are bf16 numbers only under a CUDA GPU's bf16 autocast (on CPU they are float32)"
+    if deepspeed:
+        return "DeepSpeed holds the gradients itself (in bf16 already)"
+    if processes > 1:
+        return f"with {processes} processes DDP's reducer holds the gradients in float32 buckets"
+    return None
+
+
+def check_bf16_grads(*, gpu: bool, deepspeed: bool, processes: int) -> None:
+    """SystemExit, before any weights load, where ``--bf16-grads`` cannot hold a run's gradients exactly."""
+    why = bf16_grads_blocker(gpu=gpu, deepspeed=deepspeed, processes=processes)
+    if why:
+        raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
 
 
 def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> list[tuple[str, torch.nn.Parameter]]:
@@ -66,8 +73,9 @@ def bf16_gradient_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
 
 class Bf16Gradients:
     """Keeps the gradients of ``weights`` ((name, float32 parameter) pairs) in bf16 from the moment autograd
-    finishes each until ``step``; their ``.grad`` stays None in between. ``step`` replaces clipping and
-    ``optimizer.step()`` for all of ``params`` (the optimizer's parameters, in the order clipping would take)."""
+    finishes each until ``step``; their ``.grad`` stays None in between (except for weights the first step found
+    float32). ``step`` replaces clipping and ``optimizer.step()`` for all of ``params`` (the optimizer's
+    parameters, in the order clipping would take)."""
 
     def __init__(self, weights: list[tuple[str, torch.nn.Parameter]], params: list[torch.nn.Parameter],
                  chunk_bytes: int = CHUNK_BYTES):
@@ -80,37 +88,42 @@ class Bf16Gradients:
         self.chunk_bytes = chunk_bytes
         self.grads: dict[int, Tensor] = {}
         self.norms: dict[int, Tensor] = {}
-        self.inexact: list[Tensor] | None = []  # per stored gradient, on the first step only
+        self.first = True  # the first step checks each gradient before storing it
+        self.float32: set[int] = set()  # weights whose gradients are not bf16 numbers: left in .grad
         for _, p in weights:
             p.register_post_accumulate_grad_hook(self._take)
 
     def _take(self, p: torch.nn.Parameter) -> None:
         key = id(p)
+        if key in self.float32:
+            return
         if key in self.grads:
             raise RuntimeError(f"{self.names[key]} got a second gradient before the optimizer step; bf16 gradient "
-                               "storage needs one per step (no gradient accumulation): leave out --bf16-grads")
+                               "storage needs one per step (no gradient accumulation): pass --no-bf16-grads")
         g = p.grad
         stored = g.to(torch.bfloat16)
-        if self.inexact is not None:
-            self.inexact.append((stored.float() != g).any())
+        if self.first and bool((stored.float() != g).any()):  # a sync per weight, on the first step only
+            self.float32.add(key)
+            return
         self.norms[key] = torch._foreach_norm([g], 2.0)[0]
         self.grads[key] = stored
         p.grad = None
 
-    def _check_exact(self) -> None:
-        flags, self.inexact = self.inexact, None
-        if flags and bool(torch.stack(flags).any()):
-            bad = [self.names[k] for k, f in zip(self.grads, flags) if bool(f)]
-            raise RuntimeError(f"bf16 gradient storage would round the gradients of {', '.join(bad[:4])}"
-                               f"{' ...' if len(bad) > 4 else ''}: they are not bf16 numbers (float32 weights "
-                               "outside bf16 autocast?); leave out --bf16-grads")
+    def _report_float32(self) -> None:
+        self.first = False
+        if self.float32:
+            names = [self.names[k] for k in self.names if k in self.float32]
+            more = " ..." if len(names) > 4 else ""
+            print(f"bf16 gradient storage: {len(names)} weights whose gradients are not bf16 numbers keep float32 "
+                  f"gradients (matmuls outside bf16 autocast?): {', '.join(names[:4])}{more}", file=sys.stderr,
+                  flush=True)
 
     def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> Tensor:
         """Clip all gradients to ``max_grad_norm`` (``clip_grad_norm_``'s rule, its norm bit for bit) and step
         ``optimizer`` over them, one chunk of parameters at a time; leaves every ``.grad`` None. Returns the norm
         before clipping."""
-        if self.inexact is not None:
-            self._check_exact()
+        if self.first:
+            self._report_float32()
         # the gradients not stored leave .grad too, so that each chunk's optimizer step sees its own only
         held = [p for p in self.params if p.grad is not None]
         if held:

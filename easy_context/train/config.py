@@ -99,9 +99,10 @@ class TrainConfig:
     fuse_pointwise: bool | None = flag(None, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; "
                                         "same math; default: on with a CUDA GPU where the model has them, off on "
                                         "CPU; --no-fuse-pointwise: off)")
-    bf16_grads: bool = flag(False, "keep the linear weights' gradients in bf16 from the backward to the step "
-                             "(exact: under bf16 autocast they are bf16 numbers; 2 bytes a number instead of 4; "
-                             "one CUDA process without DeepSpeed or --grad-accum)")
+    bf16_grads: bool | None = flag(None, "keep the linear weights' gradients in bf16 from the backward to the step "
+                                    "(exact: under bf16 autocast they are bf16 numbers; 2 bytes a number instead "
+                                    "of 4; default: on for one CUDA process without DeepSpeed or --grad-accum; "
+                                    "--no-bf16-grads: off)")
     loss_chunk: int = flag(1024, "tokens per logits chunk of the loss")
     tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
     offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "

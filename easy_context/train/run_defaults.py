@@ -1,4 +1,4 @@
-"""Flags left unset (None) that are decided once per run, from the model, the lengths and the GPU."""
+"""Flags left unset (None) that are decided once per run, from the model, the lengths, the GPU and the launch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from ..memory.keep import keep_by_default, kept_attention_bytes
+from .bf16_grads import bf16_grads_blocker
 from .config import ALL_LAYERS, TrainConfig
 
 
@@ -16,11 +17,17 @@ def checkpointed_layer_count(cfg: TrainConfig, num_layers: int) -> int:
     return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
 
 
-def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None) -> TrainConfig:
-    """``cfg`` with ``keep_attention`` decided where the command line left it unset: on a GPU of ``device_bytes``
-    (None: no GPU) while the outputs its ``sp_size``-rank shard keeps take a small share of it
-    (``memory.keep.keep_by_default``), and off where a flag already trades speed for memory (offloaded
-    activations, layer groups, tiled MLPs). Flags the user gave are kept as they are."""
+def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None, deepspeed: bool = False,
+                         processes: int = 1) -> TrainConfig:
+    """``cfg`` with the flags the command line left unset decided; flags the user gave are kept as they are.
+
+    ``keep_attention``: on a GPU of ``device_bytes`` (None: no GPU) while the outputs its ``sp_size``-rank shard
+    keeps take a small share of it (``memory.keep.keep_by_default``), and off where a flag already trades speed for
+    memory (offloaded activations, layer groups, tiled MLPs). ``bf16_grads``: on where it is exact and nothing else
+    holds the gradients (a GPU's bf16 autocast, one process, no DeepSpeed, no accumulation)."""
+    if cfg.bf16_grads is None:
+        blocker = bf16_grads_blocker(gpu=device_bytes is not None, deepspeed=deepspeed, processes=processes)
+        cfg = dataclasses.replace(cfg, bf16_grads=blocker is None and cfg.grad_accum == 1)
     if cfg.keep_attention is not None:
         return cfg
     if cfg.offload_activations or cfg.layers_per_checkpoint > 1 or cfg.tiled_mlp:

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from easy_context.memory.tiled_mlp import apply_tiled_mlp
-from easy_context.train.bf16_grads import Bf16Gradients, bf16_gradient_weights, check_bf16_grads, linear_weights
+from easy_context.train.bf16_grads import (Bf16Gradients, bf16_gradient_weights, bf16_grads_blocker, check_bf16_grads,
+                                          linear_weights)
 from easy_context.train.config import parse_config
 
 
@@ -52,9 +53,11 @@ def train(model, *, stored: bool, max_grad_norm: float, steps: int = 3, chunk_by
     return model, opt, norms
 
 
-def test_it_is_off_unless_asked_for_and_taken_where_it_is_exact():
-    assert parse_config([]).bf16_grads is False  # on the 1B shape at 16K it did not lower the peak
+def test_unset_it_is_decided_per_run_and_given_it_is_taken_where_it_is_exact():
+    assert parse_config([]).bf16_grads is None  # decided by run_defaults, from the GPU and the launch
     assert parse_config(["--bf16-grads"]).bf16_grads is True
+    assert parse_config(["--no-bf16-grads"]).bf16_grads is False
+    assert bf16_grads_blocker(gpu=True, deepspeed=False, processes=1) is None
     check_bf16_grads(gpu=True, deepspeed=False, processes=1)  # one CUDA process without DeepSpeed: no refusal
 
 
@@ -64,6 +67,7 @@ def test_it_is_off_unless_asked_for_and_taken_where_it_is_exact():
     (True, False, 4, "4 processes"),
 ])
 def test_asked_for_where_it_cannot_be_it_is_refused(gpu, deepspeed, processes, says):
+    assert says in bf16_grads_blocker(gpu=gpu, deepspeed=deepspeed, processes=processes)
     with pytest.raises(SystemExit, match=f"--bf16-grads: .*{says}.*leave the flag out"):
         check_bf16_grads(gpu=gpu, deepspeed=deepspeed, processes=processes)
 
@@ -119,9 +123,27 @@ def test_between_backward_and_step_the_weights_hold_bf16_gradients_only():
     assert not grads.grads and all(p.grad is None for p in model.parameters())
 
 
-def test_float32_matmul_gradients_are_refused_at_the_first_step():
-    with pytest.raises(RuntimeError, match=r"not bf16 numbers.*leave out --bf16-grads"):
-        train(tiny_llama(tied=True), stored=True, max_grad_norm=1.0, steps=1, autocast=False)
+@pytest.mark.parametrize("max_grad_norm", [0.05, 1e9], ids=["clipped", "not-clipped"])
+def test_gradients_that_are_not_bf16_numbers_stay_float32_and_train_as_the_float32_path(max_grad_norm, capsys):
+    # without autocast every matmul is float32: each weight is found out on the first step, before any rounding
+    ref, ref_opt, ref_norms = train(tiny_llama(tied=True), stored=False, max_grad_norm=max_grad_norm, autocast=False)
+    got, got_opt, got_norms = train(tiny_llama(tied=True), stored=True, max_grad_norm=max_grad_norm, autocast=False)
+    assert got_norms == ref_norms
+    for (name, a), b in zip(ref.named_parameters(), got.parameters()):
+        assert torch.equal(a, b), name
+        assert torch.equal(ref_opt.state[a]["exp_avg_sq"], got_opt.state[b]["exp_avg_sq"]), name
+    assert "14 weights whose gradients are not bf16 numbers keep float32 gradients" in capsys.readouterr().err
+
+
+def test_a_weight_found_float32_keeps_its_float32_gradient_from_then_on():
+    model = tiny_llama(tied=True)
+    weights = linear_weights(model)
+    grads = Bf16Gradients(weights, list(model.parameters()))
+    loss_of(model, batches(1)[0], autocast=False).backward()
+    assert not grads.grads and all(p.grad.dtype == torch.float32 for _, p in weights)
+    grads.step(torch.optim.AdamW(model.parameters()), 1.0)
+    loss_of(model, batches(1)[0], autocast=True).backward()  # now bf16 numbers, but the weights were found out
+    assert not grads.grads and all(p.grad is not None for _, p in weights)
 
 
 def test_a_second_gradient_before_the_step_is_refused():
@@ -129,7 +151,7 @@ def test_a_second_gradient_before_the_step_is_refused():
     Bf16Gradients(linear_weights(model), list(model.parameters()))
     ids = batches(1)[0]
     loss_of(model, ids, autocast=True).backward()
-    with pytest.raises(RuntimeError, match=r"second gradient.*leave out --bf16-grads"):
+    with pytest.raises(RuntimeError, match=r"second gradient.*--no-bf16-grads"):
         loss_of(model, ids, autocast=True).backward()
 
 
