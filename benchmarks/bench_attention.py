@@ -1,6 +1,8 @@
 """Causal attention fwd+bwd: one GPU on the full sequence vs sequence-parallel backends on P GPUs.
 
     torchrun --nproc_per_node=2 benchmarks/bench_attention.py --seqlens 32768,131072,262144
+    torchrun --nproc_per_node=1 benchmarks/bench_attention.py --heads 32 --kv-heads 8 --head-dim 64 --seqlens 131072 \
+        --backends zigzag_ring --no-torch-cp      # the kernels alone on the Llama-3.2-1B shape's attention
 
 For each kernel (cuDNN, flash) and length S it times, in the same run: the kernel alone on the full
 sequence on one GPU (T1), each of our backends on P GPUs, and PyTorch's native ``context_parallel``
@@ -49,9 +51,11 @@ def cuda_time(fn, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_inputs(b, h, s, d, seed=0):
+def make_inputs(b, h, s, d, h_kv=None, seed=0):
+    """q, k, v, dout [B, H, S, D] in bf16; k and v with ``h_kv`` heads (GQA; default: h)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+    heads = (h, h_kv or h, h_kv or h, h)
+    return [torch.randn(b, n, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for n in heads]
 
 
 def time_single(kernel_name, q, k, v, dout, warmup, iters):
@@ -126,7 +130,8 @@ def time_torch_cp(kernel_name, q, k, v, dout, world, warmup, iters):
             t.requires_grad_(True)
 
         def step():
-            out = torch.nn.functional.scaled_dot_product_attention(cq, ck, cv, is_causal=True)
+            out = torch.nn.functional.scaled_dot_product_attention(cq, ck, cv, is_causal=True,
+                                                                   enable_gqa=cq.shape[1] != ck.shape[1])
             out.backward(cdo)
         return cuda_time(step, warmup, iters)
 
@@ -135,6 +140,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", default="32768,131072,262144")
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=None, help="k/v heads (GQA; default: --heads)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--kernels", default="cudnn,flash")
     p.add_argument("--backends", default="zigzag_ring,ring,ulysses,usp:2x1,usp:1x2,dist_flash",
@@ -148,6 +154,8 @@ def main():
     p.add_argument("--emulate-rank", type=int, default=0)
     p.add_argument("--skip-single", action="store_true", help="do not time the kernel on the full sequence")
     a = p.parse_args()
+    if a.kv_heads is not None and (a.kv_heads < 1 or a.heads % a.kv_heads):
+        p.error(f"--kv-heads must divide --heads ({a.heads}); got {a.kv_heads}")
 
     if a.emulate_world:
         if not 0 <= a.emulate_rank < a.emulate_world:
@@ -164,7 +172,7 @@ def main():
     rows = []
     for kernel_name in a.kernels.split(","):
         for s in map(int, a.seqlens.split(",")):
-            q, k, v, dout = make_inputs(1, a.heads, s, a.head_dim)
+            q, k, v, dout = make_inputs(1, a.heads, s, a.head_dim, a.kv_heads)
             it = max(2, a.iters if s <= 131072 else a.iters // 2)
             t1 = nan if a.skip_single else time_single(kernel_name, q, k, v, dout, a.warmup, it)
             res = {"kernel": kernel_name, "S": s, "P": world, "T1_ms": t1}
