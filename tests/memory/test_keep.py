@@ -34,12 +34,12 @@ class CountingKernel(CPUFlashKernel):
 
 
 def _step(backend: str, group, keep: bool, seed: int = 0, stale: bool = False, k: int = 1,
-          recompute: str = "layer"):
+          recompute: str = "layer", offload: int = 0):
     """(loss, {name: grad}, kernel forward calls, the store or None) of one checkpointed training step;
     ``stale``: first a forward on other tokens that is never backpropagated; ``k``: layers per checkpoint, each
-    group recomputed as ``recompute`` says."""
+    group recomputed as ``recompute`` says; ``offload``: layers whose saved inputs wait in host memory."""
     model = tiny_model("llama", seed)
-    setup_checkpointing(model, layers_per_checkpoint=k, group_recompute=recompute)
+    setup_checkpointing(model, offload=offload, layers_per_checkpoint=k, group_recompute=recompute)
     model.train()
     kernel = CountingKernel()
     apply_seq_parallel_monkey_patch(backend, model, group, kernel=kernel, check=False)
@@ -86,6 +86,16 @@ def test_a_forward_never_backpropagated_leaves_nothing_stale():
     assert torch.equal(kept_loss, loss) and not store
     for n, g in grads.items():
         assert rel_err(kept_grads[n], g) < 1e-6, n
+
+
+@pytest.mark.parametrize("offload", [1, -1], ids=["first-layer", "every-layer"])
+def test_with_offloaded_layer_inputs_the_outputs_are_kept_alike(offload):
+    loss, grads, calls, _ = _step("zigzag_ring", None, keep=False)
+    kept_loss, kept_grads, kept_calls, store = _step("zigzag_ring", None, keep=True, offload=offload)
+    assert torch.equal(kept_loss, loss) and not store
+    for n, g in grads.items():
+        assert rel_err(kept_grads[n], g) < 1e-6, n
+    assert kept_calls * 2 == calls
 
 
 @pytest.mark.parametrize("recompute", GROUP_RECOMPUTE)
