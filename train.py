@@ -45,9 +45,10 @@ SMOKE_TEST = ("The built-in model learns the data's format here (loss far below 
               "needles: that takes the GPU curriculum, OUT=output/proof bash scripts/demo.sh (docs/proof.md).")
 
 
-def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool):
-    """The model at ``path`` with ``cfg``'s memory options, LoRA+ and the plan's attention (``packed``: packed rows)."""
-    model = models.load_model(path, config=config, dtype=dtype)
+def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool, device=None):
+    """The model at ``path`` (a random shape: built on ``device``) with ``cfg``'s memory options, LoRA+ and the plan's
+    attention (``packed``: packed rows)."""
+    model = models.load_model(path, config=config, dtype=dtype, device=device)
     offload.setup_checkpointing(model, offload=cfg.offload_activations, skip_last=cfg.no_gradient_checkpointing,
                                 layers_per_checkpoint=cfg.layers_per_checkpoint, group_recompute=cfg.group_recompute)
     if cfg.keep_attention:
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
     if cfg.tiled_mlp and ds is None and state.num_processes > 1:
         raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
-    model = build_model(cfg, model_path, config, plan, dtype, packed)
+    device = state.device if ds is None and torch.cuda.is_available() else None  # ZeRO-3: zero.Init places it
+    model = build_model(cfg, model_path, config, plan, dtype, packed, device)
     wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk)
     wrapped, optimizer, saved, run_log, grads = prepare_training(accelerator, wrapped, model, cfg, sampler,
                                                                  out_dir, resume_from)

@@ -8,6 +8,7 @@ RoPE settings live in ``config.rope_parameters``; ``from_pretrained(rope_theta=.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -276,9 +277,11 @@ def parameter_count(config) -> int:
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, rope_theta: float | None = None,
                rope_scaling: str | dict | None = None, max_position_embeddings: int | None = None,
-               attn_implementation: str = "sdpa", config=None, **shape_overrides):
+               attn_implementation: str = "sdpa", config=None, device: str | torch.device | None = None,
+               **shape_overrides):
     """A causal LM: pretrained weights for a hub name / local path, random init (seeded by the caller)
-    for a named shape; RoPE settings applied to the config before the weights load (``load_config``)."""
+    for a named shape, built on ``device`` (default: the CPU); RoPE settings applied to the config before the
+    weights load (``load_config``)."""
     from transformers import AutoModelForCausalLM
 
     if config is None:
@@ -286,7 +289,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.bfloat16, rope_t
                              max_position_embeddings=max_position_embeddings, **shape_overrides)
     config.use_cache = False
     if is_shape(name_or_path):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        with torch.device(device) if device is not None else contextlib.nullcontext():  # None: ZeRO-3's zero.Init
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype,
                                                 attn_implementation=attn_implementation)
 

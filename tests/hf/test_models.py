@@ -129,3 +129,12 @@ def test_broken_weight_files_are_named_before_any_weights_load(tmp_path, damage)
                                       "b": "model-00002-of-00002.safetensors"}}, f)
     with pytest.raises(ValueError, match="did not finish.*save the model again"):
         models.load_config(path)
+
+
+def test_a_named_shape_is_built_on_the_device_asked_for():
+    # on a GPU train.py builds a random shape there: its init then takes a moment, not the CPU's half minute (1B)
+    shape = "shape:llama3.2-1b,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4," \
+            "num_key_value_heads=2,head_dim=16,vocab_size=256"
+    built = models.load_model(shape, dtype=torch.float32, device="meta")
+    assert {p.device.type for p in built.parameters()} == {"meta"}
+    assert {p.device.type for p in models.load_model(shape, dtype=torch.float32).parameters()} == {"cpu"}
