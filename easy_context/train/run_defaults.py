@@ -23,8 +23,9 @@ def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes
 
     ``keep_attention``: on a GPU of ``device_bytes`` (None: no GPU) while the outputs its ``sp_size``-rank shard
     keeps take a small share of it (``memory.keep.keep_by_default``), and off where a flag already trades speed for
-    memory (layer groups, tiled MLPs; offloaded layer inputs cost no measurable time, so they do not count). ``bf16_grads``: on where it is exact and nothing else
-    holds the gradients (a GPU's bf16 autocast, one process, no DeepSpeed, no accumulation)."""
+    memory (layer groups, tiled MLPs; offloaded layer inputs cost no measurable time, so they do not count).
+    ``bf16_grads``: on where it is exact and nothing else holds the gradients (a GPU's bf16 autocast, one process,
+    no DeepSpeed, no accumulation)."""
     if cfg.bf16_grads is None:
         blocker = bf16_grads_blocker(gpu=device_bytes is not None, deepspeed=deepspeed, processes=processes)
         cfg = dataclasses.replace(cfg, bf16_grads=blocker is None and cfg.grad_accum == 1)
