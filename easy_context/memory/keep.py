@@ -10,8 +10,8 @@ the first forward's. The cost is one attention output (and float32 lse) per laye
 forward to backward: ``[B, S_local, H * D]`` in the model dtype, 0.5 GiB per layer per GPU for a 7B model
 at 64K local tokens.
 
-The mechanism (``reuse_or_compute`` in the backends, ``attention_call_scope`` around each attention module's call) lives in
-``attention.reuse``; this module attaches the store to a model.
+The mechanism (``reuse_or_compute`` in the backends, ``attention_call_scope`` around each attention module's
+call) lives in ``attention.reuse``; this module attaches the store to a model.
 """
 
 from __future__ import annotations
