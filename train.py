@@ -45,7 +45,8 @@ SMOKE_TEST = ("The built-in model learns the data's format here (loss far below 
               "needles: that takes the GPU curriculum, OUT=output/proof bash scripts/demo.sh (docs/proof.md).")
 
 
-def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool, device=None):
+def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: torch.dtype, packed: bool,
+                device: torch.device | None = None):
     """The model at ``path`` (a random shape: built on ``device``) with ``cfg``'s memory options, LoRA+ and the plan's
     attention (``packed``: packed rows)."""
     model = models.load_model(path, config=config, dtype=dtype, device=device)
