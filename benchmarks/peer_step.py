@@ -146,7 +146,8 @@ def build_hf(args, config, device: torch.device):
 
     if args.system == "hf_liger":
         liger_patch(config.model_type)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    with device:  # a random init on the GPU takes a moment, on the CPU most of a minute (8B)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     cuda = device.type == "cuda"
