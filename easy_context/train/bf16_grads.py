@@ -1,27 +1,31 @@
 """Gradients that hold only bf16 values, kept in bf16 until the optimizer step: 2 bytes a number instead of 4.
 
 Under bf16 autocast a linear layer's float32 weight is cast to bf16 for its matmul, so the weight's gradient is
-that matmul's bf16 output cast back to float32: every number in its float32 ``.grad`` is a bf16 number. Moving it
-into a bf16 tensor as autograd finishes it loses nothing and frees the float32 one, so a backward holds half the
-bytes for these gradients (on the Llama shapes, 79% of the parameters at 1B and 87% at 8B). The step then rebuilds
-float32 gradients a chunk of parameters at a time, clips them by the same total norm and steps the optimizer on
-that chunk only: parameters, moments and the clipping are bitwise those of the float32 path, since the norm of
-each gradient is taken from its float32 form (in the hook, by the kernel ``clip_grad_norm_`` uses) and AdamW acts
-on each number alone.
+that matmul's bf16 output: autograd would cast it to a float32 ``.grad`` that holds bf16 numbers only. Here each
+such layer casts its weight itself, and the cast's backward takes the bf16 gradient as it is: no float32 copy is
+made, and a backward holds half the bytes for these gradients (on the Llama shapes, 79% of the parameters at 1B
+and 87% at 8B). The step then rebuilds float32 gradients a chunk of parameters at a time, clips them by the same
+total norm and steps the optimizer on that chunk only: parameters, moments and the clipping are bitwise those of
+the float32 path, since each gradient's norm is taken in float32 (by the kernel ``clip_grad_norm_`` uses) and
+AdamW acts on each number alone.
 
 Use it where every weight it takes gets one gradient per optimizer step: one process (no DDP reducer reading
 ``.grad``), no gradient accumulation, bf16 autocast with float32 weights. Weights whose gradient is a float32 sum
 (tied embeddings, an output layer whose loss accumulates its gradient in float32, a tiled MLP's per-tile sums) are
-left out; ``linear_weights`` picks the others. On the first step each gradient is checked before it is stored: a
-weight whose gradient is not a bf16 number (a matmul run outside autocast) keeps its float32 gradient in ``.grad``
-from then on, so nothing is ever rounded.
+left out; ``linear_weights`` picks the others. A layer run outside bf16 autocast gets a float32 gradient in
+``.grad`` as usual; on the first step it is checked before it is stored, and a weight whose gradient is not a bf16
+number keeps float32 gradients from then on, so nothing is ever rounded.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+import types
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..memory.tiled_mlp import tiled_mlps
 
@@ -47,9 +51,10 @@ def check_bf16_grads(*, gpu: bool, deepspeed: bool, processes: int) -> None:
         raise SystemExit(f"--bf16-grads: {why}; leave the flag out")
 
 
-def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, weight) of ``model``'s trainable ``nn.Linear`` weights, in model order, leaving out those whose
-    ``id`` is in ``exclude`` and any weight another module also holds (tied embeddings)."""
+def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> list[tuple[str, torch.nn.Linear]]:
+    """(weight name, layer) of ``model``'s ``nn.Linear`` layers with a trainable float32 weight, in model order,
+    leaving out those whose weight's ``id`` is in ``exclude`` and any weight another module also holds (tied
+    embeddings)."""
     holders: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -59,11 +64,11 @@ def linear_weights(model: torch.nn.Module, exclude: set[int] = frozenset()) -> l
         w = getattr(module, "weight", None)
         if (isinstance(module, torch.nn.Linear) and isinstance(w, torch.nn.Parameter) and w.requires_grad
                 and w.dtype == torch.float32 and id(w) not in exclude and holders[id(w)] == 1):
-            out.append((f"{name}.weight" if name else "weight", w))
+            out.append((f"{name}.weight" if name else "weight", module))
     return out
 
 
-def bf16_gradient_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def bf16_gradient_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     """``linear_weights`` of a causal LM whose gradients are bf16 numbers under bf16 autocast: without the output
     layer (the chunked loss sums its gradient in float32) and tiled MLPs (a sum over tiles in float32)."""
     head = model.get_output_embeddings()
@@ -71,15 +76,44 @@ def bf16_gradient_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
     return linear_weights(model, exclude)
 
 
-class Bf16Gradients:
-    """Keeps the gradients of ``weights`` ((name, float32 parameter) pairs) in bf16 from the moment autograd
-    finishes each until ``step``; their ``.grad`` stays None in between (except for weights the first step found
-    float32). ``step`` replaces clipping and ``optimizer.step()`` for all of ``params`` (the optimizer's
-    parameters, in the order clipping would take)."""
+class _CastForMatmul(torch.autograd.Function):
+    """``weight.to(bf16)`` whose backward hands the bf16 gradient to ``take`` instead of to ``weight``."""
 
-    def __init__(self, weights: list[tuple[str, torch.nn.Parameter]], params: list[torch.nn.Parameter],
+    @staticmethod
+    def forward(ctx, weight: Tensor, take: Callable[[Tensor], None]) -> Tensor:
+        ctx.take = take
+        return weight.to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.take(grad)
+        return None, None
+
+
+def _bf16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
+def _linear_forward(layer: torch.nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward``, with the weight cast by ``_CastForMatmul`` where autocast would cast it to bf16
+    (``layer.bf16_take``: where the gradient goes; ``layer.bf16_keep_float32()``: the weight was found float32)."""
+    w = layer.weight
+    cast = torch.is_grad_enabled() and w.requires_grad and _bf16_autocast(x.device.type)
+    if cast and not layer.bf16_keep_float32():
+        w = _CastForMatmul.apply(w, layer.bf16_take)
+    return F.linear(x, w, layer.bias)
+
+
+class Bf16Gradients:
+    """Keeps the gradients of ``weights`` ((weight name, linear layer) pairs, float32 weights) in bf16 from the
+    moment the backward makes each until ``step``; their ``.grad`` stays None in between (except for weights the
+    first step found float32). Each layer's forward is replaced by one that casts its weight itself. ``step``
+    replaces clipping and ``optimizer.step()`` for all of ``params`` (the optimizer's parameters, in the order
+    clipping would take)."""
+
+    def __init__(self, weights: list[tuple[str, torch.nn.Linear]], params: list[torch.nn.Parameter],
                  chunk_bytes: int = CHUNK_BYTES):
-        self.names = {id(p): name for name, p in weights}
+        self.names = {id(m.weight): name for name, m in weights}
         self.params = list(params)
         missing = set(self.names) - {id(p) for p in self.params}
         if missing:
@@ -88,18 +122,32 @@ class Bf16Gradients:
         self.chunk_bytes = chunk_bytes
         self.grads: dict[int, Tensor] = {}
         self.norms: dict[int, Tensor] = {}
-        self.first = True  # the first step checks each gradient before storing it
+        self.first = True  # the first step checks each float32 .grad before storing it
         self.float32: set[int] = set()  # weights whose gradients are not bf16 numbers: left in .grad
-        for _, p in weights:
-            p.register_post_accumulate_grad_hook(self._take)
+        for _, layer in weights:
+            key = id(layer.weight)
+            layer.bf16_take = functools.partial(self._take_bf16, key)
+            layer.bf16_keep_float32 = functools.partial(self.float32.__contains__, key)
+            layer.forward = types.MethodType(_linear_forward, layer)
+            layer.weight.register_post_accumulate_grad_hook(self._take)
+
+    def _refuse_second(self, key: int) -> None:
+        if key in self.grads:
+            raise RuntimeError(f"{self.names[key]} got a second gradient before the optimizer step (gradient "
+                               "accumulation, or the weight used outside its layer); bf16 gradient storage needs "
+                               "one per step: pass --no-bf16-grads")
+
+    def _take_bf16(self, key: int, grad: Tensor) -> None:
+        self._refuse_second(key)
+        self.norms[key] = torch._foreach_norm([grad], 2.0, dtype=torch.float32)[0]
+        self.grads[key] = grad
 
     def _take(self, p: torch.nn.Parameter) -> None:
+        """A float32 ``.grad`` (the layer ran outside bf16 autocast): stored in bf16 where it holds bf16 numbers."""
         key = id(p)
-        if key in self.float32:
+        if key in self.float32 or p.grad is None:  # None: the gradient went to _take_bf16 (the hook runs anyway)
             return
-        if key in self.grads:
-            raise RuntimeError(f"{self.names[key]} got a second gradient before the optimizer step; bf16 gradient "
-                               "storage needs one per step (no gradient accumulation): pass --no-bf16-grads")
+        self._refuse_second(key)
         g = p.grad
         stored = g.to(torch.bfloat16)
         if self.first and bool((stored.float() != g).any()):  # a sync per weight, on the first step only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -10,6 +12,7 @@ from easy_context.memory.tiled_mlp import apply_tiled_mlp
 from easy_context.train.bf16_grads import (Bf16Gradients, bf16_gradient_weights, bf16_grads_blocker, check_bf16_grads,
                                           linear_weights)
 from easy_context.train.config import parse_config
+from tests.helpers.dispatch import OpCounter
 
 
 def tiny_llama(tied: bool) -> LlamaForCausalLM:
@@ -115,12 +118,39 @@ def test_between_backward_and_step_the_weights_hold_bf16_gradients_only():
     weights = linear_weights(model)
     grads = Bf16Gradients(weights, list(model.parameters()))
     loss_of(model, batches(1)[0], autocast=True).backward()
-    assert all(p.grad is None for _, p in weights)
-    assert sorted(grads.grads) == sorted(id(p) for _, p in weights)
+    assert all(m.weight.grad is None for _, m in weights)
+    assert sorted(grads.grads) == sorted(id(m.weight) for _, m in weights)
     assert all(g.dtype == torch.bfloat16 for g in grads.grads.values())
     assert model.model.embed_tokens.weight.grad.dtype == torch.float32  # not a linear weight: as before
     grads.step(torch.optim.AdamW(model.parameters()), 1.0)
     assert not grads.grads and all(p.grad is None for p in model.parameters())
+
+
+def test_a_stored_gradient_is_never_float32_until_the_step():
+    # what the backward and step convert, per weight: its recompute's cast to bf16, and its bf16 gradient to
+    # float32 in the step (no float32 gradient from autograd, rounded to bf16 again: two copies a weight saved)
+    model = tiny_llama(tied=True)
+    weights = linear_weights(model)
+    grads = Bf16Gradients(weights, list(model.parameters()))
+    loss = loss_of(model, batches(1)[0], autocast=True)
+    shapes = {tuple(m.weight.shape) for _, m in weights}
+    with OpCounter(["_to_copy"]) as ops:
+        loss.backward()
+        grads.step(torch.optim.AdamW(model.parameters()), 1.0)
+    converted = Counter(op.dtypes[0] for op in ops.seen if op.shapes[0] in shapes)
+    assert converted == {torch.float32: len(weights), torch.bfloat16: len(weights)}
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "float32"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no-grad"])
+def test_a_layer_that_casts_its_own_weight_computes_what_it_did(autocast, grad):
+    layer = torch.nn.Linear(64, 160)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+        before = layer(x)
+        Bf16Gradients([("weight", layer)], list(layer.parameters()))
+        after = layer(x)
+    assert after.dtype == before.dtype and torch.equal(after, before)
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e9], ids=["clipped", "not-clipped"])
@@ -140,10 +170,10 @@ def test_a_weight_found_float32_keeps_its_float32_gradient_from_then_on():
     weights = linear_weights(model)
     grads = Bf16Gradients(weights, list(model.parameters()))
     loss_of(model, batches(1)[0], autocast=False).backward()
-    assert not grads.grads and all(p.grad.dtype == torch.float32 for _, p in weights)
+    assert not grads.grads and all(m.weight.grad.dtype == torch.float32 for _, m in weights)
     grads.step(torch.optim.AdamW(model.parameters()), 1.0)
     loss_of(model, batches(1)[0], autocast=True).backward()  # now bf16 numbers, but the weights were found out
-    assert not grads.grads and all(p.grad is not None for _, p in weights)
+    assert not grads.grads and all(m.weight.grad is not None for _, m in weights)
 
 
 def test_a_second_gradient_before_the_step_is_refused():
@@ -153,6 +183,18 @@ def test_a_second_gradient_before_the_step_is_refused():
     loss_of(model, ids, autocast=True).backward()
     with pytest.raises(RuntimeError, match=r"second gradient.*--no-bf16-grads"):
         loss_of(model, ids, autocast=True).backward()
+
+
+def test_a_weight_also_used_outside_its_layer_is_refused():
+    # its float32 gradient arrives after its bf16 one (the weight's accumulation waits for both): not stored apart
+    layer = torch.nn.Linear(64, 160)
+    Bf16Gradients([("weight", layer)], list(layer.parameters()))
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = layer(x).float().sum()
+    outside = (x @ layer.weight.t()).sum()  # float32, outside autocast
+    with pytest.raises(RuntimeError, match=r"second gradient.*used outside its layer.*--no-bf16-grads"):
+        (outside + inside).backward()
 
 
 def test_weights_outside_the_optimizer_are_refused():
