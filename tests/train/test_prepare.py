@@ -29,9 +29,12 @@ def bf16_accelerator():
     AcceleratorState._reset_state(True)
 
 
-def train(accelerator, family: str, seed: int, stored: bool, steps: int = 3):
-    """``steps`` micro_steps (clipped at 0.05, which acts) of a tiny checkpointed model; its parameters."""
+def train(accelerator, family: str, seed: int, stored: bool, steps: int = 3, lora: bool = False):
+    """``steps`` micro_steps (clipped at 0.05, which acts) of a tiny checkpointed model (with LoRA+ adapters where
+    ``lora``); its parameters."""
     model = tiny_model(family, seed)
+    if lora:
+        ec.apply_lora_plus(model, r=4, alpha=8)
     setup_checkpointing(model)
     wrapped = ec.CausalLMWithLoss(model.train())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -49,5 +52,13 @@ def test_bf16_gradients_train_as_the_float32_path_bit_for_bit(bf16_accelerator, 
     ref, _ = train(bf16_accelerator, family, seed, stored=False)
     got, grads = train(bf16_accelerator, family, seed, stored=True)
     assert len(grads.names) >= 14  # the 7 projections of each of the 2 layers at least
+    for name, p in ref.items():
+        assert torch.equal(got[name], p), name
+
+
+def test_lora_adapters_keep_bf16_gradients_and_train_as_the_float32_path(bf16_accelerator, seed):
+    ref, _ = train(bf16_accelerator, "llama", seed, stored=False, lora=True)
+    got, grads = train(bf16_accelerator, "llama", seed, stored=True, lora=True)
+    assert sorted(grads.names.values()) == sorted(n for n in got if ".lora_" in n)  # the frozen bases are left out
     for name, p in ref.items():
         assert torch.equal(got[name], p), name
