@@ -136,8 +136,17 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
             "cmd": r["cmd"], "profile": r["profile"], "startup_s": r["startup_s"]}
 
 
+OOM = re.compile(r"CUDA out of memory\. Tried to allocate ([\d.]+ \w+)\..*?Of the allocated memory ([\d.]+ \w+) is "
+                 r"allocated by PyTorch, and ([\d.]+ \w+) is reserved by PyTorch but unallocated", re.S)
+
+
 def failure_line(error: str) -> str:
-    """The table's one-line reason for a failed row: its last exception line (else the first line), shortened."""
+    """The table's one-line reason for a failed row: its last exception line (else the first line), shortened; an
+    out-of-memory error as what was allocated and what was held free (fragmentation) when it ran out."""
+    oom = OOM.search(error)
+    if oom:
+        asked, allocated, free = oom.groups()
+        return f"out of memory ({allocated} allocated, {free} reserved but unallocated, asked {asked} more)"
     lines = error_lines(error, 1) or error.strip().splitlines() or ["?"]
     return re.sub(r"^\s*\[rank\d+\]:\s*", "", lines[-1])[:120]
 

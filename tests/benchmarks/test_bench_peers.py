@@ -209,6 +209,17 @@ def test_a_failed_row_names_the_error_however_long_the_traceback_after_it():
     assert "| alst | 131072 | failed: ValueError: the DeepSpeed config offloads 8.03B" in bench_peers.table([row], [])
 
 
+def test_an_out_of_memory_row_says_how_much_was_allocated_and_how_much_was_held_free():
+    # the part that tells a real shortage from fragmentation (expandable_segments would have helped)
+    error = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 896.00 MiB. GPU 0 has a total capacity "
+             "of 139.80 GiB of which 739.12 MiB is free. Including non-PyTorch memory, this process has 139.07 GiB "
+             "memory in use. Of the allocated memory 114.07 GiB is allocated by PyTorch, and 24.26 GiB is reserved "
+             "by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+    assert bench_peers.failure_line(error) == ("out of memory (114.07 GiB allocated, 24.26 GiB reserved but "
+                                               "unallocated, asked 896.00 MiB more)")
+
+
 def test_profile_adds_one_profiled_step_per_row_kept_out_of_the_figures(tmp_path, capsys):
     out = tmp_path / "peers.json"
     bench_peers.main(["--model", TINY, "--seqlens", "32", "--steps", "2", "--systems", "hf,ours_ddp", "--profile",
