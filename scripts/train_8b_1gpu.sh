@@ -8,6 +8,9 @@
 # GPU, 97.5 GiB host; at 128K 69.4 s, 86.1 GiB GPU. The longest so far, 384K, keeps one layer input per 2 layers:
 #   SEQ=393216 MEMORY="--tiled-mlp 4096 --fuse-pointwise --layers-per-checkpoint 2"   # 466 s a step, 118.6 GiB GPU
 # At 256K with 8 layer inputs offloaded the host ran out.
+# Up to 32K no offload is needed: the DDP config (float32 weights, bf16 gradient storage) took 5.16 s a step and
+# 123.3 GiB at 32K, where HF + Liger ran out of memory:
+#   accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 1 train.py --model ... --seq-length 32768
 # train.py refuses, before loading, a ZeRO-3 state plus offloaded activations that the host cannot hold, and
 # names the "ratio" that fits.
 set -euo pipefail
