@@ -29,13 +29,13 @@ def bf16_accelerator():
     AcceleratorState._reset_state(True)
 
 
-def train(accelerator, family: str, seed: int, stored: bool, steps: int = 3, lora: bool = False):
+def train(accelerator, family: str, seed: int, stored: bool, steps: int = 3, lora: bool = False, **checkpointing):
     """``steps`` micro_steps (clipped at 0.05, which acts) of a tiny checkpointed model (with LoRA+ adapters where
-    ``lora``); its parameters."""
+    ``lora``; ``checkpointing``: setup_checkpointing's options); its parameters."""
     model = tiny_model(family, seed)
     if lora:
         ec.apply_lora_plus(model, r=4, alpha=8)
-    setup_checkpointing(model)
+    setup_checkpointing(model, **checkpointing)
     wrapped = ec.CausalLMWithLoss(model.train())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
@@ -60,5 +60,15 @@ def test_lora_adapters_keep_bf16_gradients_and_train_as_the_float32_path(bf16_ac
     ref, _ = train(bf16_accelerator, "llama", seed, stored=False, lora=True)
     got, grads = train(bf16_accelerator, "llama", seed, stored=True, lora=True)
     assert sorted(grads.names.values()) == sorted(n for n in got if ".lora_" in n)  # the frozen bases are left out
+    for name, p in ref.items():
+        assert torch.equal(got[name], p), name
+
+
+@pytest.mark.parametrize("checkpointing", [dict(layers_per_checkpoint=2, group_recompute="group"),
+                                           dict(skip_last=1)], ids=["two-layer-groups", "last-not-checkpointed"])
+def test_bf16_gradients_train_as_the_float32_path_under_other_checkpointing(bf16_accelerator, seed, checkpointing):
+    ref, _ = train(bf16_accelerator, "llama", seed, stored=False, **checkpointing)
+    got, grads = train(bf16_accelerator, "llama", seed, stored=True, **checkpointing)
+    assert not grads.float32
     for name, p in ref.items():
         assert torch.equal(got[name], p), name
