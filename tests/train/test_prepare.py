@@ -65,7 +65,8 @@ def test_lora_adapters_keep_bf16_gradients_and_train_as_the_float32_path(bf16_ac
 
 
 @pytest.mark.parametrize("checkpointing", [dict(layers_per_checkpoint=2, group_recompute="group"),
-                                           dict(skip_last=1)], ids=["two-layer-groups", "last-not-checkpointed"])
+                                           dict(skip_last=1), dict(offload=-1)],
+                         ids=["two-layer-groups", "last-not-checkpointed", "inputs-offloaded"])
 def test_bf16_gradients_train_as_the_float32_path_under_other_checkpointing(bf16_accelerator, seed, checkpointing):
     ref, _ = train(bf16_accelerator, "llama", seed, stored=False, **checkpointing)
     got, grads = train(bf16_accelerator, "llama", seed, stored=True, **checkpointing)
