@@ -40,9 +40,13 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
+          out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q_rot, k_rot = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    if out_dtype is None:
+        return q_rot, k_rot
+    return q_rot.to(out_dtype), k_rot.to(out_dtype)
 
 
 @functools.cache
@@ -62,13 +66,17 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1, **_) -> tuple[Tensor, Tensor]:
-    """transformers' ``apply_rotary_pos_emb`` (rotate-half RoPE), compiled."""
+    """transformers' ``apply_rotary_pos_emb`` (rotate-half RoPE), compiled. Under autocast its result comes in
+    autocast's dtype: the float32 product of bf16 q/k and float32 cos/sin, rounded once in the kernel, as every
+    attention would round it (instead of float32 q/k written out, read back and cast, forward and backward)."""
+    device = q.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if unsqueeze_dim != 1 or cos.dim() != 3:
-        return compiled(_rope)(q, k, cos, sin, unsqueeze_dim)
+        return compiled(_rope)(q, k, cos, sin, unsqueeze_dim, out_dtype)
     # q/k [B, H, S, D] are views of [B, S, H, D] projections: the compiled kernels run on those, so their
     # outputs and the gradients they return keep that memory order and the model's transposes and reshapes
     # around them are views, not copies (two full [B, S, H, D] copies per layer otherwise).
-    q_rot, k_rot = compiled(_rope)(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)
+    q_rot, k_rot = compiled(_rope)(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2, out_dtype)
     return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
 
 

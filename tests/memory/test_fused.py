@@ -111,3 +111,28 @@ def test_rope_keeps_the_projections_memory_order_in_outputs_and_gradients(seed):
     for x, ref, like in zip(got + grads, want + ref_grads, (q, k, q, k)):
         assert rel_err(x, ref) < 1e-6
         assert x.stride() == like.stride()  # so the transposes and reshapes around it are views, not copies
+
+
+def test_under_autocast_rope_returns_what_attention_casts_its_float32_result_to(seed):
+    # bf16 q/k from the projections, float32 cos/sin from the rotary embedding: the float32 product is cast to
+    # bf16 by every attention, so the kernel writes bf16 (same values; no float32 q/k copies in memory)
+    import transformers.models.llama.modeling_llama as llama
+
+    g = torch.Generator().manual_seed(seed)
+    b, s, h, d = 1, 9, 4, 8
+    q, k = (torch.randn(b, s, h, d, generator=g).bfloat16().transpose(1, 2).requires_grad_(True) for _ in range(2))
+    angles = torch.randn(b, s, d // 2, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = apply_rope(q, k, cos, sin)
+    want = tuple(x.to(torch.bfloat16) for x in llama.apply_rotary_pos_emb(q, k, cos, sin))  # float32, then cast
+    dq_out, dk_out = (torch.randn(b, s, h, d, generator=g).bfloat16().transpose(1, 2) for _ in range(2))
+    grads = torch.autograd.grad(got, (q, k), (dq_out, dk_out))
+    ref_grads = torch.autograd.grad(want, (q, k), (dq_out, dk_out))
+    for x, ref in zip(got + grads, want + ref_grads):
+        assert x.dtype == torch.bfloat16
+        assert rel_err(x.float(), ref.float()) < 1e-2  # one bf16 rounding (the kernel may fuse multiply-adds)
+    plain = apply_rope(q, k, cos, sin)  # outside autocast: the model's own promotion, to float32
+    assert plain[0].dtype == torch.float32
+    for x, ref in zip(got, plain):
+        assert torch.equal(x, ref.to(torch.bfloat16))  # the same kernel's values, rounded once
