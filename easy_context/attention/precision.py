@@ -12,6 +12,11 @@ Tensor = torch.Tensor
 _OUT_DTYPE_MATMUL = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype" in torch.ops.aten.mm.overloads()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on ``device_type`` ("cuda", "cpu") now; None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for any other (bf16, fp16, fp32): the dtype of running sums and lse."""
     return torch.float64 if dtype == torch.float64 else torch.float32

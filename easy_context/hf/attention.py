@@ -35,6 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..attention.comm import rank_and_size
 from ..attention.documents import Documents, gather_documents
+from ..attention.precision import autocast_dtype
 from ..attention.registry import BACKENDS, Backend, get_backend
 from ..attention.reuse import attention_call_scope
 from ..parallel.groups import group_layout, group_rank_size, sp_process_group
@@ -174,10 +175,9 @@ def _reject_unsupported(name: str, query: Tensor, key: Tensor, attention_mask, d
 def _autocast_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Under autocast HF's RoPE leaves q and k in float32 while v comes out of its linear in the autocast
     dtype; SDPA casts all three to that dtype, and so do we (outside autocast they are left as they are)."""
-    device = query.device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(query.device.type)
+    if dtype is None:
         return query, key, value
-    dtype = torch.get_autocast_dtype(device)
     return query.to(dtype), key.to(dtype), value.to(dtype)
 
 

@@ -21,6 +21,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..attention.precision import autocast_dtype
+
 Tensor = torch.Tensor
 _ATTR = "_easy_context_fused"
 
@@ -69,8 +71,7 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: in
     """transformers' ``apply_rotary_pos_emb`` (rotate-half RoPE), compiled. Under autocast its result comes in
     autocast's dtype: the float32 product of bf16 q/k and float32 cos/sin, rounded once in the kernel, as every
     attention would round it (instead of float32 q/k written out, read back and cast, forward and backward)."""
-    device = q.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    out_dtype = autocast_dtype(q.device.type)
     if unsqueeze_dim != 1 or cos.dim() != 3:
         return compiled(_rope)(q, k, cos, sin, unsqueeze_dim, out_dtype)
     # q/k [B, H, S, D] are views of [B, S, H, D] projections: the compiled kernels run on those, so their

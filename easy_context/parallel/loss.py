@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
-from ..attention.precision import accumulation_dtype, add_product_, wide_product
+from ..attention.precision import accumulation_dtype, add_product_, autocast_dtype, wide_product
 
 Tensor = torch.Tensor
 DEFAULT_CHUNK = 1024
@@ -52,8 +52,8 @@ def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
 def _matmul_weight(weight: Tensor) -> Tensor:
     """The weight in the dtype the head's matmuls take here (autocast's where it is on), cast once per pass: autocast
     would cast it again for every chunk's matmul."""
-    device = weight.device.type
-    return weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
+    dtype = autocast_dtype(weight.device.type)
+    return weight if dtype is None else weight.to(dtype)
 
 
 def _losses_and_logit_grad(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, keep: Tensor,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..attention.precision import autocast_dtype
 from ..memory.tiled_mlp import tiled_mlps
 
 Tensor = torch.Tensor
@@ -90,15 +91,11 @@ class _CastForMatmul(torch.autograd.Function):
         return None, None
 
 
-def _bf16_autocast(device_type: str) -> bool:
-    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
-
-
 def _linear_forward(layer: torch.nn.Linear, x: Tensor) -> Tensor:
     """``nn.Linear.forward``, with the weight cast by ``_CastForMatmul`` where autocast would cast it to bf16
     (``layer.bf16_take``: where the gradient goes; ``layer.bf16_keep_float32()``: the weight was found float32)."""
     w = layer.weight
-    cast = torch.is_grad_enabled() and w.requires_grad and _bf16_autocast(x.device.type)
+    cast = torch.is_grad_enabled() and w.requires_grad and autocast_dtype(x.device.type) == torch.bfloat16
     if cast and not layer.bf16_keep_float32():
         w = _CastForMatmul.apply(w, layer.bf16_take)
     return F.linear(x, w, layer.bias)
