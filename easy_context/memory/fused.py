@@ -14,13 +14,13 @@ replaced in that module: every model of the family in the process then uses the 
 
 from __future__ import annotations
 
-import functools
 import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
+from ..attention.compiled import compiled
 from ..attention.precision import autocast_dtype
 
 Tensor = torch.Tensor
@@ -49,12 +49,6 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
     if out_dtype is None:
         return q_rot, k_rot
     return q_rot.to(out_dtype), k_rot.to(out_dtype)
-
-
-@functools.cache
-def compiled(fn):
-    """``fn`` compiled by torch.compile (once, on first use: importing this module does not load the compiler)."""
-    return torch.compile(fn, fullgraph=True)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
