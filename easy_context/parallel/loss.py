@@ -6,7 +6,10 @@ vocabulary that would be 256 GB in float32; one default chunk of 1024 rows is 0.
 with gradients on (training) takes each chunk's gradients in the same pass as its loss, so its logits are
 computed once; backward only scales them by the upstream gradient (one backward per forward). Per-token losses
 (``reduction="none"``) recompute each chunk in backward, where the upstream gradient of each token is known.
-The weight gradient is accumulated in float32 (V x H floats).
+The weight gradient is accumulated in float32 (V x H floats). ``fused=True`` computes each chunk's softmax, losses
+and logit gradient in kernels torch.compile fuses (two reads of the float32 logits and one write of the gradient,
+instead of eager PyTorch's six memory-bound passes); the same formulas, only the order of float32 operations
+inside a kernel may differ.
 
 Gradient convention of ``sequence_parallel_cross_entropy`` (read before wiring it into a trainer):
 each rank returns ``local_sum / N`` where N is the number of non-ignored targets in the whole SP group
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention.comm import rank_and_size
+from ..attention.compiled import compiled
 from ..attention.precision import accumulation_dtype, add_product_, autocast_dtype, wide_product
 
 Tensor = torch.Tensor
@@ -34,10 +38,15 @@ DEFAULT_CHUNK = 1024
 REDUCTIONS = ("sum", "mean", "none")
 
 
+def _raw_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """float32 (float64 for float64 inputs) logits h @ weight.T (+ bias) of one chunk, before any soft cap."""
+    wide = accumulation_dtype(weight.dtype)
+    return wide_product(h, weight.t(), wide) if bias is None else torch.addmm(bias, h, weight.t()).to(wide)
+
+
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor | None]:
     """float32 (float64 for float64 inputs) logits of one chunk, and tanh(raw / softcap) when soft-capped."""
-    wide = accumulation_dtype(weight.dtype)
-    z = wide_product(h, weight.t(), wide) if bias is None else torch.addmm(bias, h, weight.t()).to(wide)
+    z = _raw_logits(h, weight, bias)
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -56,13 +65,40 @@ def _matmul_weight(weight: Tensor) -> Tensor:
     return weight if dtype is None else weight.to(dtype)
 
 
+def _fused_softmax_terms(z: Tensor, y: Tensor, keep: Tensor, softcap: float | None, grad: bool,
+                         row_scale: Tensor | None, bias_grad: bool,
+                         grad_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``_losses_and_logit_grad``'s result from the raw float32 logits ``z`` [n, V] and in-range labels ``y``: the
+    same formulas written out of place, for torch.compile to fuse (in place, z would be written back)."""
+    t = None
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    top = z.amax(dim=1, keepdim=True)
+    e = torch.exp(z - top)
+    total = e.sum(dim=1, keepdim=True)
+    losses = torch.where(keep, (total.log() + top - z.gather(1, y.unsqueeze(1))).squeeze(1), 0.0)
+    if not grad:
+        return losses, None, None
+    label = torch.arange(z.shape[1], device=z.device) == y.unsqueeze(1)
+    scale = torch.where(keep, total.squeeze(1).reciprocal(), 0.0)
+    scale = (scale if row_scale is None else scale * row_scale).unsqueeze(1)
+    g = torch.where(label, e - total, e) * scale
+    if t is not None:
+        g = g * (1 - t * t)
+    return losses, g.to(grad_dtype), g.sum(0) if bias_grad else None
+
+
 def _losses_and_logit_grad(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, keep: Tensor,
                            softcap: float | None, grad: bool, row_scale: Tensor | None = None,
-                           bias_grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                           bias_grad: bool = False, fused: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One chunk's per-token losses [n] (0 on ignored rows) and, with ``grad``, d (sum_i row_scale_i loss_i) / d raw
     logits [n, V] in the matmul dtype (row_scale None: all 1; zero on ignored rows) and, with ``bias_grad``, its
     float32 column sums. Its float32 logits live in this function only, so they are freed before the caller's
-    [V, H] weight-gradient product."""
+    [V, H] weight-gradient product. ``fused``: the softmax part compiled (``_fused_softmax_terms``)."""
+    if fused:
+        return compiled(_fused_softmax_terms)(_raw_logits(h, weight, bias), torch.where(keep, y, 0), keep, softcap,
+                                              grad, row_scale, bias_grad, weight.dtype)
     z, t = _logits(h, weight, bias, softcap)
     picked = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
     top = z.amax(dim=1, keepdim=True)
@@ -121,16 +157,16 @@ class _Grads:
 
 
 def _chunk_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, a: int, size: int,
-                ignore_index: int, softcap: float | None, grads: _Grads | None,
+                ignore_index: int, softcap: float | None, fused: bool, grads: _Grads | None,
                 row_scale: Tensor | None = None) -> Tensor:
     """Rows a..a+size: their per-token losses; their gradients (weighted by ``row_scale``) added into ``grads``
-    unless it is None. ``weight`` as ``_matmul_weight`` gives it."""
+    unless it is None. ``weight`` as ``_matmul_weight`` gives it; ``fused`` as in ``_losses_and_logit_grad``."""
     h, y = hidden[a:a + size], labels[a:a + size]
     if h.dtype != weight.dtype and torch.is_autocast_enabled(h.device.type):
         h = h.to(weight.dtype)  # autocast's cast, once for the chunk's three matmuls
     want = grads is not None and grads.wanted
     losses, g, g_sum = _losses_and_logit_grad(h, weight, bias, y, y != ignore_index, softcap, want, row_scale,
-                                              bias_grad=want and grads.db is not None)
+                                              bias_grad=want and grads.db is not None, fused=fused)
     if want:
         grads.add(a, h, weight, g, g_sum)
     return losses
@@ -141,13 +177,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     upstream gradient of each token is known only then)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap, fused):
         losses = torch.zeros(hidden.shape[0], dtype=accumulation_dtype(weight.dtype), device=hidden.device)
         w = _matmul_weight(weight)
         for a in range(0, hidden.shape[0], chunk_size):
-            losses[a:a + chunk_size] = _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, None)
+            losses[a:a + chunk_size] = _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap,
+                                                   fused, None)
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.args = (chunk_size, ignore_index, softcap)
+        ctx.args = (chunk_size, ignore_index, softcap, fused)
         ctx.autocast = _autocast_state(hidden.device.type)
         return losses
 
@@ -158,21 +195,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             hidden, weight, bias, labels = ctx.saved_tensors
-            chunk_size, ignore_index, softcap = ctx.args
+            chunk_size, ignore_index, softcap, fused = ctx.args
             grads, w = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3]), _matmul_weight(weight)
             for a in range(0, hidden.shape[0], chunk_size):
-                _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, grads,
+                _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, fused, grads,
                             row_scale=grad_losses[a:a + chunk_size])
-            return *grads.result(), None, None, None, None
+            return *grads.result(), None, None, None, None, None
 
 
 def _summed_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
-                 ignore_index: int, softcap: float | None, needs: tuple[bool, bool, bool]) -> tuple[Tensor, _Grads]:
+                 ignore_index: int, softcap: float | None, fused: bool,
+                 needs: tuple[bool, bool, bool]) -> tuple[Tensor, _Grads]:
     """The summed loss over all rows and, where ``needs`` asks, its unscaled gradients: each chunk's logits once."""
     total = torch.zeros((), dtype=accumulation_dtype(weight.dtype), device=hidden.device)
     grads, w = _Grads(hidden, weight, bias, needs), _matmul_weight(weight)
     for a in range(0, hidden.shape[0], chunk_size):
-        total += _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, grads).sum()
+        total += _chunk_pass(hidden, w, bias, labels, a, chunk_size, ignore_index, softcap, fused, grads).sum()
     return total, grads
 
 
@@ -181,8 +219,8 @@ class _FusedLinearCrossEntropySum(torch.autograd.Function):
     (each chunk's logits once) and handed over in backward, scaled in place by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap):
-        total, ctx.grads = _summed_loss(hidden, weight, bias, labels, chunk_size, ignore_index, softcap,
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, softcap, fused):
+        total, ctx.grads = _summed_loss(hidden, weight, bias, labels, chunk_size, ignore_index, softcap, fused,
                                         needs=ctx.needs_input_grad[:3])
         return total  # ctx.grads is kept off save_for_backward: backward scales it in place
 
@@ -192,18 +230,18 @@ class _FusedLinearCrossEntropySum(torch.autograd.Function):
             raise RuntimeError("chunked_cross_entropy: the gradients of a summed or mean loss are computed in forward "
                                "and handed over by the first backward; run the loss again instead of backward twice")
         grads, ctx.grads = ctx.grads, None
-        return *grads.result(grad_total), None, None, None, None
+        return *grads.result(grad_total), None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                           chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100,
-                          softcap: float | None = None, reduction: str = "sum") -> Tensor:
+                          softcap: float | None = None, reduction: str = "sum", fused: bool = False) -> Tensor:
     """Cross entropy of logits ``hidden @ weight.T (+ bias)`` against ``labels``, chunk by chunk, in float32.
 
     hidden [..., H] with labels [...] (e.g. [B, S, H] and [B, S]); weight [V, H]; ``ignore_index`` targets
     count zero. ``softcap`` c applies c * tanh(logits / c) first. ``reduction``: "sum", "mean" over the
     non-ignored targets (0 when there are none), or "none" (per-token losses shaped like ``labels``).
-    Float64 inputs are computed in float64.
+    Float64 inputs are computed in float64. ``fused``: each chunk's softmax part in torch.compile'd kernels.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
@@ -222,7 +260,7 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index}; got "
                          f"{flat[bad][0].item()}")
-    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat, chunk_size, ignore_index, softcap)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat, chunk_size, ignore_index, softcap, fused)
     if reduction == "none":
         return _ChunkedLinearCrossEntropy.apply(*args).view(labels.shape)
     if torch.is_grad_enabled():
@@ -246,17 +284,19 @@ class SPLoss:
 def sequence_parallel_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                                     group: dist.ProcessGroup | None = None, grad_reduction: str = "mean",
                                     bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                                    ignore_index: int = -100, softcap: float | None = None) -> SPLoss:
+                                    ignore_index: int = -100, softcap: float | None = None,
+                                    fused: bool = False) -> SPLoss:
     """Collective over ``group``: this rank's part of the group's exact token-mean CE (module doc).
 
     hidden [B, S_local, H] and labels [B, S_local] are this rank's shard (targets already shifted, as
     ``inputs.prepare_seq_parallel_inputs`` makes them). ``grad_reduction``: "mean" if your trainer
-    averages gradients over the ranks (loss = share x P), "sum" if you sum them over the SP group.
+    averages gradients over the ranks (loss = share x P), "sum" if you sum them over the SP group. ``fused``:
+    as in ``chunked_cross_entropy``.
     """
     if grad_reduction not in ("mean", "sum"):
         raise ValueError(f"grad_reduction must be 'mean' (trainer averages gradients) or 'sum'; got {grad_reduction!r}")
     local_sum = chunked_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=chunk_size,
-                                      ignore_index=ignore_index, softcap=softcap, reduction="sum")
+                                      ignore_index=ignore_index, softcap=softcap, reduction="sum", fused=fused)
     count = (labels != ignore_index).sum()  # int64: exact at any token count
     return token_mean(local_sum, count, group, grad_reduction)
 
