@@ -35,7 +35,7 @@ from easy_context.train.distributed import finish, main_decides, run_script
 from easy_context.train.loop import TrainLoop
 from easy_context.train.prepare import micro_step, prepare_training
 from easy_context.train.pose import pose_batch_position_ids
-from easy_context.train.run_defaults import resolve_run_defaults
+from easy_context.train.run_defaults import fuses_kernels, resolve_run_defaults
 from easy_context.train.run_log import log_path
 from easy_context.train.stop import StopRequests, launcher_pid
 from easy_context.world.default import build_default_world
@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig, path: str, config, plan: ParallelPlan, dtype: 
                                 layers_per_checkpoint=cfg.layers_per_checkpoint, group_recompute=cfg.group_recompute)
     if cfg.keep_attention:
         ec.keep_attention_outputs(model)
-    if cfg.fuse_pointwise or (cfg.fuse_pointwise is None and torch.cuda.is_available()):
+    if fuses_kernels(cfg):
         ec.fuse_pointwise(model, required=bool(cfg.fuse_pointwise))  # the default: only what the model has
     if cfg.tiled_mlp:
         ec.apply_tiled_mlp(model, cfg.tiled_mlp)
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--tiled-mlp needs a DeepSpeed config (DDP's reducer expects one gradient per parameter)")
     device = state.device if ds is None and torch.cuda.is_available() else None  # ZeRO-3: zero.Init places it
     model = build_model(cfg, model_path, config, plan, dtype, packed, device)
-    wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk)
+    wrapped = ec.CausalLMWithLoss(model, group=groups.sp_group, chunk_size=cfg.loss_chunk,
+                                  fused_loss=fuses_kernels(cfg))
     wrapped, optimizer, saved, run_log, grads = prepare_training(accelerator, wrapped, model, cfg, sampler,
                                                                  out_dir, resume_from)
     if accelerator.is_main_process:

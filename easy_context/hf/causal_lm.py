@@ -78,7 +78,7 @@ def _router_aux_share(router_logits, experts: int, top_k: int, group, world: int
 def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None, *,
                    group: dist.ProcessGroup | None = None, grad_reduction: str = "mean",
                    chunk_size: int = DEFAULT_CHUNK, ignore_index: int = -100, documents: Documents | None = None,
-                   **model_kwargs) -> SPLoss:
+                   fused_loss: bool = False, **model_kwargs) -> SPLoss:
     """This rank's loss for a causal LM: decoder body on the shard, then the chunked exact SP cross entropy.
 
     The full-vocabulary logits are never built: the loss comes from the last hidden state and the
@@ -89,6 +89,7 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
     (data-parallel) model the loss is this rank's own token mean. See ``parallel.loss`` for ``grad_reduction``.
     ``documents``: the batch's packed documents (``SeqParallelInputs.documents``), handed to the attention of this
     forward; without them it reads them from the restarting ``position_ids`` itself (one small collective).
+    ``fused_loss``: the loss's softmax in torch.compile'd kernels (``chunked_cross_entropy``'s ``fused``).
     """
     head = model.get_output_embeddings()
     if head is None or model.base_model is model or not isinstance(head, torch.nn.Linear):
@@ -116,7 +117,7 @@ def causal_lm_loss(model, input_ids: Tensor, target_ids: Tensor, position_ids: T
             bind_documents(position_ids, documents, reg)
     out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **model_kwargs)
     hidden = out.last_hidden_state
-    args = dict(bias=head.bias, chunk_size=chunk_size, ignore_index=ignore_index, softcap=softcap)
+    args = dict(bias=head.bias, chunk_size=chunk_size, ignore_index=ignore_index, softcap=softcap, fused=fused_loss)
     if reg is None:
         loss = chunked_cross_entropy(hidden, head.weight, target_ids, reduction="mean", **args)
         result = SPLoss(loss, loss.detach(), int((target_ids != ignore_index).sum()))
@@ -141,11 +142,13 @@ class CausalLMWithLoss(torch.nn.Module):
     as this module's external parameter (DeepSpeed then gathers it for the loss in forward and backward).
     """
 
-    def __init__(self, model, *, group=None, grad_reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model, *, group=None, grad_reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK,
+                 fused_loss: bool = False):
         super().__init__()
         self.model = model
         self.config = model.config  # accelerate sizes DeepSpeed's "auto" buckets from config.hidden_size
         self.group, self.grad_reduction, self.chunk_size = group, grad_reduction, chunk_size
+        self.fused_loss = fused_loss
         head = model.get_output_embeddings()
         try:
             from deepspeed.zero import register_external_parameter
@@ -157,7 +160,8 @@ class CausalLMWithLoss(torch.nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor, position_ids: Tensor | None = None,
                 documents: Documents | None = None):
         out = causal_lm_loss(self.model, input_ids, target_ids, position_ids, group=self.group,
-                             grad_reduction=self.grad_reduction, chunk_size=self.chunk_size, documents=documents)
+                             grad_reduction=self.grad_reduction, chunk_size=self.chunk_size, documents=documents,
+                             fused_loss=self.fused_loss)
         return out.loss, out.value, torch.tensor(out.num_tokens, device=out.loss.device)
 
 

@@ -96,9 +96,9 @@ class TrainConfig:
                                         "instead of running attention again (speed for memory; default: on with a "
                                         "CUDA GPU while the kept outputs take at most 1/16 of its memory; "
                                         "--no-keep-attention: off)")
-    fuse_pointwise: bool | None = flag(None, "RMSNorm, SwiGLU and RoPE as torch.compile'd fused kernels (faster; "
-                                        "same math; default: on with a CUDA GPU where the model has them, off on "
-                                        "CPU; --no-fuse-pointwise: off)")
+    fuse_pointwise: bool | None = flag(None, "RMSNorm, SwiGLU, RoPE and the loss's softmax as torch.compile'd "
+                                        "fused kernels (faster; same math; default: on with a CUDA GPU where the "
+                                        "model has them, off on CPU; --no-fuse-pointwise: off)")
     bf16_grads: bool | None = flag(None, "keep the linear weights' gradients in bf16 from the backward to the step "
                                     "(exact: under bf16 autocast they are bf16 numbers; 2 bytes a number instead "
                                     "of 4; default: on for one CUDA process without DeepSpeed or --grad-accum; "

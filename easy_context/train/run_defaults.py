@@ -17,6 +17,12 @@ def checkpointed_layer_count(cfg: TrainConfig, num_layers: int) -> int:
     return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
 
 
+def fuses_kernels(cfg: TrainConfig) -> bool:
+    """Whether the run compiles fused kernels (RMSNorm, SwiGLU, RoPE, the loss's softmax): ``--fuse-pointwise``, or
+    by default with a CUDA GPU."""
+    return bool(cfg.fuse_pointwise) or (cfg.fuse_pointwise is None and torch.cuda.is_available())
+
+
 def resolve_run_defaults(cfg: TrainConfig, config, *, sp_size: int, device_bytes: int | None, deepspeed: bool = False,
                          processes: int = 1) -> TrainConfig:
     """``cfg`` with the flags the command line left unset decided; flags the user gave are kept as they are.

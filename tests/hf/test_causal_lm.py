@@ -64,16 +64,33 @@ def test_one_process_loss_equals_the_models_own_loss(build, seed):
     ("gemma2", dict(final_logit_softcapping=5.0, attn_logit_softcapping=None, query_pre_attn_scalar=16,
                     attn_implementation="eager")),  # Gemma2 has no sdpa path
 ])
-def test_data_parallel_loss_equals_hf_loss(family, overrides, seed):
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_data_parallel_loss_equals_hf_loss(family, overrides, fused_loss, seed):
     ids, labels = batch(seed, 2, SEQ)
     ref_model, model = tiny_model(family, seed, **overrides), tiny_model(family, seed, **overrides)
     ref = ref_model(input_ids=ids, labels=labels).loss
     ref.backward()
-    out = causal_lm_loss(model, ids, shift_labels(labels), chunk_size=5)  # unpatched: plain local mean
+    torch._dynamo.reset()  # the fused loss compiles its own variants, within the recompile limit
+    out = causal_lm_loss(model, ids, shift_labels(labels), chunk_size=5, fused_loss=fused_loss)  # unpatched: local
     out.loss.backward()
     assert rel_err(out.value, ref) < 1e-6 and out.num_tokens == int((shift_labels(labels) != -100).sum())
     for (n, p), r in zip(model.named_parameters(), ref_model.parameters()):
         assert rel_err(p.grad, r.grad) < 1e-5, n
+
+
+def test_the_wrapper_module_hands_its_loss_options_to_the_loss(seed, monkeypatch):
+    seen = {}
+
+    def loss(model, *args, **kwargs):
+        seen.update(kwargs)
+        return causal_lm.SPLoss(torch.zeros(()), torch.zeros(()), 1)
+
+    monkeypatch.setattr(causal_lm, "causal_lm_loss", loss)
+    ids, labels = batch(seed, 1, SEQ)
+    causal_lm.CausalLMWithLoss(tiny_model("llama", seed), grad_reduction="sum", chunk_size=9,
+                               fused_loss=True)(ids, shift_labels(labels))
+    assert {k: seen[k] for k in ("grad_reduction", "chunk_size", "fused_loss")} == dict(
+        grad_reduction="sum", chunk_size=9, fused_loss=True)
 
 
 def test_causal_lm_loss_rejects_unsupported_heads():

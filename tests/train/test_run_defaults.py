@@ -7,7 +7,7 @@ import pytest
 
 from easy_context.hf import models
 from easy_context.train.config import parse_config
-from easy_context.train.run_defaults import resolve_run_defaults
+from easy_context.train.run_defaults import fuses_kernels, resolve_run_defaults
 
 GIB = 1 << 30
 ONE_B = models.shape_config("shape:llama3.2-1b")  # 16 layers, 32 heads of 64
@@ -60,3 +60,12 @@ def test_bf16_gradients_are_on_where_they_are_exact_and_nothing_else_holds_gradi
     resolved = resolve_run_defaults(cfg, ONE_B, sp_size=1, device_bytes=device, deepspeed=deepspeed,
                                     processes=processes)
     assert resolved.bf16_grads is on
+
+
+@pytest.mark.parametrize("argv, gpu, fused", [
+    ([], True, True), ([], False, False),                                      # default: with a CUDA GPU
+    (["--fuse-pointwise"], False, True), (["--no-fuse-pointwise"], True, False),  # the user's word stands
+])
+def test_fused_kernels_default_to_a_cuda_gpu(argv, gpu, fused, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: gpu)
+    assert fuses_kernels(parse_config(argv)) is fused
