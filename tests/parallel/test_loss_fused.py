@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from easy_context.parallel.loss import chunked_cross_entropy
 from tests.helpers.reference import rel_err
+from tests.parallel.test_loss import _plain, _problem
 
 
 @pytest.fixture(autouse=True)
@@ -21,27 +21,22 @@ def fresh_compiler():
     torch._dynamo.reset()
 
 
-def _problem(seed: int, n: int, h: int, v: int, dtype: torch.dtype, bias: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, dtype=dtype).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=g, dtype=dtype) / h ** 0.5).requires_grad_(True)
-    b = torch.randn(v, generator=g, dtype=dtype).requires_grad_(True) if bias else None
-    labels = torch.randint(v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.3] = -100
-    return hidden, weight, b, labels
-
-
-def _plain(hidden, weight, bias, labels, softcap, reduction):
-    z = F.linear(hidden, weight, bias)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z, labels, reduction=reduction)
+def _eager_and_fused(hidden, weight, labels, chunk_size: int) -> list[tuple]:
+    """(loss, d hidden, d weight) of the mean loss under bf16 autocast, eager chunks then fused."""
+    results = []
+    for fused in (False, True):
+        h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(h, w, labels, chunk_size=chunk_size, reduction="mean", fused=fused)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
 
 
 @pytest.mark.parametrize("softcap,bias,reduction", [(None, False, "mean"), (2.5, True, "sum"), (None, True, "none"),
                                                     (2.5, False, "none")])
 def test_fused_equals_plain_cross_entropy(seed, softcap, bias, reduction):
-    hidden, weight, b, labels = _problem(seed, 53, 12, 37, torch.float64, bias)
+    hidden, weight, b, labels = _problem(seed, 53, 12, 37, bias=bias)
     params = [hidden, weight] + ([b] if bias else [])
     weights = torch.randn(53, dtype=torch.float64)  # a non-uniform upstream gradient for "none"
     got = chunked_cross_entropy(hidden, weight, labels, bias=b, chunk_size=16, softcap=softcap,
@@ -57,15 +52,8 @@ def test_fused_equals_plain_cross_entropy(seed, softcap, bias, reduction):
 
 
 def test_fused_equals_eager_chunks_under_bf16_autocast(seed):
-    hidden, weight, _, labels = _problem(seed, 96, 48, 200, torch.float32)
-    results = []
-    for fused in (False, True):
-        h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = chunked_cross_entropy(h, w, labels, chunk_size=32, reduction="mean", fused=fused)
-        loss.backward()
-        results.append((loss.detach(), h.grad, w.grad))
-    (loss, dh, dw), (fused_loss, fused_dh, fused_dw) = results
+    hidden, weight, _, labels = _problem(seed, 96, 48, 200, dtype=torch.float32)
+    (loss, dh, dw), (fused_loss, fused_dh, fused_dw) = _eager_and_fused(hidden, weight, labels, chunk_size=32)
     assert fused_loss.dtype == torch.float32 and fused_dw.dtype == torch.float32
     assert rel_err(fused_loss, loss) < 1e-6
     # the bf16 logit gradient can round the other way where float32 sums differ in their last bit
@@ -73,7 +61,7 @@ def test_fused_equals_eager_chunks_under_bf16_autocast(seed):
 
 
 def test_fused_loss_without_gradients_is_the_eager_one(seed):
-    hidden, weight, _, labels = _problem(seed, 40, 16, 64, torch.float32)
+    hidden, weight, _, labels = _problem(seed, 40, 16, 64, dtype=torch.float32)
     with torch.no_grad():
         eager = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="none")
         fused = chunked_cross_entropy(hidden, weight, labels, chunk_size=8, reduction="none", fused=True)
@@ -88,13 +76,6 @@ def test_fused_equals_eager_on_cuda_at_a_real_vocabulary(seed):
     hidden = torch.randn(4096, 1024, device="cuda", generator=g, requires_grad=True)
     weight = (torch.randn(32000, 1024, device="cuda", generator=g) / 32).requires_grad_()
     labels = torch.randint(32000, (4096,), device="cuda", generator=g)
-    results = []
-    for fused in (False, True):
-        h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = chunked_cross_entropy(h, w, labels, chunk_size=1024, reduction="mean", fused=fused)
-        loss.backward()
-        results.append((loss.detach(), h.grad, w.grad))
-    (loss, dh, dw), (fused_loss, fused_dh, fused_dw) = results
+    (loss, dh, dw), (fused_loss, fused_dh, fused_dw) = _eager_and_fused(hidden, weight, labels, chunk_size=1024)
     assert rel_err(fused_loss, loss) < 1e-6
     assert rel_err(fused_dh, dh) < 1e-3 and rel_err(fused_dw, dw) < 1e-3
