@@ -1,11 +1,13 @@
-"""The dtype attention and loss accumulate in (float64 for float64 inputs, the exact tests; float32 otherwise), and
-matmuls whose bf16/fp16 products land in that dtype straight from the GEMM where cuBLAS can (CUDA, torch >= 2.8)."""
+"""The dtype attention and loss accumulate in (float64 for float64 inputs, the exact tests; float32 otherwise),
+matmuls whose bf16/fp16 products land in that dtype straight from the GEMM where cuBLAS can (CUDA, torch >= 2.8),
+and casts of one matmul input shared by the several matmuls that take it."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 Tensor = torch.Tensor
 # aten's mm/addmm with ``out_dtype`` (bf16 x bf16 -> float32 in the GEMM's epilogue) exist from torch 2.8, on CUDA
@@ -49,3 +51,37 @@ def add_product_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if widens_in_gemm(a, b, acc.dtype):
         return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     return acc.add_(a @ b)
+
+
+class _SharedCastUse(torch.autograd.Function):
+    """One use of a cast shared by several: forward hands out the shared copy ``low``, backward casts this use's
+    gradient to ``x``'s dtype, as the backward of a cast of its own would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: Tensor) -> Tensor:
+        ctx.dtype = x.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class SharedCasts:
+    """``x.to(dtype)`` made once per tensor (and version of it) and shared by every matmul that takes x, where
+    autocast makes a copy per matmul (the q, k and v projections of one norm output). Each use gets its own
+    autograd node that casts its gradient back, so autograd adds the uses' gradients in x's dtype exactly as after
+    separate casts. A copy lives as long as x does."""
+
+    def __init__(self):
+        self._copies = WeakIdKeyDictionary()
+
+    def cast(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x.to(dtype)``, with gradients to x where x takes them."""
+        if x.dtype == dtype:
+            return x
+        hit = self._copies.get(x)
+        if hit is None or hit[0] != x._version or hit[1].dtype != dtype:
+            hit = (x._version, x.detach().to(dtype))
+            self._copies[x] = hit
+        return _SharedCastUse.apply(x, hit[1]) if x.requires_grad and torch.is_grad_enabled() else hit[1]

@@ -7,7 +7,8 @@ made, and a backward holds half the bytes for these gradients (on the Llama shap
 and 87% at 8B). The step then rebuilds float32 gradients a chunk of parameters at a time, clips them by the same
 total norm and steps the optimizer on that chunk only: parameters, moments and the clipping are bitwise those of
 the float32 path, since each gradient's norm is taken in float32 (by the kernel ``clip_grad_norm_`` uses) and
-AdamW acts on each number alone.
+AdamW acts on each number alone. The layers also cast a float32 input once for all of them (q, k and v take one
+norm output), where autocast would cast it per layer; each layer's input gradient is still cast back on its own.
 
 Use it where every weight it takes gets one gradient per optimizer step: one process (no DDP reducer reading
 ``.grad``), no gradient accumulation, bf16 autocast with float32 weights. Weights whose gradient is a float32 sum
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..attention.precision import autocast_dtype
+from ..attention.precision import SharedCasts, autocast_dtype
 from ..memory.tiled_mlp import tiled_mlps
 
 Tensor = torch.Tensor
@@ -93,18 +94,22 @@ class _CastForMatmul(torch.autograd.Function):
 
 def _linear_forward(layer: torch.nn.Linear, x: Tensor) -> Tensor:
     """``nn.Linear.forward``, with the weight cast by ``_CastForMatmul`` where autocast would cast it to bf16
-    (``layer.bf16_take``: where the gradient goes; ``layer.bf16_keep_float32()``: the weight was found float32)."""
+    (``layer.bf16_take``: where the gradient goes; ``layer.bf16_keep_float32()``: the weight was found float32)
+    and a float32 input cast by ``layer.bf16_inputs``, once for all the layers that take it."""
     w = layer.weight
     cast = torch.is_grad_enabled() and w.requires_grad and autocast_dtype(x.device.type) == torch.bfloat16
     if cast and not layer.bf16_keep_float32():
         w = _CastForMatmul.apply(w, layer.bf16_take)
+    if cast and x.dtype == torch.float32:
+        x = layer.bf16_inputs.cast(x, torch.bfloat16)
     return F.linear(x, w, layer.bias)
 
 
 class Bf16Gradients:
     """Keeps the gradients of ``weights`` ((weight name, linear layer) pairs, float32 weights) in bf16 from the
     moment the backward makes each until ``step``; their ``.grad`` stays None in between (except for weights the
-    first step found float32). Each layer's forward is replaced by one that casts its weight itself. ``step``
+    first step found float32). Each layer's forward is replaced by one that casts its weight itself and shares its
+input's cast (``SharedCasts``). ``step``
     replaces clipping and ``optimizer.step()`` for all of ``params`` (the optimizer's parameters, in the order
     clipping would take)."""
 
@@ -121,10 +126,12 @@ class Bf16Gradients:
         self.norms: dict[int, Tensor] = {}
         self.first = True  # the first step checks each float32 .grad before storing it
         self.float32: set[int] = set()  # weights whose gradients are not bf16 numbers: left in .grad
+        inputs = SharedCasts()
         for _, layer in weights:
             key = id(layer.weight)
             layer.bf16_take = functools.partial(self._take_bf16, key)
             layer.bf16_keep_float32 = functools.partial(self.float32.__contains__, key)
+            layer.bf16_inputs = inputs
             layer.forward = types.MethodType(_linear_forward, layer)
             layer.weight.register_post_accumulate_grad_hook(self._take)
 

@@ -1,12 +1,13 @@
 """Matmuls into a wider dtype: the same values as the plain product added or cast, rounded once where the GEMM
-widens (CUDA, bf16 x bf16 -> float32)."""
+widens (CUDA, bf16 x bf16 -> float32); a cast shared by several matmuls gives the gradients of separate casts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from easy_context.attention.precision import accumulation_dtype, add_product_, wide_product, widens_in_gemm
+from easy_context.attention.precision import (SharedCasts, accumulation_dtype, add_product_, wide_product,
+                                             widens_in_gemm)
 
 
 def _operands(seed, dtype, device="cpu"):
@@ -50,3 +51,34 @@ def test_on_cuda_bf16_products_leave_the_gemm_in_float32_rounded_once(seed):
     start = acc.clone()
     add_product_(acc, a, b)
     assert (acc.double() - (start.double() + exact)).abs().max() < 1e-4
+
+
+def _three_projections(x, weights, cast):
+    return sum((cast(x) @ w.to(torch.bfloat16)).float().pow(2).sum() for w in weights)
+
+
+def test_a_shared_cast_gives_the_gradient_of_separate_casts_bit_for_bit(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 48, generator=g, requires_grad=True)
+    weights = [torch.randn(48, 40, generator=g) for _ in range(3)]
+    (separate,) = torch.autograd.grad(_three_projections(x, weights, lambda t: t.to(torch.bfloat16)), [x])
+    casts, copies = SharedCasts(), []
+
+    def shared_cast(t):
+        copies.append(casts.cast(t, torch.bfloat16))
+        return copies[-1]
+
+    (shared,) = torch.autograd.grad(_three_projections(x, weights, shared_cast), [x])
+    assert torch.equal(shared, separate) and shared.dtype == torch.float32
+    assert len({c.data_ptr() for c in copies}) == 1  # one copy, three uses
+
+
+def test_a_shared_cast_follows_its_source():
+    casts = SharedCasts()
+    x = torch.randn(4, 8)
+    first = casts.cast(x, torch.bfloat16)
+    assert casts.cast(x, torch.bfloat16).data_ptr() == first.data_ptr()
+    x.add_(1.0)  # a new version of x: cast again
+    assert torch.equal(casts.cast(x, torch.bfloat16), x.to(torch.bfloat16))
+    assert casts.cast(x, torch.float16).dtype == torch.float16
+    assert casts.cast(x, torch.float32) is x

@@ -141,6 +141,21 @@ def test_a_stored_gradient_is_never_float32_until_the_step():
     assert converted == {torch.float32: len(weights), torch.bfloat16: len(weights)}
 
 
+def test_projections_of_one_input_share_its_cast():
+    # autocast casts a matmul's float32 input per matmul: q, k and v each cast the same norm output, gate and up
+    # theirs; here each input is cast once (2 casts a layer instead of 5) and its gradient still cast back per use
+    model = tiny_llama(tied=True)
+    Bf16Gradients(linear_weights(model), list(model.parameters()))
+    ids = batches(1)[0]
+    with OpCounter(["_to_copy"]) as ops:
+        loss = loss_of(model, ids, autocast=True)
+    hidden = (1, ids.shape[1], model.config.hidden_size)
+    casts = [op for op in ops.seen if op.shapes[0] == hidden and op.dtypes[0] == torch.float32]
+    assert len(casts) == 2 * model.config.num_hidden_layers + 1  # + the tied output layer's (not a stored weight)
+    loss.backward()  # checkpointed: the recompute shares its casts too, and the gradients are those of separate
+                     # casts (test_training_equals_the_float32_path_bit_for_bit)
+
+
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "float32"])
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "no-grad"])
 def test_a_layer_that_casts_its_own_weight_computes_what_it_did(autocast, grad):
