@@ -5,6 +5,8 @@ loss applies, and refuses a model that does not run an easy_context backend."""
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers
 
 from tests.helpers.distributed import run_distributed
 from easy_context.attention.kernels import get_kernel
@@ -44,3 +46,18 @@ def test_self_check_compares_the_loss_with_the_models_own(monkeypatch):
     monkeypatch.setattr(causal_lm, "_head_softcap", lambda config: None)  # a wrapper blind to the soft-cap
     with pytest.raises(RuntimeError, match="model's own loss"):
         self_check_config(config, "data_parallel")
+
+
+def test_the_probe_model_is_built_on_the_device_it_checks(monkeypatch):
+    # built on the CPU and moved, a 7B shape's probe (1.6B parameters with its embeddings) took 16 s to initialise
+    class Built(Exception):
+        pass
+
+    def build(config, **kwargs):
+        raise Built(torch.get_default_device())  # where from_config would put the parameters
+
+    config = tiny_model("llama", 0).config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", build)
+    with pytest.raises(Built) as built:
+        self_check_config(config, "data_parallel", device="meta")
+    assert built.value.args[0] == torch.device("meta")
