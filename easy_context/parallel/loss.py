@@ -7,9 +7,8 @@ with gradients on (training) takes each chunk's gradients in the same pass as it
 computed once; backward only scales them by the upstream gradient (one backward per forward). Per-token losses
 (``reduction="none"``) recompute each chunk in backward, where the upstream gradient of each token is known.
 The weight gradient is accumulated in float32 (V x H floats). ``fused=True`` computes each chunk's softmax, losses
-and logit gradient in kernels torch.compile fuses (two reads of the float32 logits and one write of the gradient,
-instead of eager PyTorch's six memory-bound passes); the same formulas, only the order of float32 operations
-inside a kernel may differ.
+and logit gradient in kernels torch.compile fuses, instead of the six memory-bound passes over the float32 logits
+that eager PyTorch makes; the same formulas, only the order of float32 operations inside a kernel may differ.
 
 Gradient convention of ``sequence_parallel_cross_entropy`` (read before wiring it into a trainer):
 each rank returns ``local_sum / N`` where N is the number of non-ignored targets in the whole SP group
