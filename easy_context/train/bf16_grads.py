@@ -109,9 +109,8 @@ class Bf16Gradients:
     """Keeps the gradients of ``weights`` ((weight name, linear layer) pairs, float32 weights) in bf16 from the
     moment the backward makes each until ``step``; their ``.grad`` stays None in between (except for weights the
     first step found float32). Each layer's forward is replaced by one that casts its weight itself and shares its
-input's cast (``SharedCasts``). ``step``
-    replaces clipping and ``optimizer.step()`` for all of ``params`` (the optimizer's parameters, in the order
-    clipping would take)."""
+    input's cast (``SharedCasts``). ``step`` replaces clipping and ``optimizer.step()`` for all of ``params`` (the
+    optimizer's parameters, in the order clipping would take)."""
 
     def __init__(self, weights: list[tuple[str, torch.nn.Linear]], params: list[torch.nn.Parameter],
                  chunk_bytes: int = CHUNK_BYTES):
