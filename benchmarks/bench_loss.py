@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from bench_cepe import timed
 from easy_context.hf import models
 from easy_context.parallel.loss import chunked_cross_entropy
 
@@ -43,22 +43,21 @@ def run(loss_fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         autocast: bool) -> dict:
     """Median seconds of loss + backward over ``steps`` runs after one, the peak bytes above the inputs', and the
     last run's (loss, d hidden, d weight); no peak on the CPU."""
-    cuda = hidden.is_cuda
-    times, base = [], torch.cuda.memory_allocated() if cuda else 0
-    for i in range(steps + 1):
+    cuda, last = hidden.is_cuda, {}
+
+    def step():
+        last.clear()  # the previous run's gradients are not held through this one
         h, w = (t.detach().requires_grad_() for t in (hidden, weight))
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(h, w, labels, chunk)
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base if cuda else None
-    return {"s": sorted(times[1:])[len(times[1:]) // 2], "peak_bytes": peak, "result": (loss.detach(), h.grad, w.grad)}
+        last["result"] = (loss.detach(), h.grad, w.grad)
+        return loss
+
+    base = torch.cuda.memory_allocated() if cuda else 0
+    out = timed(step, warmup=1, steps=steps, cuda=cuda)
+    peak = out["peak_gib"] * 2 ** 30 - base if cuda else None
+    return {"s": out["step_s"], "peak_bytes": peak, "result": last["result"]}
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
