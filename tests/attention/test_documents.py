@@ -214,13 +214,25 @@ def test_every_backend_equals_each_document_alone(world, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_kernels_and_backends_equal_each_document_alone(seed):
+    g = torch.Generator().manual_seed(seed)
+    _check_cuda_kernels_and_backends(Documents((_random_bounds(1536, g, 400),)), g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernels_and_backends_take_one_token_documents():
+    # first, between two long ones (alone in its run, so a dense cuDNN call of one token), two in a row, last
+    docs = Documents(((0, 1, 300, 301, 700, 701, 702, 1200, 1535, 1536),))
+    _check_cuda_kernels_and_backends(docs, torch.Generator().manual_seed(0))
+
+
+def _check_cuda_kernels_and_backends(docs: Documents, g: torch.Generator) -> None:
+    """Every CUDA kernel's document calls, and the one-GPU backends over it, against each document alone."""
     from easy_context.attention.kernels import available_kernels
     from tests.helpers.sp_checks import GPU_TOL
 
-    g = torch.Generator().manual_seed(seed)
     probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
-    seq = 1536
-    docs = Documents((_random_bounds(seq, g, 400),))
+    seq = docs.bounds[0][-1]
     failures = []
     for h, hkv, d in ((8, 8, 128), (8, 2, 64)):
         q, k, v, dout = _inputs(g, 2, h, hkv, seq, d)

@@ -1,5 +1,5 @@
 """Block kernels: outputs strided like the query, cuDNN's backward right whatever output layouts come in, GQA's k/v
-heads passed to cuDNN as they are."""
+heads passed to cuDNN as they are, one query over one key (which cuDNN rejects) answered exactly."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ def test_cudnn_gets_output_and_its_gradient_in_the_query_strides():
     assert y.stride() == q_group.stride() and torch.equal(y, q_group)
     wide = torch.randn(1, 10, 4, 16).transpose(1, 2)  # v's head_dim 16, not q's 8: one fixed layout
     assert kernels.strided_like_q(wide, q).is_contiguous()
+
+
+def test_cudnn_backward_of_one_query_over_one_key_is_exact_without_cudnn():
+    # A one-token document gets a call of its own, and cuDNN's backward rejects s_q = s_kv = 1. There out = v, so
+    # dq = dk = 0 and dv is dout summed over each kv head's group; no cuDNN op runs (this passes on a CPU).
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(2, 8, 1, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 2, 1, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = get_kernel("reference")
+    for causal in (True, False):
+        out, lse = ref.forward(q, k, v, causal, 0.25)
+        want = ref.backward(dout, q, k, v, out, lse, causal, 0.25)
+        got = get_kernel("cudnn").backward(dout, q, k, v, out, lse, causal, 0.25)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12), name
 
 
 @pytest.mark.gpu
