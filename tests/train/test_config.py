@@ -21,7 +21,7 @@ def test_the_defaults_are_train_pys_and_flags_land_in_typed_fields():
     assert (cfg.model, cfg.dataset, cfg.seq_length, cfg.backend, cfg.sp_size, cfg.lr) == (
         "tiny", "tiny:answers+0.05", 256, "zigzag_ring", None, 5e-4)
     assert (cfg.max_steps, cfg.seed, cfg.output_dir, cfg.resume, cfg.offload_activations) == (
-        1000, 42, "output/default", False, 0)
+        1000, 42, "output/default", False, None)
     cfg = parse_config(["--seq-length", "256", "--backend", "usp", "--ulysses-degree", "2", "--lr", "1e-3",
                         "--rope-theta", "1e7", "--resume", "--offload-activations", "--no-gradient-checkpointing",
                         "3", "--time-limit", "0.5", "--dataset", "tiny:answers+0.05"])
