@@ -35,7 +35,7 @@ from easy_context.train.distributed import finish, main_decides, run_script
 from easy_context.train.loop import TrainLoop
 from easy_context.train.prepare import micro_step, prepare_training
 from easy_context.train.pose import pose_batch_position_ids
-from easy_context.train.run_defaults import fuses_kernels, resolve_run_defaults
+from easy_context.train.run_defaults import fuses_kernels, layer_input_bytes, resolve_run_defaults
 from easy_context.train.run_log import log_path
 from easy_context.train.stop import StopRequests, launcher_pid
 from easy_context.world.default import build_default_world
@@ -119,12 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     ec.check_model_fits_plan(config, plan)
     gpu_bytes = torch.cuda.get_device_properties(state.device).total_memory if torch.cuda.is_available() else None
     cfg = resolve_run_defaults(cfg, config, sp_size=groups.sp_size, device_bytes=gpu_bytes, deepspeed=use_ds,
-                               processes=state.num_processes)  # --keep-attention, --bf16-grads
+                               processes=state.num_processes, host_bytes=offload.host_available_bytes())
     if cfg.bf16_grads:
         check_bf16_grads(gpu=gpu_bytes is not None, deepspeed=use_ds, processes=state.num_processes)
     num_params = models.parameter_count(config) if use_ds else 0  # for the ZeRO-3 host check; before zero.Init
-    # a layer's input on this rank (bf16 under DeepSpeed), which the offload flags keep or move to the host
-    input_bytes = (2 if use_ds else 4) * config.hidden_size * cfg.batch_size * cfg.seq_length // groups.sp_size
+    input_bytes = layer_input_bytes(cfg, config, sp_size=groups.sp_size, deepspeed=use_ds)
     offload.check_layer_counts(config.num_hidden_layers, offload=cfg.offload_activations,
                                skip_last=cfg.no_gradient_checkpointing, input_bytes=input_bytes,
                                layers_per_checkpoint=cfg.layers_per_checkpoint,

@@ -205,7 +205,7 @@ def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0,
     check_layer_groups(num_layers, layers_per_checkpoint, skip_last=skip_last, layer_types=layer_types)
     if offload and input_bytes and torch.cuda.is_available():
         check_host_memory(offloaded_inputs(num_layers, offload, layers_per_checkpoint), input_bytes,
-                          int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                          local_processes())
 
 
 def offloaded_inputs(num_layers: int, offload: int, layers_per_checkpoint: int = 1) -> int:
@@ -218,8 +218,12 @@ def offloaded_input_host_bytes(num_layers: int, offload: int, layers_per_checkpo
     processes); 0 without CUDA, where nothing is pinned."""
     if not torch.cuda.is_available():
         return 0
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return offloaded_inputs(num_layers, offload, layers_per_checkpoint) * pinned_bytes(input_bytes) * processes
+    return offloaded_inputs(num_layers, offload, layers_per_checkpoint) * pinned_bytes(input_bytes) * local_processes()
+
+
+def local_processes() -> int:
+    """Processes of this run on this machine (LOCAL_WORLD_SIZE, as torchrun and accelerate set it; else 1)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def pinned_bytes(input_bytes: int) -> int:
@@ -281,7 +285,7 @@ def check_zero_offload_host(ds_config: dict | None, num_params: int, *, lora: bo
     no check where unknown or without DeepSpeed)."""
     zero = (ds_config or {}).get("zero_optimization") or {}
     available = host_available_bytes() if available is None else available
-    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / int(os.environ.get("WORLD_SIZE", "1"))
+    share = local_processes() / int(os.environ.get("WORLD_SIZE", "1"))
     states = zero_offload_host_bytes(zero, num_params, lora=lora) * share
     if available is None or not states or states + activations <= available:
         return

@@ -105,8 +105,10 @@ class TrainConfig:
                                     "--no-bf16-grads: off)")
     loss_chunk: int = flag(1024, "tokens per logits chunk of the loss")
     tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
-    offload_activations: int = flag(0, "checkpointed inputs of the first N layers (no N: all) wait in pinned "
-                                     "host memory", nargs="?", const=ALL_LAYERS, metavar="N")
+    offload_activations: int | None = flag(None, "checkpointed inputs of the first N layers (no N: all) wait in "
+                                            "pinned host memory (default: on a GPU without DeepSpeed, as many as "
+                                            "fit a quarter of the host's free memory; 0: none)", nargs="?",
+                                            const=ALL_LAYERS, metavar="N")
     layers_per_checkpoint: int = flag(1, "activation checkpointing keeps the input of every K-th layer only "
                                        "(K times fewer saved or offloaded inputs); the backward recomputes each "
                                        "group of K layers as --group-recompute says", metavar="K")
@@ -229,7 +231,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--layers-per-checkpoint {cfg.layers_per_checkpoint} groups checkpointed layers, and "
                          "--no-gradient-checkpointing turns checkpointing off: drop one of the two")
     for name in ("offload_activations", "no_gradient_checkpointing"):
-        if getattr(cfg, name) < ALL_LAYERS:
+        if (getattr(cfg, name) or 0) < ALL_LAYERS:
             raise SystemExit(f"{flag_name(name)} must be at least 0 (a number of layers), or given without a "
                              f"number for all layers; got {getattr(cfg, name)}")
     finite(cfg, "weight_decay", positive=False, example=" (e.g. --weight-decay 0.1)")
