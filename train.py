@@ -26,7 +26,7 @@ from easy_context.hf.plan import apply_plan
 from easy_context.memory import offload
 from easy_context.parallel.inputs import SeqParallelInputs
 from easy_context.parallel.plan import ParallelPlan, resolve_plan
-from easy_context.train import checkpoint, data, run_lock, schedule
+from easy_context.train import checkpoint, data, memory_advice, run_lock, schedule
 from easy_context.train.accelerator import training_accelerator
 from easy_context.train.bf16_grads import check_bf16_grads
 from easy_context.train.config import TrainConfig, parse_config
@@ -168,18 +168,20 @@ def main(argv: list[str] | None = None) -> None:
                      max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, time_limit=cfg.time_limit,
                      checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                      memory_snapshot=cfg.memory_snapshot)
-    for epoch, row, (ids, labels, positions) in data.batches(dataset, sampler, cfg.batch_size, cfg.seq_length,
-                                                             cfg.data_workers):
-        if loop.done():
-            break
-        b = step_inputs(cfg, plan, ids.to(accelerator.device), labels, positions, micro_step=loop.micro)
-        lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                    schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
-        schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
-        inputs = (b.input_ids, b.target_ids, b.position_ids, b.documents)
-        if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm, grads):
-            break  # a non-finite loss on some rank: no rank took its backward (nor step)
-        loop.end_micro(lr, epoch, row)  # log, checkpoint every N steps
+    with memory_advice.advice_on_out_of_memory(memory_advice.memory_options(cfg, config, sp_size=groups.sp_size,
+            deepspeed=use_ds, processes=state.num_processes, host_bytes=offload.host_available_bytes())):
+        for epoch, row, (ids, labels, positions) in data.batches(dataset, sampler, cfg.batch_size, cfg.seq_length,
+                                                                 cfg.data_workers):
+            if loop.done():
+                break
+            b = step_inputs(cfg, plan, ids.to(accelerator.device), labels, positions, micro_step=loop.micro)
+            lr = schedule.learning_rate(loop.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                        schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+            schedule.set_learning_rate(optimizer, lr)  # before backward: under DeepSpeed, backward also steps
+            inputs = (b.input_ids, b.target_ids, b.position_ids, b.documents)
+            if not micro_step(accelerator, wrapped, optimizer, loop, inputs, cfg.max_grad_norm, grads):
+                break  # a non-finite loss on some rank: no rank took its backward (nor step)
+            loop.end_micro(lr, epoch, row)  # log, checkpoint every N steps
     loop.end()  # stopped by a signal or a non-finite loss: checkpoint, say how to resume, exit non-zero
     final = None
     if not cfg.no_save:

@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers.launch import TINY_ARGS, accelerate_cmd, env, log, python_train, train, REPO
+from tests.helpers.launch import (TINY_ARGS, accelerate_cmd, env, log, python_train, run_forked, torchrun_env, train,
+                                  REPO)
 
 STEPS = ["--max-steps", "3"]
 # Adam divides by sqrt(v): a gradient component near zero turns float32 rounding into an update of up to
@@ -142,6 +143,24 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, case, args, message):
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-3000:]
     assert "Loading weights" not in res.stderr  # failed before any model was loaded
+
+
+def test_a_step_out_of_gpu_memory_prints_the_options_left_and_fails(tmp_path):
+    script = tmp_path / "train_out_of_memory.py"  # train.py with every micro-step failing as an OOM does
+    script.write_text(
+        "import runpy, sys, torch\n"
+        "from easy_context.train import prepare\n"
+        "def out_of_memory(*args, **kwargs):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "prepare.micro_step = out_of_memory\n"
+        f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    res = run_forked(str(script), ["--output-dir", str(tmp_path / "run"), *TINY_ARGS], torchrun_env(1), 300)
+    assert res.returncode == 1 and "torch.OutOfMemoryError: CUDA out of memory" in res.stderr, res.stderr[-3000:]
+    advice = res.stderr.split("What lowers this run's peak:\n")[1]
+    flags = [line.split(":")[0].strip() for line in advice.split("\n\n")[0].splitlines()]
+    assert flags[:4] == ["--offload-activations", "--layers-per-checkpoint 2", "--tiled-mlp 4096",
+                         "accelerate_configs/zero3_offload_optimizer.yaml"]  # the tiny model's 4 layers on CPU
 
 
 def test_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):

@@ -1,0 +1,77 @@
+"""What to change when a step runs out of GPU memory: the memory options a run left unused, each with what it
+frees, worked out from the model's sizes and the run's resolved flags, and printed at the error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+import torch
+
+from ..hf import models
+from ..memory.keep import kept_attention_bytes
+from ..memory.layer_groups import group_inputs
+from ..memory.offload import local_processes, offloaded_inputs, pinned_bytes
+from .config import ALL_LAYERS, TrainConfig
+from .run_defaults import checkpointed_layer_count, layer_input_bytes
+
+GIB = 2 ** 30
+ADAMW_STATE_BYTES = 8  # two float32 moments per parameter
+
+
+def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, processes: int = 1,
+                   host_bytes: int | None = None) -> list[str]:
+    """One line per option that would lower this run's GPU peak (``cfg``: its flags once resolved), with the GPU
+    memory it frees where that follows from the sizes; ``host_bytes``: the host's available memory, if known."""
+    layers = config.num_hidden_layers
+    k = cfg.layers_per_checkpoint
+    checkpointed = checkpointed_layer_count(cfg, layers)
+    one_input = layer_input_bytes(cfg, config, sp_size=sp_size, deepspeed=deepspeed)
+    offloaded = group_inputs(checkpointed, k) if cfg.offload_activations == ALL_LAYERS else \
+        offloaded_inputs(layers, cfg.offload_activations or 0, k)
+    on_gpu = group_inputs(checkpointed, k) - offloaded
+    options = []
+    if on_gpu:
+        host = group_inputs(checkpointed, k) * pinned_bytes(one_input) * local_processes()
+        free = "" if host_bytes is None else f", {host_bytes / GIB:.0f} GiB available"
+        gpu = on_gpu * one_input / GIB
+        options.append(f"--offload-activations: the {on_gpu} layer inputs still on the GPU ({gpu:.1f} GiB) wait in "
+                       f"pinned host memory (all of them: {host / GIB:.1f} GiB of host memory{free})")
+    if cfg.keep_attention:
+        kept = kept_attention_bytes(config, tokens=cfg.batch_size * cfg.seq_length // sp_size, dtype=torch.bfloat16,
+                                    layers=checkpointed)
+        options.append(f"--no-keep-attention: frees the kept attention outputs ({kept / GIB:.1f} GiB); the "
+                       "backward recomputes attention")
+    if cfg.no_gradient_checkpointing:
+        options.append("--no-gradient-checkpointing 0: checkpoint every layer (a layer left out keeps all its "
+                       "activations)")
+    if on_gpu and k == 1 and checkpointed > 1:
+        options.append(f"--layers-per-checkpoint 2: half the layer inputs ({on_gpu // 2 * one_input / GIB:.1f} GiB "
+                       "less), for a third forward of every other layer")
+    if not cfg.tiled_mlp and (deepspeed or processes == 1):
+        options.append("--tiled-mlp 4096: the MLP's activations in tiles of 4096 tokens")
+    if not deepspeed:
+        state = models.parameter_count(config) * ADAMW_STATE_BYTES
+        options.append(f"accelerate_configs/zero3_offload_optimizer.yaml: AdamW's state ({state / GIB:.1f} GiB) "
+                       "waits in host memory")
+    options.append(f"more GPUs per sequence (now {sp_size}; accelerate launch --num_processes P, --sp-size P): each "
+                   "holds 1/P of the tokens")
+    if "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        options.append("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: memory reserved but not allocated "
+                       "(fragments) becomes usable")
+    if not cfg.memory_snapshot:
+        options.append("--memory-snapshot step.pickle: where the memory goes, by line of code")
+    return options
+
+
+@contextlib.contextmanager
+def advice_on_out_of_memory(options: list[str]) -> Iterator[None]:
+    """Within the block, a CUDA out-of-memory error first prints ``options`` (stderr), then goes on as it was."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        lines = "\n".join(f"  {o}" for o in options)
+        print(f"\nThe GPU ran out of memory. What lowers this run's peak:\n{lines}\n", file=sys.stderr, flush=True)
+        raise
