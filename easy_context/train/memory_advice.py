@@ -48,8 +48,10 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
         options.append("--no-gradient-checkpointing 0: checkpoint every layer (a layer left out keeps all its "
                        "activations)")
     if on_gpu and k == 1 and checkpointed > 1:
-        options.append(f"--layers-per-checkpoint 2: half the layer inputs ({on_gpu // 2 * one_input / GIB:.1f} GiB "
-                       "less), for a third forward of every other layer")
+        half = on_gpu // 2 * one_input / GIB
+        options.append(f"--layers-per-checkpoint 2: one input kept per two layers (about {half:.1f} GiB less on the "
+                       "GPU; unset, --offload-activations then offloads all or none), for a third forward of every "
+                       "other layer")
     if not cfg.tiled_mlp and (deepspeed or processes == 1):
         options.append("--tiled-mlp 4096: the MLP's activations in tiles of 4096 tokens")
     if not deepspeed:

@@ -44,7 +44,8 @@ def test_a_128k_run_that_offloaded_what_the_host_budget_allowed_hears_each_optio
         "--offload-activations: the 6 layer inputs still on the GPU (6.0 GiB) wait in pinned host memory (all of "
         "them: 16.0 GiB of host memory, 40 GiB available)",
         f"--no-keep-attention: frees the kept attention outputs ({kept:.1f} GiB); the backward recomputes attention",
-        "--layers-per-checkpoint 2: half the layer inputs (3.0 GiB less), for a third forward of every other layer",
+        "--layers-per-checkpoint 2: one input kept per two layers (about 3.0 GiB less on the GPU; unset, "
+        "--offload-activations then offloads all or none), for a third forward of every other layer",
         "--tiled-mlp 4096: the MLP's activations in tiles of 4096 tokens",
         f"accelerate_configs/zero3_offload_optimizer.yaml: AdamW's state ({adamw:.1f} GiB) waits in host memory",
         "more GPUs per sequence (now 1; accelerate launch --num_processes P, --sp-size P): each holds 1/P of the "
