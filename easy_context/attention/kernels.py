@@ -433,8 +433,6 @@ class FlashKernel(AttentionKernel):
         return res[0], res[1]
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
-        if q.shape[2] == k.shape[2] == 1:  # cuDNN rejects it (a one-token document); out = v, so only v has a grad
-            return torch.zeros_like(q), torch.zeros_like(k), sum_kv_groups(dout, k.shape[1]).to(v.dtype)
         aux = self._aux.get(q)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), aux[2], aux[3],
@@ -459,8 +457,6 @@ class EfficientKernel(AttentionKernel):
         return out, lse[..., : q.shape[2]]  # the kernel pads lse rows to a multiple of 32
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
-        if q.shape[2] == k.shape[2] == 1:  # cuDNN rejects it (a one-token document); out = v, so only v has a grad
-            return torch.zeros_like(q), torch.zeros_like(k), sum_kv_groups(dout, k.shape[1]).to(v.dtype)
         aux = self._aux.get(q)
         pad = -q.shape[2] % 32  # give the kernel back the row padding it produced in forward
         lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
