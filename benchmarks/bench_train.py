@@ -14,6 +14,7 @@ no communication, so its MFU is an upper bound that the real run's communication
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -75,18 +77,37 @@ def launch_env(gpus: int) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // gpus))))
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_command(cmd: list[str], env: dict | None, timeout: float) -> tuple[str, int, bool]:
     """Run ``cmd`` in its own process group: (stdout + stderr, exit status, timed out). At the timeout the whole
-    group is killed: a launcher's workers would otherwise hold the output pipe open and the wait would never end."""
+    group is killed: a launcher's workers would otherwise hold the output pipe open and the wait would never end.
+    So is it when this process is stopped meanwhile (Ctrl-C, SIGTERM), since its own group's signal misses the
+    launch's: the workers would keep the GPU busy for the next run."""
+    main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's only
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return out, proc.returncode, False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
         out, _ = proc.communicate()
         return out, proc.returncode, True
+    except BaseException:
+        _kill_group(proc.pid)
+        raise
+    finally:
+        if main:  # None: a handler not set from Python, which leaves the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group ended on its own meanwhile
+        os.killpg(pid, signal.SIGKILL)
 
 
 def run(gpus: int, config: str, model: str, seq: int, backend: str, steps: int, extra: list[str],
