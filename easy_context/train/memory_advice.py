@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -19,6 +20,9 @@ from .run_defaults import checkpointed_layer_count, layer_input_bytes
 
 GIB = 2 ** 30
 ADAMW_STATE_BYTES = 8  # two float32 moments per parameter
+EXPANDABLE = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": GIB, "TiB": 2 ** 40}
+SIZE = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
 
 
 def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, processes: int = 1,
@@ -61,7 +65,7 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
     options.append(f"more GPUs per sequence (now {sp_size}; accelerate launch --num_processes P, --sp-size P): each "
                    "holds 1/P of the tokens")
     if "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        options.append("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: memory reserved but not allocated "
+        options.append(f"{EXPANDABLE}: memory reserved but not allocated "
                        "(fragments) becomes usable")
     if not cfg.memory_snapshot:
         options.append("--memory-snapshot step.pickle: where the memory goes, by line of code")
@@ -70,10 +74,27 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
 
 @contextlib.contextmanager
 def advice_on_out_of_memory(options: list[str]) -> Iterator[None]:
-    """Within the block, a CUDA out-of-memory error first prints ``options`` (stderr), then goes on as it was."""
+    """Within the block, a CUDA out-of-memory error first prints ``options`` (stderr; ``fragments_first`` orders
+    them by the error), then goes on as it was."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        lines = "\n".join(f"  {o}" for o in options)
+    except torch.OutOfMemoryError as error:
+        lines = "\n".join(f"  {o}" for o in fragments_first(options, str(error)))
         print(f"\nThe GPU ran out of memory. What lowers this run's peak:\n{lines}\n", file=sys.stderr, flush=True)
         raise
+
+
+def fragments_first(options: list[str], message: str) -> list[str]:
+    """``options`` with expandable segments first, saying why, when the out-of-memory ``message`` shows more memory
+    reserved but unallocated than the allocation asked (fragments, which expandable segments make usable)."""
+    asked = re.search(r"Tried to allocate " + SIZE, message)
+    held = re.search(r"and " + SIZE + r" is reserved by PyTorch but unallocated", message)
+    i = next((i for i, o in enumerate(options) if o.startswith(EXPANDABLE + ":")), None)
+    if asked is None or held is None or i is None:
+        return options
+    asked_bytes, held_bytes = (float(m[1]) * UNITS[m[2]] for m in (asked, held))
+    if held_bytes < asked_bytes:
+        return options
+    why = (f"{options[i]}; {held_bytes / GIB:.1f} GiB were reserved but unallocated when {asked_bytes / GIB:.1f} "
+           "GiB were asked: this alone may be enough")
+    return [why, *options[:i], *options[i + 1:]]

@@ -86,3 +86,30 @@ def test_an_out_of_memory_error_prints_the_options_and_goes_on(capsys):
         with advice_on_out_of_memory(["--tiled-mlp 4096: tiles"]):
             raise ValueError("bad row")
     assert capsys.readouterr().err == ""
+
+
+# The error of the Qwen2.5-7B shape's step at 128K on one H200 (torch 2.11), the layer inputs in pinned host memory.
+FRAGMENTED = ("CUDA out of memory. Tried to allocate 4.62 GiB. GPU 0 has a total capacity of 139.81 GiB of which "
+              "1.03 GiB is free. Including non-PyTorch memory, this process has 138.77 GiB memory in use. Of the "
+              "allocated memory 119.33 GiB is allocated by PyTorch, and 17.59 GiB is reserved by PyTorch but "
+              "unallocated.")
+
+
+def test_an_error_with_more_held_free_than_it_asked_leads_with_expandable_segments(capsys):
+    _, options = _options(["--seq-length", "131072"])
+    with pytest.raises(torch.OutOfMemoryError):
+        with advice_on_out_of_memory(options):
+            raise torch.OutOfMemoryError(FRAGMENTED)
+    first = capsys.readouterr().err.split("peak:\n")[1].splitlines()[0]
+    assert first.startswith("  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: ")
+    assert "17.6 GiB were reserved but unallocated when 4.6 GiB were asked: this alone may be enough" in first
+
+
+@pytest.mark.parametrize("message", [FRAGMENTED.replace("17.59 GiB is reserved", "534.87 MiB is reserved"),
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"])
+def test_an_error_without_fragments_to_use_keeps_the_options_order(capsys, message):
+    _, options = _options(["--seq-length", "131072"])
+    with pytest.raises(torch.OutOfMemoryError):
+        with advice_on_out_of_memory(options):
+            raise torch.OutOfMemoryError(message)
+    assert capsys.readouterr().err.split("peak:\n")[1].splitlines() == [f"  {o}" for o in options] + [""]
