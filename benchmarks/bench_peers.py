@@ -18,8 +18,8 @@ hidden size, S sequence length; the same formula for every system, recomputation
 (the allocator's peak) and peak host memory (the process's peak resident set; train.py: the largest rank's);
 each system's speed and memory as ratios to the best peer's at that length (best = the fastest that ran).
 ``--variants 'A|B'`` runs this recipe's rows once per set of train.py flags (the peers once), so settings compare
-against the same peer rows. ``--longest`` adds, per system, the longest length of a doubling search that completes
-its steps.
+against the same peer rows. ``--longest START,MAX`` adds, per system, the longest length of a doubling search that
+completes its steps, and a table of its tries (``--seqlens ''``: the search alone, no fixed rows).
 ``--profile`` runs one step more per row under torch.profiler (kept out of the figures) and prints where each
 system's step goes by kind of kernel (attention, matmul, optimizer, other...): what to close against a peer.
 ``--gpus P`` runs every row on P processes (torchrun for the peers, accelerate for this recipe), one sequence
@@ -193,7 +193,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def longest(system: str, args) -> dict:
     """The longest length of the doubling search from ``--longest`` that completes (rows of every try)."""
-    start, limit = (int(x) for x in args.longest.split(","))
+    start, limit = args.longest_range
     tries, best, seq = [], None, start
     while seq <= limit:
         row = measure(system, args, seq)
@@ -224,10 +224,34 @@ def table(rows: list[dict], longest_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def longest_table(longest_rows: list[dict]) -> str:
+    """The markdown table of the longest search: each system's longest length and every try (step s and peak GiB,
+    or why it failed)."""
+    lines = ["| system | longest | tries |", "|---|---|---|"]
+    for r in longest_rows:
+        tries = "; ".join(f"{t['seq']}: {t['step_s']:.3f} s, {t['peak_gpu_gib']:.1f} GiB" if "mfu" in t else
+                          f"{t['seq']}: " + (t.get("skipped") or "failed: " + failure_line(t["error"]))
+                          for t in r["tries"])
+        lines.append(f"| {r['system']} | {r['longest']} | {tries} |")
+    return "\n".join(lines)
+
+
+def lengths(text: str, flag: str) -> list[int]:
+    """The positive token counts of a comma-separated ``flag`` value (ValueError naming the flag otherwise)."""
+    try:
+        values = [int(x) for x in text.split(",")] if text else []
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated token counts such as 16384,32768; got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag} takes positive token counts; got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shape:llama3.2-1b", help="a named shape (random init, no download)")
-    p.add_argument("--seqlens", default="16384,32768,131072")
+    p.add_argument("--seqlens", default="16384,32768,131072", help="the lengths of the table's rows (empty: none, "
+                   "with --longest)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
@@ -251,6 +275,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     if args.gpus < 1:
         p.error(f"--gpus must be at least 1; got {args.gpus}")
+    try:
+        args.lengths = lengths(args.seqlens, "--seqlens")
+        args.longest_range = tuple(lengths(args.longest, "--longest")) if args.longest else None
+    except ValueError as e:
+        p.error(str(e))
+    if args.longest_range and (len(args.longest_range) != 2 or args.longest_range[0] > args.longest_range[1]):
+        p.error(f"--longest takes START,MAX with START <= MAX, such as 131072,1048576; got {args.longest!r}")
+    if not args.lengths and not args.longest:
+        p.error("nothing to run: give --seqlens, --longest START,MAX, or both")
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): nothing would be timed")
     return args
@@ -265,14 +298,19 @@ def runs(args) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = []
-    for seq in map(int, args.seqlens.split(",")):
+    for seq in args.lengths:
         for system, variant in runs(args):
             rows.append(measure(system, args, seq, variant))
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cmd", "error", "profile")}), flush=True)
     add_ratios(rows)
     longest_rows = [longest(s, args) for s in args.systems.split(",")] if args.longest else []
     print(f"\n{args.model}, {args.gpus} GPU(s), {args.steps} steps ({args.warmup} untimed), MFU over "
-          f"{PEAK / 1e12:.0f} TFLOP/s\n" + table(rows, longest_rows))
+          f"{PEAK / 1e12:.0f} TFLOP/s")
+    if rows:
+        print(table(rows, longest_rows))
+    if longest_rows:
+        print(f"\nThe longest length of each system (doubling from {args.longest_range[0]}):\n"
+              + longest_table(longest_rows))
     for r in rows:
         if "profile" in r:
             print("\n" + "\n".join(profile_lines(f"{r['system']} at {r['seq']}", r["profile"])))

@@ -289,3 +289,31 @@ def test_variants_give_this_recipes_rows_once_per_flag_set_and_peers_once(monkey
     assert seen == [["--keep-attention", "--loss-chunk", "256"]]
     assert got["variant"] == "--loss-chunk 256"
     assert "| ours_ddp `--loss-chunk 256` | 64 |" in bench_peers.table([got], [])
+
+
+@pytest.mark.parametrize("argv", [["--longest", "65536"], ["--longest", "131072,65536"], ["--longest", "0,64"],
+                                  ["--longest", "64k,1m"], ["--seqlens", ""], ["--seqlens", "16384,x"]])
+def test_bad_lengths_are_refused_before_any_row_runs(argv):
+    with pytest.raises(SystemExit):
+        bench_peers.parse_args(argv)
+
+
+def test_the_longest_search_doubles_until_a_run_fails_and_needs_no_fixed_lengths(monkeypatch, tmp_path, capsys):
+    def run(system, model, seq, steps, offload, timeout, *args, **kwargs):
+        fits = seq <= {"hf": 256, "hf_liger": 64}[system]
+        records = [{"step_s": seq / 100, "tokens_per_s": 100.0, "peak_gpu_gib": seq / 64, "host_peak_gib": 1.0}] * 2
+        return {"ok": fits, "timed_out": False, "records": records if fits else [], "cmd": "peer_step.py",
+                "profile": None, "tail": "" if fits else "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"}
+
+    monkeypatch.setattr(bench_peers, "run_peer", run)
+    monkeypatch.setattr(bench_peers, "missing", lambda system, gpus=1: None)
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--model", TINY, "--seqlens", "", "--longest", "64,1024", "--systems", "hf,hf_liger",
+                      "--steps", "2", "--json", str(out)])
+    got = json.load(open(out))
+    assert got["rows"] == []
+    assert [(r["system"], r["longest"], [t["seq"] for t in r["tries"]]) for r in got["longest"]] == \
+        [("hf", 256, [64, 128, 256, 512]), ("hf_liger", 64, [64, 128])]
+    printed = capsys.readouterr().out
+    assert "| hf | 256 | 64: 0.640 s, 1.0 GiB; 128: 1.280 s, 2.0 GiB; 256: 2.560 s, 4.0 GiB; 512: failed: " in printed
+    assert "| hf_liger | 64 | 64: 0.640 s, 1.0 GiB; 128: failed: " in printed
