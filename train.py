@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     # --- model: RoPE settings, the plan's attention, the loss inside the module DeepSpeed wraps ---------------
     accelerator = training_accelerator(cfg.grad_accum)
     ds = accelerator.state.deepspeed_plugin  # under ZeRO-3, transformers builds the model partitioned (zero.Init)
-    activations = offload.offloaded_input_host_bytes(config.num_hidden_layers, cfg.offload_activations,
-                                                     cfg.layers_per_checkpoint, input_bytes)
     offload.check_zero_offload_host(ds and ds.deepspeed_config, num_params, lora=bool(cfg.lora_rank),
-                                    activations=activations)
+                                    activations=offload.offloaded_input_host_bytes(
+                                        config.num_hidden_layers, cfg.offload_activations, cfg.layers_per_checkpoint,
+                                        input_bytes, skip_last=cfg.no_gradient_checkpointing))
     # DeepSpeed (bf16 on GPU) keeps its own fp32 master weights; without it, fp32 weights under autocast.
     dtype = torch.bfloat16 if ds is not None and torch.cuda.is_available() else torch.float32
     if cfg.tiled_mlp and ds is None and state.num_processes > 1:

@@ -204,21 +204,26 @@ def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0,
         raise ValueError("offloading activations needs gradient checkpointing: drop one of the two options")
     check_layer_groups(num_layers, layers_per_checkpoint, skip_last=skip_last, layer_types=layer_types)
     if offload and input_bytes and torch.cuda.is_available():
-        check_host_memory(offloaded_inputs(num_layers, offload, layers_per_checkpoint), input_bytes,
+        check_host_memory(offloaded_inputs(num_layers, offload, layers_per_checkpoint, skip_last), input_bytes,
                           local_processes())
 
 
-def offloaded_inputs(num_layers: int, offload: int, layers_per_checkpoint: int = 1) -> int:
-    """Layer inputs one process keeps in host memory under ``--offload-activations offload`` (-1: every layer)."""
-    return group_inputs(num_layers if offload < 0 else offload, layers_per_checkpoint) if offload else 0
+def offloaded_inputs(num_layers: int, offload: int, layers_per_checkpoint: int = 1, skip_last: int = 0) -> int:
+    """Layer inputs one process keeps in host memory under ``--offload-activations offload`` (-1: every layer) and
+    ``--no-gradient-checkpointing skip_last`` (those last layers save no input; -1: none does)."""
+    checkpointed = 0 if skip_last < 0 else num_layers - skip_last
+    layers = checkpointed if offload < 0 else min(offload, checkpointed)
+    return group_inputs(layers, layers_per_checkpoint) if offload else 0
 
 
-def offloaded_input_host_bytes(num_layers: int, offload: int, layers_per_checkpoint: int, input_bytes: int) -> int:
+def offloaded_input_host_bytes(num_layers: int, offload: int, layers_per_checkpoint: int, input_bytes: int,
+                               skip_last: int = 0) -> int:
     """Pinned host bytes of this machine's offloaded layer inputs (``input_bytes`` each, LOCAL_WORLD_SIZE
     processes); 0 without CUDA, where nothing is pinned."""
     if not torch.cuda.is_available():
         return 0
-    return offloaded_inputs(num_layers, offload, layers_per_checkpoint) * pinned_bytes(input_bytes) * local_processes()
+    inputs = offloaded_inputs(num_layers, offload, layers_per_checkpoint, skip_last)
+    return inputs * pinned_bytes(input_bytes) * local_processes()
 
 
 def local_processes() -> int:

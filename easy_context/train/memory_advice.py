@@ -15,7 +15,7 @@ from ..hf import models
 from ..memory.keep import kept_attention_bytes
 from ..memory.layer_groups import group_inputs
 from ..memory.offload import local_processes, offloaded_inputs, pinned_bytes
-from .config import ALL_LAYERS, TrainConfig
+from .config import TrainConfig
 from .run_defaults import checkpointed_layer_count, layer_input_bytes
 
 GIB = 2 ** 30
@@ -33,8 +33,7 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
     k = cfg.layers_per_checkpoint
     checkpointed = checkpointed_layer_count(cfg, layers)
     one_input = layer_input_bytes(cfg, config, sp_size=sp_size, deepspeed=deepspeed)
-    offloaded = group_inputs(checkpointed, k) if cfg.offload_activations == ALL_LAYERS else \
-        offloaded_inputs(layers, cfg.offload_activations or 0, k)
+    offloaded = offloaded_inputs(layers, cfg.offload_activations or 0, k, cfg.no_gradient_checkpointing)
     on_gpu = group_inputs(checkpointed, k) - offloaded
     options = []
     if on_gpu:

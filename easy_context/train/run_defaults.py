@@ -34,7 +34,7 @@ def default_offload(cfg: TrainConfig, num_layers: int, input_bytes: int, host_by
     their inputs fit ``HOST_SHARE`` of it, else the most first layers that do (groups of layers: all or none)."""
     budget = int(host_bytes * HOST_SHARE) // (pinned_bytes(input_bytes) * local_processes())
     checkpointed = checkpointed_layer_count(cfg, num_layers)
-    if offloaded_inputs(num_layers, checkpointed, cfg.layers_per_checkpoint) <= budget:
+    if offloaded_inputs(num_layers, ALL_LAYERS, cfg.layers_per_checkpoint, cfg.no_gradient_checkpointing) <= budget:
         return ALL_LAYERS if checkpointed else 0
     return min(budget, checkpointed) if cfg.layers_per_checkpoint == 1 else 0
 

@@ -18,7 +18,8 @@ from easy_context.hf.attention import apply_seq_parallel_monkey_patch
 from easy_context.hf.causal_lm import causal_lm_loss
 from easy_context.parallel.inputs import prepare_seq_parallel_inputs
 from easy_context.memory.offload import (OffloadedCheckpoint, _Offloaded, check_host_memory, check_layer_counts,
-                                  enable_offloaded_checkpointing, pinned_bytes, setup_checkpointing, skip_checkpointing)
+                                  enable_offloaded_checkpointing, offloaded_input_host_bytes, offloaded_inputs,
+                                  pinned_bytes, setup_checkpointing, skip_checkpointing)
 from easy_context.memory.tiled_mlp import apply_tiled_mlp
 from tests.helpers.reference import rel_err
 from tests.helpers.tiny_models import batch, tiny_model
@@ -387,8 +388,10 @@ def test_the_refusal_names_the_optimizer_ratio_that_fits(one_process):
 
 
 def test_offloaded_inputs_count_one_per_group_of_the_offloaded_layers():
-    from easy_context.memory.offload import offloaded_inputs
-
     assert offloaded_inputs(32, 0) == 0
     assert offloaded_inputs(32, -1) == 32 and offloaded_inputs(32, 20) == 20
     assert offloaded_inputs(32, -1, 2) == 16 and offloaded_inputs(32, 20, 4) == 5
+    # layers left uncheckpointed (--no-gradient-checkpointing 4) save no input to offload
+    assert offloaded_inputs(32, -1, skip_last=4) == 28 and offloaded_inputs(32, 30, skip_last=4) == 28
+    assert offloaded_inputs(32, 20, skip_last=4) == 20 and offloaded_inputs(32, -1, 2, skip_last=4) == 14
+    assert offloaded_input_host_bytes(32, -1, 1, 3 << 20, skip_last=4) == (28 << 22 if torch.cuda.is_available() else 0)
