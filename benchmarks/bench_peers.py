@@ -170,6 +170,8 @@ def measure(system: str, args, seq: int, variant: str = "") -> dict:
     # a run stopped at its time cap still measured the steps it finished (a failed one may not have: say OOM)
     figures = median_figures(r["records"], args.warmup) if r["ok"] or r["timed_out"] else None
     if figures is None:
+        if r["timed_out"] and not error_lines(r["tail"]):  # no error before the cap: the length may well fit
+            row["undecided"] = f"stopped at --timeout {args.timeout:.0f} s before a timed step ended"
         return {**row, "error": error_tail(r["tail"], 1500)}
     if not r["ok"]:
         row["stopped"] = f"stopped at --timeout {args.timeout:.0f} s after {len(r['records'])} of {args.steps} steps"
@@ -201,7 +203,8 @@ def longest(system: str, args) -> dict:
         if "mfu" not in row:
             break
         best, seq = seq, seq * 2
-    return {"system": system, "longest": best, "tries": tries}
+    undecided = {"undecided": tries[-1]["seq"]} if tries and "undecided" in tries[-1] else {}
+    return {"system": system, "longest": best, **undecided, "tries": tries}
 
 
 def table(rows: list[dict], longest_rows: list[dict]) -> str:
@@ -219,20 +222,22 @@ def table(rows: list[dict], longest_rows: list[dict]) -> str:
             lines.append(f"| {system} | {r['seq']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
                          f"{r['step_s']:.3f} | {r['peak_gpu_gib']:.1f} | {r['host_peak_gib']:.1f} | {ratio}{tail}")
         else:
-            why = r.get("skipped") or "failed: " + failure_line(r["error"])
+            why = r.get("skipped") or r.get("undecided") or "failed: " + failure_line(r["error"])
             lines.append(f"| {name} | {r['seq']} | {why} | | | | | | |{tail}")
     return "\n".join(lines)
 
 
 def longest_table(longest_rows: list[dict]) -> str:
-    """The markdown table of the longest search: each system's longest length and every try (step s and peak GiB,
-    or why it failed)."""
+    """The markdown table of the longest search: each system's longest length (and the next one's, undecided when
+    its try reached the time cap before any error) and every try (step s and peak GiB, or why it failed)."""
     lines = ["| system | longest | tries |", "|---|---|---|"]
     for r in longest_rows:
         tries = "; ".join(f"{t['seq']}: {t['step_s']:.3f} s, {t['peak_gpu_gib']:.1f} GiB" if "mfu" in t else
-                          f"{t['seq']}: " + (t.get("skipped") or "failed: " + failure_line(t["error"]))
+                          f"{t['seq']}: " + (t.get("skipped") or t.get("undecided")
+                                             or "failed: " + failure_line(t["error"]))
                           for t in r["tries"])
-        lines.append(f"| {r['system']} | {r['longest']} | {tries} |")
+        undecided = f" ({r['undecided']} undecided)" if "undecided" in r else ""
+        lines.append(f"| {r['system']} | {r['longest']}{undecided} | {tries} |")
     return "\n".join(lines)
 
 

@@ -317,3 +317,26 @@ def test_the_longest_search_doubles_until_a_run_fails_and_needs_no_fixed_lengths
     printed = capsys.readouterr().out
     assert "| hf | 256 | 64: 0.640 s, 1.0 GiB; 128: 1.280 s, 2.0 GiB; 256: 2.560 s, 4.0 GiB; 512: failed: " in printed
     assert "| hf_liger | 64 | 64: 0.640 s, 1.0 GiB; 128: failed: " in printed
+
+
+def test_a_try_stopped_at_the_time_cap_before_any_error_leaves_its_length_undecided(monkeypatch, tmp_path, capsys):
+    def run(system, model, seq, steps, offload, timeout, *args, **kwargs):
+        fits = seq <= 64
+        records = [{"step_s": 0.5, "tokens_per_s": 100.0, "peak_gpu_gib": 1.0, "host_peak_gib": 1.0}] * 2
+        tail = {"hf": "timeout after 90.0s",
+                "hf_liger": "torch.OutOfMemoryError: CUDA out of memory\ntimeout after 90.0s"}
+        return {"ok": fits, "timed_out": not fits, "records": records if fits else [], "cmd": "peer_step.py",
+                "profile": None, "tail": "" if fits else tail[system]}
+
+    monkeypatch.setattr(bench_peers, "run_peer", run)
+    monkeypatch.setattr(bench_peers, "missing", lambda system, gpus=1: None)
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--model", TINY, "--seqlens", "", "--longest", "64,1024", "--systems", "hf,hf_liger",
+                      "--steps", "2", "--timeout", "90", "--json", str(out)])
+    hf, liger = json.load(open(out))["longest"]
+    assert (hf["longest"], hf["undecided"]) == (64, 128)  # no error before the cap: 128 may well fit
+    assert (liger["longest"], liger.get("undecided")) == (64, None)  # an error first: it does not
+    printed = capsys.readouterr().out
+    assert "| hf | 64 (128 undecided) | 64: 0.500 s, 1.0 GiB; 128: stopped at --timeout 90 s before a timed step ended |" \
+        in printed
+    assert "| hf_liger | 64 | 64: 0.500 s, 1.0 GiB; 128: failed: " in printed
