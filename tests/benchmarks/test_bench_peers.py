@@ -303,7 +303,7 @@ def test_the_longest_search_doubles_until_a_run_fails_and_needs_no_fixed_lengths
         fits = seq <= {"hf": 256, "hf_liger": 64}[system]
         records = [{"step_s": seq / 100, "tokens_per_s": 100.0, "peak_gpu_gib": seq / 64, "host_peak_gib": 1.0}] * 2
         return {"ok": fits, "timed_out": False, "records": records if fits else [], "cmd": "peer_step.py",
-                "profile": None, "tail": "" if fits else "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"}
+                "profile": None, "tail": "" if fits else "torch.OutOfMemoryError: CUDA out of memory."}
 
     monkeypatch.setattr(bench_peers, "run_peer", run)
     monkeypatch.setattr(bench_peers, "missing", lambda system, gpus=1: None)
@@ -337,6 +337,6 @@ def test_a_try_stopped_at_the_time_cap_before_any_error_leaves_its_length_undeci
     assert (hf["longest"], hf["undecided"]) == (64, 128)  # no error before the cap: 128 may well fit
     assert (liger["longest"], liger.get("undecided")) == (64, None)  # an error first: it does not
     printed = capsys.readouterr().out
-    assert "| hf | 64 (128 undecided) | 64: 0.500 s, 1.0 GiB; 128: stopped at --timeout 90 s before a timed step ended |" \
-        in printed
+    assert ("| hf | 64 (128 undecided) | 64: 0.500 s, 1.0 GiB; "
+            "128: stopped at --timeout 90 s before a timed step ended |") in printed
     assert "| hf_liger | 64 | 64: 0.500 s, 1.0 GiB; 128: failed: " in printed
