@@ -107,7 +107,7 @@ class TrainConfig:
     tiled_mlp: int = flag(0, "run MLPs in tiles of N tokens (0: off; DeepSpeed only)")
     offload_activations: int | None = flag(None, "checkpointed inputs of the first N layers (no N: all) wait in "
                                             "pinned host memory (default: on a GPU without DeepSpeed, as many as "
-                                            "fit a quarter of the host's free memory; 0: none)", nargs="?",
+                                            "fit half of the host's free memory; 0: none)", nargs="?",
                                             const=ALL_LAYERS, metavar="N")
     layers_per_checkpoint: int = flag(1, "activation checkpointing keeps the input of every K-th layer only "
                                        "(K times fewer saved or offloaded inputs); the backward recomputes each "

@@ -36,13 +36,13 @@ def _one_process_default_allocator(monkeypatch):
 
 
 def test_a_128k_run_that_offloaded_what_the_host_budget_allowed_hears_each_option_with_its_size():
-    cfg, options = _options(["--seq-length", "131072"], host=40 * GIB)
-    assert cfg.offload_activations == 10 and cfg.keep_attention  # a quarter of 40 GiB: 10 inputs of 1 GiB
+    cfg, options = _options(["--seq-length", "131072"], host=20 * GIB)
+    assert cfg.offload_activations == 10 and cfg.keep_attention  # half of 20 GiB: 10 inputs of 1 GiB
     kept = 16 * 131072 * 32 * (64 * 2 + 4) / GIB  # bf16 outputs and float32 lse of every layer's 32 heads
     adamw = models.parameter_count(ONE_B) * 8 / GIB
     assert options[:6] == [
         "--offload-activations: the 6 layer inputs still on the GPU (6.0 GiB) wait in pinned host memory (all of "
-        "them: 16.0 GiB of host memory, 40 GiB available)",
+        "them: 16.0 GiB of host memory, 20 GiB available)",
         f"--no-keep-attention: frees the kept attention outputs ({kept:.1f} GiB); the backward recomputes attention",
         "--layers-per-checkpoint 2: one input kept per two layers (about 3.0 GiB less on the GPU; unset, "
         "--offload-activations then offloads all or none), for a third forward of every other layer",

@@ -75,21 +75,22 @@ def test_fused_kernels_default_to_a_cuda_gpu(argv, gpu, fused, monkeypatch):
 @pytest.mark.parametrize("argv, device, deepspeed, local_processes, host, offload", [
     (["--seq-length", "32768"], 139 * GIB, False, 1, 120 * GIB, ALL_LAYERS),  # 16 inputs of 0.25 GiB: 4 of 30
     (["--seq-length", "131072"], 139 * GIB, False, 1, 120 * GIB, ALL_LAYERS),  # 16 of 1 GiB: 16 of 30
-    (["--seq-length", "131072"], 139 * GIB, False, 1, 40 * GIB, 10),           # a quarter of 40 GiB: 10 inputs
-    (["--seq-length", "131072"], 139 * GIB, False, 2, 40 * GIB, 5),            # two processes share the host
-    (["--seq-length", "131072"], 139 * GIB, False, 1, 3 * GIB, 0),             # not one fits in 0.75 GiB
+    (["--seq-length", "131072"], 139 * GIB, False, 1, 20 * GIB, 10),           # half of 20 GiB: 10 inputs
+    (["--seq-length", "131072"], 139 * GIB, False, 2, 20 * GIB, 5),            # two processes share the host
+    (["--seq-length", "131072"], 139 * GIB, False, 1, 1 * GIB, 0),             # not one fits in 0.5 GiB
     (["--seq-length", "131072"], 139 * GIB, False, 1, None, 0),                # host memory unknown
     (["--seq-length", "32768"], None, False, 1, 120 * GIB, 0),                 # CPU: nothing to move off a GPU
     (["--seq-length", "32768"], 139 * GIB, True, 1, 120 * GIB, 0),             # DeepSpeed: its own host budget
     (["--seq-length", "32768", "--no-gradient-checkpointing"], 139 * GIB, False, 1, 120 * GIB, 0),
     (["--seq-length", "131072", "--no-gradient-checkpointing", "4"], 139 * GIB, False, 1, 120 * GIB, ALL_LAYERS),
-    (["--seq-length", "131072", "--no-gradient-checkpointing", "4"], 139 * GIB, False, 1, 40 * GIB, 10),
-    (["--seq-length", "131072", "--layers-per-checkpoint", "2"], 139 * GIB, False, 1, 40 * GIB, ALL_LAYERS),
-    (["--seq-length", "262144", "--layers-per-checkpoint", "2"], 139 * GIB, False, 1, 40 * GIB, 0),  # all or none
+    (["--seq-length", "131072", "--no-gradient-checkpointing", "4"], 139 * GIB, False, 1, 20 * GIB, 10),
+    (["--seq-length", "131072", "--no-gradient-checkpointing", "4"], 139 * GIB, False, 1, 24 * GIB, ALL_LAYERS),
+    (["--seq-length", "131072", "--layers-per-checkpoint", "2"], 139 * GIB, False, 1, 20 * GIB, ALL_LAYERS),
+    (["--seq-length", "262144", "--layers-per-checkpoint", "2"], 139 * GIB, False, 1, 20 * GIB, 0),  # all or none
     (["--seq-length", "32768", "--offload-activations", "3"], 139 * GIB, False, 1, 120 * GIB, 3),  # the user's word
     (["--seq-length", "32768", "--offload-activations", "0"], 139 * GIB, False, 1, 120 * GIB, 0),
 ])
-def test_layer_inputs_wait_on_the_host_by_default_within_a_quarter_of_its_free_memory(
+def test_layer_inputs_wait_on_the_host_by_default_within_half_of_its_free_memory(
         argv, device, deepspeed, local_processes, host, offload, monkeypatch):
     # free of cost on one H200 (1B: 0.451 against 0.449 s at 16K, 1.183 against 1.186 s at 32K; Qwen2.5-7B at 16K:
     # 1.925 against 1.930 s), and 1-3.5 GiB lower peaks; pinned host memory is the price, so it has a budget
@@ -105,3 +106,13 @@ def test_a_layer_input_is_float32_residuals_or_bf16_under_deepspeed_over_the_seq
     cfg = parse_config(["--seq-length", "131072", "--batch-size", "2"])
     assert layer_input_bytes(cfg, ONE_B, sp_size=1, deepspeed=False) == 4 * 2048 * 2 * 131072
     assert layer_input_bytes(cfg, ONE_B, sp_size=4, deepspeed=True) == 2 * 2048 * 2 * 131072 // 4
+
+
+def test_the_qwen_7b_shape_at_128k_offloads_every_input_on_the_h200s_host():
+    # measured that way on one H200 (125 GiB available): 28 float32 inputs of 1.75 GiB, pinned as 2 GiB each, and a
+    # host peak of 58.2 GiB; with expandable segments the step fits only so (40.9 s, 132.9 GiB)
+    qwen = models.shape_config("shape:qwen2.5-7b")
+    cfg = resolve_run_defaults(parse_config(["--seq-length", "131072"]), qwen, sp_size=1, device_bytes=139 * GIB,
+                               host_bytes=125 * GIB)
+    assert layer_input_bytes(cfg, qwen, sp_size=1, deepspeed=False) == 1.75 * GIB
+    assert cfg.offload_activations == ALL_LAYERS
