@@ -64,8 +64,7 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
     options.append(f"more GPUs per sequence (now {sp_size}; accelerate launch --num_processes P, --sp-size P): each "
                    "holds 1/P of the tokens")
     if "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        options.append(f"{EXPANDABLE}: memory reserved but not allocated "
-                       "(fragments) becomes usable")
+        options.append(f"{EXPANDABLE}: memory reserved but not allocated (fragments) becomes usable")
     if not cfg.memory_snapshot:
         options.append("--memory-snapshot step.pickle: where the memory goes, by line of code")
     return options
