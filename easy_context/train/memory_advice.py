@@ -21,8 +21,8 @@ from .run_defaults import checkpointed_layer_count, layer_input_bytes
 GIB = 2 ** 30
 ADAMW_STATE_BYTES = 8  # two float32 moments per parameter
 EXPANDABLE = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
-UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": GIB, "TiB": 2 ** 40}
-SIZE = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
+UNITS = {"bytes": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": GIB}  # the allocator's format_size, at most 1024 each
+SIZE = r"([\d.]+) (bytes|KiB|MiB|GiB)"
 
 
 def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, processes: int = 1,

@@ -105,7 +105,18 @@ def test_an_error_with_more_held_free_than_it_asked_leads_with_expandable_segmen
     assert "17.6 GiB were reserved but unallocated when 4.6 GiB were asked: this alone may be enough" in first
 
 
+def test_sizes_in_bytes_as_torch_writes_them_below_one_kib_are_read_too(capsys):
+    _, options = _options(["--seq-length", "131072"])
+    small = FRAGMENTED.replace("Tried to allocate 4.62 GiB", "Tried to allocate 512 bytes")
+    with pytest.raises(torch.OutOfMemoryError):
+        with advice_on_out_of_memory(options):
+            raise torch.OutOfMemoryError(small)
+    first = capsys.readouterr().err.split("peak:\n")[1].splitlines()[0]
+    assert first.startswith("  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: ")
+
+
 @pytest.mark.parametrize("message", [FRAGMENTED.replace("17.59 GiB is reserved", "534.87 MiB is reserved"),
+                                     FRAGMENTED.replace("17.59 GiB is reserved", "0 bytes is reserved"),
                                      "CUDA out of memory. Tried to allocate 2.00 GiB"])
 def test_an_error_without_fragments_to_use_keeps_the_options_order(capsys, message):
     _, options = _options(["--seq-length", "131072"])
