@@ -47,6 +47,7 @@ from bench_train import (PEAK, error_lines, error_tail, launch_env, model_flops_
                          run_command)
 from peer_cp import ROTATE, cp_unavailable
 from profile_step import profile_lines
+from easy_context.train.memory_advice import out_of_memory_sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {"hf": [], "hf_liger": ["liger_kernel"], "alst": ["liger_kernel", "deepspeed", "arctic_training"],
@@ -136,16 +137,12 @@ def run_ours(system: str, model: str, seq: int, steps: int, gpus: int, timeout: 
             "cmd": r["cmd"], "profile": r["profile"], "startup_s": r["startup_s"]}
 
 
-OOM = re.compile(r"CUDA out of memory\. Tried to allocate ([\d.]+ \w+)\..*?Of the allocated memory ([\d.]+ \w+) is "
-                 r"allocated by PyTorch, and ([\d.]+ \w+) is reserved by PyTorch but unallocated", re.S)
-
-
 def failure_line(error: str) -> str:
     """The table's one-line reason for a failed row: its last exception line (else the first line), shortened; an
     out-of-memory error as what was allocated and what was held free (fragmentation) when it ran out."""
-    oom = OOM.search(error)
+    oom = out_of_memory_sizes(error)
     if oom:
-        asked, allocated, free = oom.groups()
+        asked, allocated, free = oom
         return f"out of memory ({allocated} allocated, {free} reserved but unallocated, asked {asked} more)"
     lines = error_lines(error, 1) or error.strip().splitlines() or ["?"]
     return re.sub(r"^\s*\[rank\d+\]:\s*", "", lines[-1])[:120]

@@ -22,7 +22,9 @@ GIB = 2 ** 30
 ADAMW_STATE_BYTES = 8  # two float32 moments per parameter
 EXPANDABLE = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
 UNITS = {"bytes": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": GIB}  # the allocator's format_size, at most 1024 each
-SIZE = r"([\d.]+) (bytes|KiB|MiB|GiB)"
+SIZE = r"([\d.]+ (?:bytes|KiB|MiB|GiB))"
+OUT_OF_MEMORY = re.compile(rf"CUDA out of memory\. Tried to allocate {SIZE}\..*?Of the allocated memory {SIZE} is "
+                           rf"allocated by PyTorch, and {SIZE} is reserved by PyTorch but unallocated", re.S)
 
 
 def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, processes: int = 1,
@@ -85,14 +87,26 @@ def advice_on_out_of_memory(options: list[str]) -> Iterator[None]:
 def fragments_first(options: list[str], message: str) -> list[str]:
     """``options`` with expandable segments first, saying why, when the out-of-memory ``message`` shows more memory
     reserved but unallocated than the allocation asked (fragments, which expandable segments make usable)."""
-    asked = re.search(r"Tried to allocate " + SIZE, message)
-    held = re.search(r"and " + SIZE + r" is reserved by PyTorch but unallocated", message)
+    sizes = out_of_memory_sizes(message)
     i = next((i for i, o in enumerate(options) if o.startswith(EXPANDABLE + ":")), None)
-    if asked is None or held is None or i is None:
+    if sizes is None or i is None:
         return options
-    asked_bytes, held_bytes = (float(m[1]) * UNITS[m[2]] for m in (asked, held))
+    asked_bytes, held_bytes = size_bytes(sizes[0]), size_bytes(sizes[2])
     if held_bytes < asked_bytes:
         return options
     why = (f"{options[i]}; {held_bytes / GIB:.1f} GiB were reserved but unallocated when {asked_bytes / GIB:.1f} "
            "GiB were asked: this alone may be enough")
     return [why, *options[:i], *options[i + 1:]]
+
+
+def out_of_memory_sizes(message: str) -> tuple[str, str, str] | None:
+    """(asked, allocated, reserved but unallocated) as a CUDA out-of-memory ``message`` writes them ("4.62 GiB"); None
+    for any other message."""
+    found = OUT_OF_MEMORY.search(message)
+    return found.groups() if found else None
+
+
+def size_bytes(size: str) -> float:
+    """Bytes of a size as the CUDA allocator writes it ("896.00 MiB")."""
+    number, unit = size.split()
+    return float(number) * UNITS[unit]
