@@ -208,10 +208,15 @@ def check_layer_counts(num_layers: int, *, offload: int = 0, skip_last: int = 0,
                           local_processes())
 
 
+def checkpointed_count(num_layers: int, skip_last: int = 0) -> int:
+    """How many of ``num_layers`` run under checkpointing when the last ``skip_last`` do not (-1: none does)."""
+    return 0 if skip_last < 0 else max(0, num_layers - skip_last)
+
+
 def offloaded_inputs(num_layers: int, offload: int, layers_per_checkpoint: int = 1, skip_last: int = 0) -> int:
     """Layer inputs one process keeps in host memory under ``--offload-activations offload`` (-1: every layer) and
     ``--no-gradient-checkpointing skip_last`` (those last layers save no input; -1: none does)."""
-    checkpointed = 0 if skip_last < 0 else num_layers - skip_last
+    checkpointed = checkpointed_count(num_layers, skip_last)
     layers = checkpointed if offload < 0 else min(offload, checkpointed)
     return group_inputs(layers, layers_per_checkpoint) if offload else 0
 

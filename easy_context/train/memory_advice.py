@@ -35,11 +35,11 @@ def memory_options(cfg: TrainConfig, config, *, sp_size: int, deepspeed: bool, p
     k = cfg.layers_per_checkpoint
     checkpointed = checkpointed_layer_count(cfg, layers)
     one_input = layer_input_bytes(cfg, config, sp_size=sp_size, deepspeed=deepspeed)
-    offloaded = offloaded_inputs(layers, cfg.offload_activations or 0, k, cfg.no_gradient_checkpointing)
-    on_gpu = group_inputs(checkpointed, k) - offloaded
+    saved = group_inputs(checkpointed, k)
+    on_gpu = saved - offloaded_inputs(layers, cfg.offload_activations or 0, k, cfg.no_gradient_checkpointing)
     options = []
     if on_gpu:
-        host = group_inputs(checkpointed, k) * pinned_bytes(one_input) * local_processes()
+        host = saved * pinned_bytes(one_input) * local_processes()
         free = "" if host_bytes is None else f", {host_bytes / GIB:.0f} GiB available"
         gpu = on_gpu * one_input / GIB
         options.append(f"--offload-activations: the {on_gpu} layer inputs still on the GPU ({gpu:.1f} GiB) wait in "

@@ -7,15 +7,14 @@ import dataclasses
 import torch
 
 from ..memory.keep import keep_by_default, kept_attention_bytes
-from ..memory.offload import local_processes, offloaded_inputs, pinned_bytes
+from ..memory.offload import checkpointed_count, local_processes, offloaded_inputs, pinned_bytes
 from .bf16_grads import bf16_grads_blocker
 from .config import ALL_LAYERS, TrainConfig
 
 
 def checkpointed_layer_count(cfg: TrainConfig, num_layers: int) -> int:
     """How many decoder layers run under activation checkpointing with ``cfg``'s flags."""
-    skip = cfg.no_gradient_checkpointing
-    return 0 if skip == ALL_LAYERS else max(0, num_layers - skip)
+    return checkpointed_count(num_layers, cfg.no_gradient_checkpointing)
 
 
 # Offloaded layer inputs, left to the defaults, take at most this share of the host's available memory (pinned
